@@ -1,0 +1,153 @@
+"""Block-wise machinery shared by the scoring and pruning drivers.
+
+- capture the inputs (args and kwargs) that reach a block during the model's own forward pass;
+- run a block on stored inputs;
+- replay: make the blocks before block b return a stored output instead of computing, so a
+  perturbation of block b costs only the forward from block b on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models.base import Adapter, Batch, Block, BlockInputs
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once the wanted activations are captured."""
+
+
+def to_device(obj: Any, device: torch.device | str | None) -> Any:
+    """Move every tensor inside nested tuples, lists and dicts; other objects pass through."""
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple):
+        return tuple(to_device(x, device) for x in obj)
+    if isinstance(obj, list):
+        return [to_device(x, device) for x in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def detach(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, tuple):
+        return tuple(detach(x) for x in obj)
+    if isinstance(obj, list):
+        return [detach(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: detach(v) for k, v in obj.items()}
+    return obj
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a block computes: accelerate's execution device if hooked, else its first weight."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device)
+    for param in module.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
+def capture_inputs(
+    adapter: Adapter,
+    block: Block,
+    batches: Sequence[Batch],
+    store: torch.device | str | None = None,
+    before_each: Callable[[int], None] | None = None,
+) -> list[BlockInputs]:
+    """The (args, kwargs) that reach ``block`` for each batch, stopping the pass right there."""
+    captured: list[BlockInputs] = []
+
+    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(to_device(detach((args, kwargs)), store))
+        raise _StopForward
+
+    handle = block.module.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if before_each is not None:
+                    before_each(i)
+                try:
+                    adapter.forward(batch)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise RuntimeError(f"block {block.name} was not reached by the model's forward pass")
+    return captured
+
+
+def capture_outputs(
+    adapter: Adapter,
+    block: Block,
+    batches: Sequence[Batch],
+    store: torch.device | str | None = None,
+    before_each: Callable[[int], None] | None = None,
+) -> list[Any]:
+    """The output of ``block`` for each batch, stopping the pass right after it."""
+    captured: list[Any] = []
+
+    def grab(_module: nn.Module, _args: tuple, output: Any) -> None:
+        captured.append(to_device(detach(output), store))
+        raise _StopForward
+
+    handle = block.module.register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if before_each is not None:
+                    before_each(i)
+                try:
+                    adapter.forward(batch)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_block(block: Block, inputs: BlockInputs) -> Any:
+    """Run one block on stored inputs, on the block's own device."""
+    device = module_device(block.module)
+    args, kwargs = to_device(inputs, device)
+    return block.module(*args, **kwargs)
+
+
+@contextmanager
+def replaying(modules: Sequence[nn.Module], outputs: Sequence[Any]) -> Iterator[Callable[[int], None]]:
+    """Make ``modules`` return ``outputs[i]`` for batch i instead of computing.
+
+    Yields a setter for the current batch index. Each module's previous ``forward`` attribute
+    (accelerate may have wrapped it) is put back on exit.
+    """
+    current = {"index": 0}
+    saved = [m.__dict__.get("forward") for m in modules]
+
+    def replay(*_args: Any, **_kwargs: Any) -> Any:
+        return outputs[current["index"]]
+
+    for module in modules:
+        module.forward = replay  # type: ignore[method-assign]
+    try:
+        yield lambda i: current.__setitem__("index", i)
+    finally:
+        for module, old in zip(modules, saved):
+            if old is None:
+                del module.forward
+            else:
+                module.forward = old  # type: ignore[method-assign]

@@ -1,0 +1,124 @@
+"""The adapter contract: what the pruning and scoring drivers need to know about a model family.
+
+An adapter names the model's towers (vision, language, ...) in pruning order, the transformer
+blocks of each tower, the prunable linears of each block, how to run a calibration batch and its
+loss, and how one block's output becomes the next block's input. The drivers need nothing else,
+so a new family is one new adapter file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+BlockInputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+@dataclass
+class Block:
+    """One group of the method: a transformer block and its prunable linears."""
+
+    name: str  # module path, e.g. "model.layers.3"
+    tower: str  # e.g. "language", "vision"
+    index: int  # position within its tower
+    module: nn.Module
+    linears: dict[str, nn.Linear] = field(default_factory=dict)  # full module path -> module
+
+    @property
+    def num_params(self) -> int:
+        return sum(m.weight.numel() for m in self.linears.values())
+
+    def tensor_names(self) -> list[str]:
+        return [f"{path}.weight" for path in self.linears]
+
+
+def find_linears(module: nn.Module, prefix: str) -> dict[str, nn.Linear]:
+    """Every nn.Linear below ``module``, keyed by its full module path, in definition order."""
+    found: dict[str, nn.Linear] = {}
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Linear) and name:
+            found[f"{prefix}.{name}"] = child
+    return found
+
+
+def block_list(model: nn.Module, path: str) -> nn.ModuleList:
+    module = model.get_submodule(path)
+    if not isinstance(module, nn.ModuleList):
+        raise TypeError(f"{path} is not a ModuleList")
+    return module
+
+
+def blocks_from_paths(model: nn.Module, tower_paths: dict[str, str]) -> list[Block]:
+    """Build Block records for each (tower -> ModuleList path), towers in the given order."""
+    blocks: list[Block] = []
+    for tower, path in tower_paths.items():
+        for index, module in enumerate(block_list(model, path)):
+            name = f"{path}.{index}"
+            blocks.append(Block(name, tower, index, module, find_linears(module, name)))
+    return blocks
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    """The hidden states in a block's output (a tensor, or the first item of a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find hidden states in a block output of type {type(output).__name__}")
+
+
+class Adapter:
+    """Base class: subclasses set ``family`` and implement towers, loss and data kind."""
+
+    family = "base"
+    #: what calibration records this family needs: "text" or "image-text"
+    data_kind = "text"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._blocks: list[Block] | None = None
+
+    # --- structure ---------------------------------------------------------------------
+    def tower_paths(self) -> dict[str, str]:
+        """Tower name -> path of its block ModuleList, in pruning order."""
+        raise NotImplementedError
+
+    def blocks(self, tower: str | None = None) -> list[Block]:
+        if self._blocks is None:
+            self._blocks = blocks_from_paths(self.model, self.tower_paths())
+        return [b for b in self._blocks if tower is None or b.tower == tower]
+
+    def towers(self) -> list[str]:
+        return list(self.tower_paths())
+
+    def default_compare_group(self, block: Block) -> str:
+        """Wanda's comparison group: per output row by default (language layers)."""
+        return "row"
+
+    def dense_parts(self) -> list[str]:
+        """Human description of what stays dense (for reports)."""
+        return ["embeddings", "lm_head", "norms", "biases"]
+
+    # --- running -----------------------------------------------------------------------
+    def forward(self, batch: Batch) -> Any:
+        """Run the model on a calibration batch (no loss needed)."""
+        return self.model(**self.model_inputs(batch), use_cache=False)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """The model's own training loss on a calibration batch (a scalar)."""
+        raise NotImplementedError
+
+    def model_inputs(self, batch: Batch) -> Batch:
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    def next_inputs(self, block: Block, output: Any, inputs: BlockInputs) -> BlockInputs:
+        """Turn one block's output into the next block's inputs (same kwargs, new hidden)."""
+        args, kwargs = inputs
+        hidden = hidden_of(output)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}

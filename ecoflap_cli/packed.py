@@ -1,0 +1,706 @@
+"""Packed sparse checkpoints: store pruned weights so they are actually smaller on disk.
+
+Two packed layouts exist for 2-D tensors (parts are plain tensors, so they fit in safetensors):
+
+``bitmask`` (the layout of compressed-tensors' bitmask format)
+    ``values``      the kept entries in row-major order, original dtype, 1-D
+    ``bitmask``     uint8 (rows, ceil(cols / 8)); bit ``j`` (little-endian, ``1 << j``) of byte
+                    ``b`` in a row is column ``8 * b + j``; padding bits past ``cols`` are zero
+    ``shape``       int64 ``[rows, cols]``
+    ``row_offsets`` int64 (rows,); index into ``values`` where each row starts
+
+``nm`` (every group of ``m`` consecutive columns of a row keeps at most ``n`` entries)
+    ``values``      (rows, cols * n / m), original dtype; the ``n`` stored entries of each group in
+                    column order (a group with fewer than ``n`` kept entries stores some zeros)
+    ``indices``     uint8 (rows, ceil(groups * b / 8)): for each group the colex rank of the
+                    sorted ``n``-subset of positions it stores, ``b = ceil(log2(C(m, n)))`` bits,
+                    least significant bit first, bit-packed little-endian like ``bitmask``;
+                    this costs fewer bits than a per-column bitmask (3 bits per 4 columns for 2:4)
+    ``shape``       int64 ``[rows, cols]``
+    ``nm``          int64 ``[n, m]`` (``1 <= n <= m <= 16``)
+
+An entry is *kept* when its bit pattern is not all zeros, so ``-0.0`` and every NaN payload are
+stored and round trips are bit-identical.
+
+File format (one safetensors file): a packed tensor ``W`` is stored as ``W.__<part>``; dense
+tensors are stored unchanged under their own name.  The safetensors metadata holds
+``format = "ecoflap.packed"``, ``format_version = "1"`` and ``ecoflap.packed.index``, a JSON object
+mapping each tensor that was considered for packing to ``{"layout", "dtype", "shape",
+"sparsity"[, "n_m"]}`` (``layout`` may be ``"dense"`` when packing would not have saved space).
+
+Sharded checkpoints follow the Hugging Face layout: ``model.safetensors`` when everything fits one
+shard, else ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``, whose
+``weight_map`` maps *original* tensor names to the file that holds them (or their parts).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import ArtifactError
+
+FORMAT_NAME = "ecoflap.packed"
+FORMAT_VERSION = "1"
+INDEX_KEY = "ecoflap.packed.index"
+RESERVED_METADATA_KEYS = frozenset({"format", "format_version", INDEX_KEY})
+PART_SEPARATOR = ".__"
+BITMASK_PARTS = ("values", "bitmask", "shape", "row_offsets")
+NM_PARTS = ("values", "indices", "shape", "nm")
+LAYOUT_PARTS = {"bitmask": BITMASK_PARTS, "nm": NM_PARTS}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_NM_M = 16
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_ALL_PARTS = frozenset(BITMASK_PARTS) | frozenset(NM_PARTS)
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+Parts = dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def dense_nbytes(t: torch.Tensor) -> int:
+    """Bytes the tensor's data takes when stored dense."""
+    return t.numel() * t.element_size()
+
+
+def packed_nbytes(parts: Mapping[str, torch.Tensor]) -> int:
+    """Bytes the data of all parts of a packed tensor take."""
+    return sum(dense_nbytes(p) for p in parts.values())
+
+
+def _bits_view(t: torch.Tensor) -> torch.Tensor:
+    """The tensor reinterpreted as integers of the same width (contiguous)."""
+    int_dtype = _INT_VIEW.get(t.element_size())
+    if int_dtype is None:
+        raise ValueError(f"cannot pack dtype {t.dtype} (element size {t.element_size()})")
+    t = t.detach().contiguous()
+    return t if t.dtype == int_dtype else t.view(int_dtype)
+
+
+def _kept(t: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of entries whose bit pattern is not all zeros (keeps -0.0 and NaN)."""
+    return _bits_view(t) != 0
+
+
+def _require_2d(t: torch.Tensor, what: str) -> tuple[int, int]:
+    if t.dim() != 2:
+        raise ValueError(f"{what} needs a 2-D tensor, got shape {tuple(t.shape)}")
+    return int(t.shape[0]), int(t.shape[1])
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a (rows, k) 0/1 tensor into uint8 (rows, ceil(k / 8)), little-endian bit order."""
+    rows, k = bits.shape
+    nbytes = (k + 7) // 8
+    padded = torch.zeros((rows, nbytes * 8), dtype=torch.uint8)
+    padded[:, :k] = bits
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+    return (padded.view(rows, nbytes, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_pack_bits`: uint8 (rows, nbytes) to uint8 0/1 (rows, nbytes * 8)."""
+    rows, nbytes = packed.shape
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).reshape(rows, nbytes * 8)
+
+
+def _shape_of(parts: Mapping[str, torch.Tensor], name: str) -> tuple[int, int]:
+    shape = parts["shape"]
+    if shape.dtype != torch.int64 or tuple(shape.shape) != (2,):
+        raise ArtifactError(f"{name}: packed 'shape' must be an int64 tensor of length 2")
+    rows, cols = (int(v) for v in shape.tolist())
+    if rows < 0 or cols < 0:
+        raise ArtifactError(f"{name}: packed shape [{rows}, {cols}] is negative")
+    return rows, cols
+
+
+def _require_parts(parts: Mapping[str, torch.Tensor], names: Iterable[str], name: str) -> None:
+    missing = [p for p in names if p not in parts]
+    if missing:
+        raise ArtifactError(f"{name}: packed tensor is missing part(s) {', '.join(missing)}")
+
+
+# --------------------------------------------------------------------------- bitmask layout
+
+
+def pack_bitmask(t: torch.Tensor) -> Parts:
+    """Pack a 2-D tensor into the bitmask layout (see the module docstring).
+
+    Kept entries are those whose bit pattern is non-zero, so -0.0 and NaN survive bit-identically.
+    """
+    rows, cols = _require_2d(t, "pack_bitmask")
+    bits = _bits_view(t)
+    mask = bits != 0
+    counts = mask.sum(dim=1)
+    row_offsets = torch.zeros(rows, dtype=torch.int64)
+    if rows > 1:
+        row_offsets[1:] = torch.cumsum(counts, dim=0)[:-1]
+    return {
+        "values": bits[mask].view(t.dtype),
+        "bitmask": _pack_bits(mask),
+        "shape": torch.tensor([rows, cols], dtype=torch.int64),
+        "row_offsets": row_offsets,
+    }
+
+
+def unpack_bitmask(parts: Mapping[str, torch.Tensor], name: str = "tensor") -> torch.Tensor:
+    """Rebuild the dense tensor from bitmask parts; raise ArtifactError if they are inconsistent."""
+    _require_parts(parts, BITMASK_PARTS, name)
+    rows, cols = _shape_of(parts, name)
+    values, bitmask, offsets = parts["values"], parts["bitmask"], parts["row_offsets"]
+    expected = (rows, (cols + 7) // 8)
+    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != expected:
+        raise ArtifactError(
+            f"{name}: bitmask has shape {tuple(bitmask.shape)} ({bitmask.dtype}), "
+            f"expected {expected} (torch.uint8)"
+        )
+    if values.dim() != 1:
+        raise ArtifactError(f"{name}: packed values must be 1-D, got shape {tuple(values.shape)}")
+    bits = _unpack_bits(bitmask)
+    if bool(bits[:, cols:].any()):
+        raise ArtifactError(f"{name}: bitmask has non-zero padding bits beyond column {cols}")
+    mask = bits[:, :cols].bool()
+    counts = mask.sum(dim=1)
+    total = int(counts.sum())
+    if total != values.numel():
+        raise ArtifactError(f"{name}: bitmask keeps {total} entries but {values.numel()} values are stored")
+    if offsets.dtype != torch.int64 or tuple(offsets.shape) != (rows,):
+        raise ArtifactError(f"{name}: row_offsets must be int64 of length {rows}")
+    want = torch.zeros(rows, dtype=torch.int64)
+    if rows > 1:
+        want[1:] = torch.cumsum(counts, dim=0)[:-1]
+    if not torch.equal(offsets, want):
+        raise ArtifactError(f"{name}: row_offsets do not match the per-row counts of the bitmask")
+    vbits = _bits_view(values)
+    out = torch.zeros((rows, cols), dtype=vbits.dtype)
+    out[mask] = vbits
+    return out.view(values.dtype)
+
+
+# --------------------------------------------------------------------------- N:M layout
+
+
+def _check_nm(n: int, m: int) -> None:
+    if not (isinstance(n, int) and isinstance(m, int) and 1 <= n <= m <= MAX_NM_M):
+        raise ValueError(f"N:M needs integers 1 <= n <= m <= {MAX_NM_M}, got {n}:{m}")
+
+
+@functools.lru_cache(maxsize=None)
+def _nm_tables(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(binomial table (m, n+1), rank -> positions table (C(m,n), n), bits per group rank)."""
+    binom = torch.tensor([[math.comb(p, i) for i in range(n + 1)] for p in range(m)], dtype=torch.int64)
+    combos = torch.zeros((math.comb(m, n), n), dtype=torch.int64)
+    for combo in itertools.combinations(range(m), n):
+        rank = sum(math.comb(p, i + 1) for i, p in enumerate(combo))
+        combos[rank] = torch.tensor(combo, dtype=torch.int64)
+    width = (math.comb(m, n) - 1).bit_length()
+    return binom, combos, width
+
+
+def nm_fits(t: torch.Tensor, n: int, m: int) -> bool:
+    """Whether a 2-D tensor has at most n kept entries in every group of m consecutive columns."""
+    _check_nm(n, m)
+    if t.dim() != 2 or t.shape[1] % m != 0:
+        return False
+    rows, cols = t.shape
+    if t.numel() == 0:
+        return True
+    return int(_kept(t).reshape(rows, cols // m, m).sum(-1).max()) <= n
+
+
+def pack_nm(t: torch.Tensor, n: int, m: int) -> Parts:
+    """Pack a 2-D N:M-sparse tensor into the ``nm`` layout (see the module docstring).
+
+    Raises ValueError when the columns are not a multiple of m or a group keeps more than n.
+    """
+    rows, cols = _require_2d(t, "pack_nm")
+    if not nm_fits(t, n, m):
+        raise ValueError(f"tensor of shape {(rows, cols)} is not {n}:{m} sparse")
+    groups = cols // m
+    binom, _, width = _nm_tables(n, m)
+    bits = _bits_view(t).reshape(rows, groups, m)
+    order = torch.sort((bits != 0).to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    positions = order[..., :n].sort(dim=-1).values
+    values = bits.gather(-1, positions).reshape(rows, groups * n).view(t.dtype)
+    ranks = binom[positions, torch.arange(1, n + 1)].sum(-1)
+    rank_bits = (ranks.unsqueeze(-1) >> torch.arange(width)) & 1
+    return {
+        "values": values,
+        "indices": _pack_bits(rank_bits.reshape(rows, groups * width)),
+        "shape": torch.tensor([rows, cols], dtype=torch.int64),
+        "nm": torch.tensor([n, m], dtype=torch.int64),
+    }
+
+
+def _nm_of(parts: Mapping[str, torch.Tensor], name: str) -> tuple[int, int]:
+    nm = parts["nm"]
+    if nm.dtype != torch.int64 or tuple(nm.shape) != (2,):
+        raise ArtifactError(f"{name}: packed 'nm' must be an int64 tensor of length 2")
+    n, m = (int(v) for v in nm.tolist())
+    try:
+        _check_nm(n, m)
+    except ValueError as exc:
+        raise ArtifactError(f"{name}: {exc}") from None
+    return n, m
+
+
+def unpack_nm(parts: Mapping[str, torch.Tensor], name: str = "tensor") -> torch.Tensor:
+    """Rebuild the dense tensor from N:M parts; raise ArtifactError if they are inconsistent."""
+    _require_parts(parts, NM_PARTS, name)
+    rows, cols = _shape_of(parts, name)
+    n, m = _nm_of(parts, name)
+    if cols % m:
+        raise ArtifactError(f"{name}: {cols} columns are not a multiple of m={m}")
+    groups = cols // m
+    _, combos, width = _nm_tables(n, m)
+    values, indices = parts["values"], parts["indices"]
+    if tuple(values.shape) != (rows, groups * n):
+        raise ArtifactError(
+            f"{name}: N:M values have shape {tuple(values.shape)}, expected {(rows, groups * n)}"
+        )
+    expected = (rows, (groups * width + 7) // 8)
+    if indices.dtype != torch.uint8 or tuple(indices.shape) != expected:
+        raise ArtifactError(
+            f"{name}: N:M indices have shape {tuple(indices.shape)} ({indices.dtype}), "
+            f"expected {expected} (torch.uint8)"
+        )
+    bits = _unpack_bits(indices)
+    if bool(bits[:, groups * width :].any()):
+        raise ArtifactError(f"{name}: N:M indices have non-zero padding bits")
+    weights = torch.tensor([1 << j for j in range(width)], dtype=torch.int64)
+    ranks = (bits[:, : groups * width].reshape(rows, groups, width).to(torch.int64) * weights).sum(-1)
+    if ranks.numel() and int(ranks.max()) >= combos.shape[0]:
+        raise ArtifactError(f"{name}: N:M indices hold an out-of-range group code")
+    vbits = _bits_view(values).reshape(rows, groups, n)
+    out = torch.zeros((rows, groups, m), dtype=vbits.dtype)
+    out.scatter_(-1, combos[ranks], vbits)
+    return out.reshape(rows, cols).view(values.dtype)
+
+
+# --------------------------------------------------------------------------- layout choice
+
+
+def _estimate(t: torch.Tensor, layout: str, n_m: tuple[int, int] | None) -> int:
+    """Bytes the parts of a layout would take, without building them."""
+    rows, cols = t.shape
+    size = t.element_size()
+    if layout == "bitmask":
+        nnz = int(_kept(t).sum())
+        return nnz * size + rows * ((cols + 7) // 8) + rows * 8 + 16
+    assert n_m is not None
+    n, m = n_m
+    width = _nm_tables(n, m)[2]
+    groups = cols // m
+    return rows * groups * n * size + rows * ((groups * width + 7) // 8) + 32
+
+
+def choose_layout(t: torch.Tensor, n_m: tuple[int, int] | None = None) -> tuple[str, Parts | None]:
+    """Pick the smallest of ``bitmask``, ``nm`` (when ``n_m`` is given and fits) and ``dense``.
+
+    Returns ``(layout, parts)``; ``parts`` is None for ``dense``, which is chosen for tensors that
+    are not 2-D, cannot be bit-viewed, or when packing would not be strictly smaller.
+    """
+    if t.dim() != 2 or t.element_size() not in _INT_VIEW:
+        return "dense", None
+    candidates = {"dense": dense_nbytes(t), "bitmask": _estimate(t, "bitmask", None)}
+    if n_m is not None and nm_fits(t, *n_m):
+        candidates["nm"] = _estimate(t, "nm", n_m)
+    layout = min(candidates, key=lambda k: (candidates[k], k != "dense"))
+    if layout == "dense":
+        return "dense", None
+    parts = pack_bitmask(t) if layout == "bitmask" else pack_nm(t, *n_m)  # type: ignore[misc]
+    return layout, parts
+
+
+def unpack(parts: Mapping[str, torch.Tensor], layout: str, name: str = "tensor") -> torch.Tensor:
+    """Rebuild a dense tensor from the parts of ``layout`` (``bitmask`` or ``nm``)."""
+    if layout == "bitmask":
+        return unpack_bitmask(parts, name)
+    if layout == "nm":
+        return unpack_nm(parts, name)
+    raise ArtifactError(f"{name}: unknown packed layout {layout!r}")
+
+
+# --------------------------------------------------------------------------- single file
+
+
+def _check_names(state_dict: Mapping[str, torch.Tensor]) -> None:
+    for name in state_dict:
+        base, sep, part = name.rpartition(PART_SEPARATOR)
+        if sep and base and part in _ALL_PARTS:
+            raise ValueError(f"tensor name {name!r} clashes with the packed part naming '<name>.__{part}'")
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    metadata = dict(metadata or {})
+    clash = sorted(RESERVED_METADATA_KEYS & metadata.keys())
+    if clash:
+        raise ValueError(f"metadata key(s) {', '.join(clash)} are reserved for the packed format")
+    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"metadata must map str to str (bad key(s): {bad[:3]})")
+    return metadata
+
+
+def _encode_one(
+    name: str, t: torch.Tensor, n_m: tuple[int, int] | None
+) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Stored tensors and index entry of one candidate tensor."""
+    layout, parts = choose_layout(t, n_m)
+    entry: dict = {"layout": layout, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+    if t.dim() == 2 and t.element_size() in _INT_VIEW and t.numel():
+        entry["sparsity"] = round(1.0 - int(_kept(t).sum()) / t.numel(), 6)
+    if parts is None:
+        return {name: t}, entry
+    if layout == "nm":
+        entry["n_m"] = [int(v) for v in parts["nm"].tolist()]
+    return {f"{name}{PART_SEPARATOR}{p}": v for p, v in parts.items()}, entry
+
+
+def _encode(
+    state_dict: Mapping[str, torch.Tensor],
+    sparse_names: set[str] | None,
+    n_m: tuple[int, int] | None,
+) -> list[tuple[str, dict[str, torch.Tensor], dict | None]]:
+    """For each tensor: (original name, tensors to store, index entry or None if not a candidate)."""
+    _check_names(state_dict)
+    if n_m is not None:
+        _check_nm(*n_m)
+    if sparse_names is not None:
+        unknown = sorted(set(sparse_names) - state_dict.keys())
+        if unknown:
+            raise ValueError(f"sparse_names not in the state dict: {', '.join(unknown[:5])}")
+    encoded = []
+    for name, t in state_dict.items():
+        if sparse_names is None:
+            candidate = t.dim() == 2 and t.is_floating_point()
+        else:
+            candidate = name in sparse_names
+        if candidate:
+            stored, entry = _encode_one(name, t, n_m)
+        else:
+            stored, entry = {name: t}, None
+        encoded.append((name, stored, entry))
+    return encoded
+
+
+def _storable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors with no two sharing storage (safetensors refuses shared tensors)."""
+    out, seen = {}, set()
+    for key, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temp file in ``path``'s directory, then rename it over path."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    stored = _storable(tensors)
+    _atomic_write(path, lambda tmp: save_file(stored, tmp, metadata=metadata))
+
+
+def _packed_metadata(index: dict[str, dict], user: dict[str, str]) -> dict[str, str]:
+    return {**user, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, INDEX_KEY: json.dumps(index)}
+
+
+def save_packed(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    sparse_names: set[str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    n_m: tuple[int, int] | None = None,
+) -> Path:
+    """Write a packed checkpoint atomically to one safetensors file and return its path.
+
+    ``sparse_names`` are the tensors considered for packing (default: every 2-D floating tensor);
+    each gets the smallest of bitmask / N:M (when ``n_m`` is given) / dense.  ``metadata`` (str to
+    str, not using the reserved keys) is stored alongside the format keys.
+    """
+    user = _check_metadata(metadata)
+    encoded = _encode(state_dict, sparse_names, n_m)
+    tensors: dict[str, torch.Tensor] = {}
+    index: dict[str, dict] = {}
+    for name, stored, entry in encoded:
+        tensors.update(stored)
+        if entry is not None:
+            index[name] = entry
+    path = Path(path)
+    _write_safetensors(path, tensors, _packed_metadata(index, user))
+    return path
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; unreadable files raise ArtifactError."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except FileNotFoundError:
+        raise ArtifactError(f"checkpoint file not found: {path}") from None
+    except Exception as exc:  # safetensors raises SafetensorError, OSError, ...
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ArtifactError(f"cannot read safetensors file {path}: {detail}") from None
+    return tensors, metadata
+
+
+def _parse_index(metadata: Mapping[str, str], path: Path) -> dict[str, dict]:
+    if metadata.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{path} is not an ecoflap packed checkpoint (format={metadata.get('format')!r})")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: unsupported packed format version {version}")
+    try:
+        index = json.loads(metadata.get(INDEX_KEY, ""))
+    except ValueError:
+        raise ArtifactError(f"{path}: packed tensor index is missing or not valid JSON") from None
+    if not isinstance(index, dict) or not all(isinstance(v, dict) for v in index.values()):
+        raise ArtifactError(f"{path}: packed tensor index must be a JSON object of objects")
+    return index
+
+
+def _split_parts(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Separate plain tensors from ``<name>.__<part>`` parts, grouped by name."""
+    dense: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        base, sep, part = key.rpartition(PART_SEPARATOR)
+        if sep and base and part in _ALL_PARTS:
+            parts.setdefault(base, {})[part] = t
+        else:
+            dense[key] = t
+    return dense, parts
+
+
+def _decode_entry(name: str, entry: dict, dense: dict, parts: dict, path: Path) -> torch.Tensor:
+    layout = entry.get("layout")
+    if layout == "dense":
+        if name not in dense:
+            raise ArtifactError(f"{path}: tensor {name!r} is missing")
+        t = dense.pop(name)
+    elif layout in LAYOUT_PARTS:
+        own = parts.pop(name, {})
+        extra = sorted(own.keys() - set(LAYOUT_PARTS[layout]))
+        if extra:
+            raise ArtifactError(f"{path}: {name}: unexpected part(s) {', '.join(extra)} for layout {layout}")
+        t = unpack(own, layout, name)
+    else:
+        raise ArtifactError(f"{path}: {name}: unknown packed layout {layout!r}")
+    if entry.get("dtype") != str(t.dtype).removeprefix("torch.") or entry.get("shape") != list(t.shape):
+        raise ArtifactError(
+            f"{path}: {name}: stored {t.dtype} {list(t.shape)} does not match the index "
+            f"({entry.get('dtype')} {entry.get('shape')})"
+        )
+    return t
+
+
+def _decode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path) -> dict[str, torch.Tensor]:
+    index = _parse_index(metadata, path)
+    dense, parts = _split_parts(tensors)
+    clash = sorted(dense.keys() & parts.keys())
+    if clash:
+        raise ArtifactError(f"{path}: {clash[0]} is stored both dense and packed")
+    out = {name: _decode_entry(name, entry, dense, parts, path) for name, entry in index.items()}
+    if parts:
+        raise ArtifactError(f"{path}: packed parts of {sorted(parts)[0]!r} are not in the tensor index")
+    clash = sorted(dense.keys() & out.keys())
+    if clash:
+        raise ArtifactError(f"{path}: tensor {clash[0]!r} is stored twice")
+    out.update(dense)
+    return out
+
+
+def load_packed(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a packed checkpoint back to dense tensors.
+
+    Returns ``(tensors, metadata)`` where ``metadata`` is the file's full safetensors metadata (the
+    user's keys plus ``format``, ``format_version`` and the JSON tensor index).  Any unreadable,
+    truncated, foreign or inconsistent file raises ArtifactError.
+    """
+    path = Path(path)
+    tensors, metadata = _read_safetensors(path)
+    return _decode(tensors, metadata, path), metadata
+
+
+def is_packed_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a readable safetensors file marked as an ecoflap packed checkpoint."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("format") == FORMAT_NAME
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------- sharded checkpoints
+
+
+def _plan_shards(
+    encoded: list[tuple[str, dict[str, torch.Tensor], dict | None]], max_shard_bytes: int
+) -> list[list[int]]:
+    """Greedy grouping of tensors (all parts of one tensor together) into shards."""
+    shards: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, (_, stored, _) in enumerate(encoded):
+        nbytes = packed_nbytes(stored)
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def _remove_stale(directory: Path, keep: set[str]) -> None:
+    """Delete checkpoint files of an earlier save that the new one does not use."""
+    for entry in directory.iterdir():
+        stale = entry.name in (SINGLE_FILE, INDEX_FILE) or _SHARD_RE.match(entry.name)
+        if stale and entry.name not in keep and entry.is_file():
+            entry.unlink()
+
+
+def save_sharded(
+    state_dict: Mapping[str, torch.Tensor],
+    directory: str | os.PathLike[str],
+    *,
+    packed: bool,
+    max_shard_bytes: int,
+    sparse_names: set[str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    n_m: tuple[int, int] | None = None,
+) -> list[Path]:
+    """Write a (packed or dense) checkpoint in Hugging Face shard layout; return the files written.
+
+    Shards hold at most ``max_shard_bytes`` of tensor data unless one tensor alone is larger; the
+    parts of a packed tensor always share a shard.  One shard is written as ``model.safetensors``;
+    more as ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json`` (written
+    last).  Checkpoint files of an earlier save in ``directory`` are removed afterwards.
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    user = _check_metadata(metadata)
+    if packed:
+        encoded = _encode(state_dict, sparse_names, n_m)
+    else:
+        encoded = [(name, {name: t}, None) for name, t in state_dict.items()]
+    shards = _plan_shards(encoded, max_shard_bytes)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    total = len(shards)
+    names = [SINGLE_FILE] if total == 1 else [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+    weight_map: dict[str, str] = {}
+    for file_name, members in zip(names, shards):
+        tensors = {k: v for i in members for k, v in encoded[i][1].items()}
+        index = {encoded[i][0]: encoded[i][2] for i in members if encoded[i][2] is not None}
+        meta = _packed_metadata(index, user) if packed else {**user, "format": "pt"}
+        _write_safetensors(directory / file_name, tensors, meta)
+        weight_map.update({encoded[i][0]: file_name for i in members})
+    written = [directory / n for n in names]
+    if total > 1:
+        size = sum(packed_nbytes(stored) for _, stored, _ in encoded)
+        index_meta: dict = {"total_size": size}
+        if packed:
+            index_meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION)
+        body = json.dumps({"metadata": index_meta, "weight_map": weight_map}, indent=2)
+        _atomic_write(directory / INDEX_FILE, lambda tmp: Path(tmp).write_text(body + "\n"))
+        written.append(directory / INDEX_FILE)
+    _remove_stale(directory, {p.name for p in written})
+    return written
+
+
+def _load_any(path: Path) -> dict[str, torch.Tensor]:
+    """Dense tensors of one file, packed or plain."""
+    tensors, metadata = _read_safetensors(path)
+    if metadata.get("format") == FORMAT_NAME or INDEX_KEY in metadata:
+        return _decode(tensors, metadata, path)
+    _, parts = _split_parts(tensors)
+    if any({"values", "shape"} <= own.keys() for own in parts.values()):
+        raise ArtifactError(f"{path} holds packed parts but no packed-format metadata")
+    return tensors
+
+
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read shard index {index_path}: {exc}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ArtifactError(f"{index_path}: 'weight_map' must be an object mapping names to files")
+    for file_name in set(weight_map.values()):
+        if Path(file_name).name != file_name or file_name in ("", ".", ".."):
+            raise ArtifactError(f"{index_path}: shard {file_name!r} is not a file name in the directory")
+    return weight_map
+
+
+def load_sharded(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a checkpoint written by :func:`save_sharded` (or any HF-style safetensors checkpoint).
+
+    ``directory`` may hold ``model.safetensors.index.json`` with its shards, or ``model.safetensors``;
+    a path to a single ``.safetensors`` file is accepted too.  Packed and dense files both load to
+    dense tensors; missing shards, missing or unexpected tensors raise ArtifactError.
+    """
+    directory = Path(directory)
+    if directory.is_file():
+        return _load_any(directory)
+    index_path = directory / INDEX_FILE
+    if not index_path.is_file():
+        if (directory / SINGLE_FILE).is_file():
+            return _load_any(directory / SINGLE_FILE)
+        raise ArtifactError(f"{directory} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
+    weight_map = _read_weight_map(index_path)
+    by_file: dict[str, set[str]] = {}
+    for name, file_name in weight_map.items():
+        by_file.setdefault(file_name, set()).add(name)
+    out: dict[str, torch.Tensor] = {}
+    for file_name, expected in by_file.items():
+        tensors = _load_any(directory / file_name)
+        missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+        if missing or extra:
+            what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+            raise ArtifactError(f"{directory / file_name}: does not match the shard index ({what})")
+        out.update(tensors)
+    return {name: out[name] for name in weight_map}

@@ -1,0 +1,288 @@
+"""The coarse stage: one global importance score per block.
+
+Zeroth-order (forward only): for block g and calibration batch b, draw a seeded direction z,
+evaluate the loss at W + eps z and W - eps z, and add |L+ - L-| / (2 eps) to the block's score.
+By default the whole block is perturbed at once and the blocks before it are replayed from
+stored activations (nothing before block g changes), so a pass costs only the forward from g on.
+The reference's cost structure (one tensor at a time, full forward each time) is kept as an
+option for comparison.
+
+First-order: backprop with each block's forward checkpointed; gradients are reduced into the
+block's score as they arrive and freed at once, so no full set of gradients is ever held.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .blockwise import capture_inputs, capture_outputs, replaying, run_block
+from .errors import PlanError
+from .models.base import Adapter, Batch, Block
+from .pruning import propagate
+from .solvers import PRECISION, accumulate_col_sq, empty_col_sq, wanda_metric
+
+Progress = Callable[[str], None]
+METHODS = ("zeroth", "first", "owl")
+
+
+@dataclass
+class ZerothOrderSettings:
+    eps: float = 1e-3
+    seed: int = 0
+    granularity: str = "block"  # "block" or "tensor"
+    reuse_activations: bool = True
+    perturbations: int = 1
+    direction: str = "gaussian"  # "gaussian" or "rademacher"
+
+
+def _direction(shape: torch.Size, key: tuple[int, ...], kind: str) -> torch.Tensor:
+    """A seeded perturbation direction; the same key always gives the same tensor."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+    if kind == "gaussian":
+        return torch.randn(shape, generator=gen, dtype=PRECISION)
+    if kind == "rademacher":
+        return torch.randint(0, 2, shape, generator=gen).to(PRECISION).mul_(2).sub_(1)
+    raise PlanError(f"unknown perturbation direction {kind!r} (gaussian or rademacher)")
+
+
+@contextmanager
+def perturbed(weights: dict[str, nn.Parameter], deltas: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Set W + delta (computed in fp32, then cast) and restore W bit-exactly from a copy."""
+    originals = {name: w.detach().clone() for name, w in weights.items()}
+    try:
+        with torch.no_grad():
+            for name, w in weights.items():
+                target = originals[name].to(PRECISION) + deltas[name].to(w.device)
+                w.copy_(target.to(w.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, w in weights.items():
+                w.copy_(originals[name])
+
+
+def _block_weights(block: Block) -> dict[str, nn.Parameter]:
+    return {f"{path}.weight": lin.weight for path, lin in block.linears.items()}
+
+
+def _loss(adapter: Adapter, batch: Batch) -> float:
+    with torch.no_grad():
+        return float(adapter.loss(batch).detach().to(PRECISION))
+
+
+def _central_difference(
+    adapter: Adapter, batch: Batch, weights: dict[str, nn.Parameter], deltas: dict[str, torch.Tensor], eps: float
+) -> float:
+    with perturbed(weights, deltas):
+        plus = _loss(adapter, batch)
+    with perturbed(weights, {k: -v for k, v in deltas.items()}):
+        minus = _loss(adapter, batch)
+    return (plus - minus) / (2 * eps)
+
+
+def _block_estimate(
+    adapter: Adapter, block: Block, batch: Batch, batch_index: int, s: ZerothOrderSettings
+) -> float:
+    """Sum over directions (and tensors, per-tensor mode) of |d| for one block and batch."""
+    weights = _block_weights(block)
+    total = 0.0
+    for k in range(s.perturbations):
+        groups = [[n] for n in weights] if s.granularity == "tensor" else [list(weights)]
+        for names in groups:
+            deltas = {
+                n: s.eps * _direction(weights[n].shape, (s.seed, k, batch_index, n), s.direction)
+                for n in names
+            }
+            sub = {n: weights[n] for n in names}
+            total += abs(_central_difference(adapter, batch, sub, deltas, s.eps))
+    return total / s.perturbations
+
+
+def zeroth_order_scores(
+    adapter: Adapter,
+    batches: Sequence[Batch],
+    settings: ZerothOrderSettings,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """Block name -> zeroth-order score. Weights are bit-identical afterwards."""
+    if settings.granularity not in ("block", "tensor"):
+        raise PlanError(f"unknown perturbation granularity {settings.granularity!r}")
+    if settings.eps <= 0 or settings.perturbations < 1:
+        raise PlanError("eps must be positive and perturbations at least 1")
+    scores: dict[str, float] = {}
+    earlier: list[tuple[list[nn.Module], list[Any]]] = []  # replays for finished towers
+    for tower in adapter.towers():
+        blocks = adapter.blocks(tower)
+        previous_out: list[Any] | None = None
+        for block in blocks:
+            if progress:
+                progress(f"scoring {block.name}")
+            skipped = [b.module for b in blocks[: block.index]] if settings.reuse_activations else []
+            with _replays(earlier if settings.reuse_activations else [], skipped, previous_out) as select:
+                total = 0.0
+                for i, batch in enumerate(batches):
+                    select(i)
+                    total += _block_estimate(adapter, block, batch, i, settings)
+                scores[block.name] = total
+                if settings.reuse_activations:
+                    previous_out = capture_outputs(adapter, block, batches, before_each=select)
+        if settings.reuse_activations and previous_out is not None:
+            earlier.append(([b.module for b in blocks], previous_out))
+    return scores
+
+
+@contextmanager
+def _replays(
+    earlier: list[tuple[list[nn.Module], list[Any]]],
+    skipped: list[nn.Module],
+    previous_out: list[Any] | None,
+) -> Iterator[Callable[[int], None]]:
+    """Replay finished towers from their last block's output, and this tower's earlier blocks."""
+    stack = list(earlier)
+    if skipped and previous_out is not None:
+        stack.append((skipped, previous_out))
+    with ExitStack() as contexts:
+        setters = [contexts.enter_context(replaying(mods, outs)) for mods, outs in stack]
+
+        def select(index: int) -> None:
+            for setter in setters:
+                setter(index)
+
+        yield select
+
+
+# --- first order ------------------------------------------------------------------------------
+
+
+@contextmanager
+def _checkpointed(blocks: Sequence[Block]) -> Iterator[None]:
+    """Recompute each block's activations in backward instead of storing them."""
+    saved = [b.module.__dict__.get("forward") for b in blocks]
+    for b in blocks:
+        inner = b.module.forward
+
+        def wrapped(*args: Any, _inner: Callable = inner, **kwargs: Any) -> Any:
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        b.module.forward = wrapped  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for b, old in zip(blocks, saved):
+            if old is None:
+                del b.module.forward
+            else:
+                b.module.forward = old  # type: ignore[method-assign]
+
+
+def first_order_scores(
+    adapter: Adapter,
+    batches: Sequence[Batch],
+    metric: str = "taylor",
+    checkpointing: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """Block name -> first-order score by backprop.
+
+    ``taylor``: sum over weights and batches of |w * dL/dw| (the paper's first-order score).
+    ``gradnorm``: sum over batches of the block's gradient L2 norm (what zeroth-order estimates).
+    """
+    if metric not in ("taylor", "gradnorm"):
+        raise PlanError(f"unknown first-order metric {metric!r} (taylor or gradnorm)")
+    model = adapter.model
+    blocks = adapter.blocks()
+    owner = {id(w): b.name for b in blocks for w in _block_weights(b).values()}
+    scores = {b.name: 0.0 for b in blocks}
+    squares = {b.name: 0.0 for b in blocks}
+    was_grad = {id(p): p.requires_grad for p in model.parameters()}
+    handles = []
+
+    def reduce(param: torch.Tensor) -> None:
+        name = owner[id(param)]
+        grad = param.grad.detach().to(PRECISION)
+        if metric == "taylor":
+            scores[name] += float((grad * param.detach().to(PRECISION)).abs().sum())
+        else:
+            squares[name] += float(grad.pow(2).sum())
+        param.grad = None
+
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in owner)
+            if id(p) in owner:
+                handles.append(p.register_post_accumulate_grad_hook(reduce))
+        with _checkpointed(blocks) if checkpointing else _nothing():
+            for i, batch in enumerate(batches):
+                if progress:
+                    progress(f"backprop batch {i + 1}/{len(batches)}")
+                adapter.loss(batch).backward()
+                for name in squares:
+                    scores[name] += math.sqrt(squares[name]) if metric == "gradnorm" else 0.0
+                    squares[name] = 0.0
+    finally:
+        for h in handles:
+            h.remove()
+        for p in model.parameters():
+            p.requires_grad_(was_grad[id(p)])
+            p.grad = None
+    return scores
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+# --- OWL outlier ratios -----------------------------------------------------------------------
+
+
+def owl_outlier_ratios(
+    adapter: Adapter,
+    batches: Sequence[Batch],
+    threshold: float = 5.0,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """Block name -> share of Wanda scores above ``threshold`` x their layer's mean (OWL).
+
+    Computed on the dense model with dense activations propagated block by block.
+    """
+    ratios: dict[str, float] = {}
+    for tower in adapter.towers():
+        blocks = adapter.blocks(tower)
+        inputs = capture_inputs(adapter, blocks[0], batches)
+        for block in blocks:
+            if progress:
+                progress(f"outliers {block.name}")
+            stats = {n: empty_col_sq(lin.in_features) for n, lin in block.linears.items()}
+            handles = [
+                lin.register_forward_hook(_col_sq_hook(stats[n])) for n, lin in block.linears.items()
+            ]
+            with torch.no_grad():
+                for item in inputs:
+                    run_block(block, item)
+            for h in handles:
+                h.remove()
+            outliers = total = 0
+            for n, lin in block.linears.items():
+                metric = wanda_metric(lin.weight, stats[n])
+                outliers += int((metric > threshold * metric.mean()).sum())
+                total += metric.numel()
+            ratios[block.name] = outliers / max(total, 1)
+            inputs = propagate(adapter, block, inputs, None)
+    return ratios
+
+
+def _col_sq_hook(acc: torch.Tensor) -> Callable[..., None]:
+    def hook(_module: nn.Module, args: tuple, _output: Any) -> None:
+        accumulate_col_sq(acc, args[0].detach())
+
+    return hook
