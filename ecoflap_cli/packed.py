@@ -20,7 +20,8 @@ Two packed layouts exist for 2-D tensors (parts are plain tensors, so they fit i
     ``nm``          int64 ``[n, m]`` (``1 <= n <= m <= 16``)
 
 An entry is *kept* when its bit pattern is not all zeros, so ``-0.0`` and every NaN payload are
-stored and round trips are bit-identical.
+stored and round trips are bit-identical.  Packing and unpacking run on the CPU (inputs on another
+device are copied there) and work for any dtype of 1, 2, 4 or 8 bytes (fp32, fp16, bf16, ...).
 
 File format (one safetensors file): a packed tensor ``W`` is stored as ``W.__<part>``; dense
 tensors are stored unchanged under their own name.  The safetensors metadata holds
@@ -36,7 +37,6 @@ shard, else ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import math
 import os
@@ -46,7 +46,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import ArtifactError
@@ -83,11 +83,11 @@ def packed_nbytes(parts: Mapping[str, torch.Tensor]) -> int:
 
 
 def _bits_view(t: torch.Tensor) -> torch.Tensor:
-    """The tensor reinterpreted as integers of the same width (contiguous)."""
+    """The tensor on the CPU, contiguous, reinterpreted as integers of the same width."""
     int_dtype = _INT_VIEW.get(t.element_size())
     if int_dtype is None:
         raise ValueError(f"cannot pack dtype {t.dtype} (element size {t.element_size()})")
-    t = t.detach().contiguous()
+    t = t.detach().to("cpu").contiguous()
     return t if t.dtype == int_dtype else t.view(int_dtype)
 
 
@@ -200,27 +200,47 @@ def _check_nm(n: int, m: int) -> None:
         raise ValueError(f"N:M needs integers 1 <= n <= m <= {MAX_NM_M}, got {n}:{m}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _nm_tables(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(binomial table (m, n+1), rank -> positions table (C(m,n), n), bits per group rank)."""
+    """Lookup tables of an N:M layout.
+
+    Returns ``(rank_of_code, combos, width)``: ``rank_of_code[c]`` is the colex rank of the
+    n-subset stored for a group whose kept columns form the bit set ``c`` (kept columns topped
+    up with the leftmost zero columns), or -1 when ``c`` keeps more than n; ``combos[r]`` are the
+    sorted positions of rank ``r``; ``width`` is the number of bits of a rank.
+    """
+    codes = torch.arange(1 << m, dtype=torch.int64)
+    kept = (codes.unsqueeze(-1) >> torch.arange(m)) & 1
+    count = kept.sum(-1, keepdim=True)
+    zeros_seen = (1 - kept).cumsum(-1)
+    selected = (kept == 1) | ((kept == 0) & (zeros_seen <= n - count))
     binom = torch.tensor([[math.comb(p, i) for i in range(n + 1)] for p in range(m)], dtype=torch.int64)
+    order = selected.cumsum(-1).clamp(max=n)  # 1-based rank of each selected position
+    rank_of_code = (binom[torch.arange(m), order] * selected).sum(-1)
+    rank_of_code[count.squeeze(-1) > n] = -1
+    exact = count.squeeze(-1) == n
     combos = torch.zeros((math.comb(m, n), n), dtype=torch.int64)
-    for combo in itertools.combinations(range(m), n):
-        rank = sum(math.comb(p, i + 1) for i, p in enumerate(combo))
-        combos[rank] = torch.tensor(combo, dtype=torch.int64)
-    width = (math.comb(m, n) - 1).bit_length()
-    return binom, combos, width
+    combos[rank_of_code[exact]] = kept[exact].nonzero()[:, 1].reshape(-1, n)
+    return rank_of_code, combos, (math.comb(m, n) - 1).bit_length()
+
+
+def _nm_ranks(bits: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Per-group ranks (rows, groups) of an integer view (rows, groups, m); -1 marks overfull groups."""
+    code_dtype = torch.uint8 if m <= 8 else torch.int32
+    weights = torch.tensor([1 << j for j in range(m)], dtype=code_dtype)
+    codes = ((bits != 0).to(code_dtype) * weights).sum(-1, dtype=code_dtype)
+    return _nm_tables(n, m)[0][codes.to(torch.int64)]
 
 
 def nm_fits(t: torch.Tensor, n: int, m: int) -> bool:
     """Whether a 2-D tensor has at most n kept entries in every group of m consecutive columns."""
     _check_nm(n, m)
-    if t.dim() != 2 or t.shape[1] % m != 0:
+    if t.dim() != 2 or t.shape[1] % m != 0 or t.element_size() not in _INT_VIEW:
         return False
     rows, cols = t.shape
     if t.numel() == 0:
         return True
-    return int(_kept(t).reshape(rows, cols // m, m).sum(-1).max()) <= n
+    return bool((_nm_ranks(_bits_view(t).reshape(rows, cols // m, m), n, m) >= 0).all())
 
 
 def pack_nm(t: torch.Tensor, n: int, m: int) -> Parts:
@@ -229,15 +249,16 @@ def pack_nm(t: torch.Tensor, n: int, m: int) -> Parts:
     Raises ValueError when the columns are not a multiple of m or a group keeps more than n.
     """
     rows, cols = _require_2d(t, "pack_nm")
-    if not nm_fits(t, n, m):
-        raise ValueError(f"tensor of shape {(rows, cols)} is not {n}:{m} sparse")
+    _check_nm(n, m)
+    if cols % m:
+        raise ValueError(f"{cols} columns are not a multiple of m={m}")
     groups = cols // m
-    binom, _, width = _nm_tables(n, m)
+    _, combos, width = _nm_tables(n, m)
     bits = _bits_view(t).reshape(rows, groups, m)
-    order = torch.sort((bits != 0).to(torch.uint8), dim=-1, descending=True, stable=True).indices
-    positions = order[..., :n].sort(dim=-1).values
-    values = bits.gather(-1, positions).reshape(rows, groups * n).view(t.dtype)
-    ranks = binom[positions, torch.arange(1, n + 1)].sum(-1)
+    ranks = _nm_ranks(bits, n, m)
+    if bool((ranks < 0).any()):
+        raise ValueError(f"tensor of shape {(rows, cols)} is not {n}:{m} sparse")
+    values = bits.gather(-1, combos[ranks]).reshape(rows, groups * n).view(t.dtype)
     rank_bits = (ranks.unsqueeze(-1) >> torch.arange(width)) & 1
     return {
         "values": values,
@@ -475,7 +496,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}
     except FileNotFoundError:
         raise ArtifactError(f"checkpoint file not found: {path}") from None
-    except Exception as exc:  # safetensors raises SafetensorError, OSError, ...
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         detail = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ArtifactError(f"cannot read safetensors file {path}: {detail}") from None
     return tensors, metadata
@@ -533,7 +554,9 @@ def _decode_entry(name: str, entry: dict, dense: dict, parts: dict, path: Path) 
     return t
 
 
-def _decode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path) -> dict[str, torch.Tensor]:
+def _decode(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path
+) -> dict[str, torch.Tensor]:
     index = _parse_index(metadata, path)
     dense, parts = _split_parts(tensors)
     clash = sorted(dense.keys() & parts.keys())
@@ -541,7 +564,7 @@ def _decode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], pa
         raise ArtifactError(f"{path}: {clash[0]} is stored both dense and packed")
     out = {name: _decode_entry(name, entry, dense, parts, path) for name, entry in index.items()}
     if parts:
-        raise ArtifactError(f"{path}: packed parts of {sorted(parts)[0]!r} are not in the tensor index")
+        raise ArtifactError(f"{path}: packed parts of {min(parts)!r} are not in the tensor index")
     clash = sorted(dense.keys() & out.keys())
     if clash:
         raise ArtifactError(f"{path}: tensor {clash[0]!r} is stored twice")
@@ -566,7 +589,7 @@ def is_packed_file(path: str | os.PathLike[str]) -> bool:
     try:
         with safe_open(str(path), framework="pt") as fh:
             return (fh.metadata() or {}).get("format") == FORMAT_NAME
-    except Exception:
+    except (SafetensorError, OSError, RuntimeError, ValueError):
         return False
 
 
@@ -628,7 +651,11 @@ def save_sharded(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     total = len(shards)
-    names = [SINGLE_FILE] if total == 1 else [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+    names = (
+        [SINGLE_FILE]
+        if total == 1
+        else [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+    )
     weight_map: dict[str, str] = {}
     for file_name, members in zip(names, shards):
         tensors = {k: v for i in members for k, v in encoded[i][1].items()}

@@ -39,3 +39,6 @@ def get_adapter(model: nn.Module) -> Adapter:
 
 
 __all__ = ["Adapter", "Batch", "Block", "BlockInputs", "REGISTRY", "get_adapter", "register"]
+
+# Family adapters register themselves with @register when imported.
+from . import blip2, clip  # noqa: E402,F401

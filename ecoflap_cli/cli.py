@@ -1,0 +1,337 @@
+"""The `ecoflap` command line: parses options, calls the library, renders to stderr.
+
+Artifacts go to files, or to stdout with ``-o -``; ``-`` as an input path reads stdin. Every
+user error ends in one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__, artifacts
+from .errors import EcoflapError
+from .loading import LoadedModel, LoadOptions, load_model
+from .pipeline import (
+    CalibrationOptions,
+    ScoreOptions,
+    calibration_batches,
+    load_adapter,
+    run_prune,
+    run_score,
+    structure_document,
+)
+from .pruning import PruneSettings
+from .render import render_plan, render_sparsity
+from .scoring import ZerothOrderSettings
+
+console = Console(stderr=True)
+if not console.is_terminal:  # logs and pipes: wide enough that tables are not truncated
+    console = Console(stderr=True, width=140)
+app = typer.Typer(
+    name="ecoflap",
+    help="Prune language and vision-language models with ECoFLaP (coarse-to-fine layer-wise pruning).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(func: F) -> F:
+    """Turn library errors into one line on stderr and an exit code, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except EcoflapError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except MemoryError:
+            console.print("[bold red]error:[/] out of memory: lower --samples, --seqlen or --batch-size")
+            raise typer.Exit(3) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def progress_bar(total: int, label: str) -> Iterator[Callable[[str], None]]:
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(label, total=total)
+
+        def step(message: str) -> None:
+            bar.update(task, advance=1, description=message)
+
+        yield step
+
+
+# --- shared options ---------------------------------------------------------------------------
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id, local model directory or .gguf file.")]
+DtypeOpt = Annotated[str, typer.Option(help="Weights dtype: auto, float32, float16, bfloat16.")]
+DeviceOpt = Annotated[str, typer.Option(help="Compute device: auto (CUDA, MPS, else CPU), cpu, cuda, cuda:1.")]
+RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub.")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(help="accelerate device map: auto, balanced, sequential or JSON.")]
+MaxMemOpt = Annotated[Optional[list[str]], typer.Option(help="Per-device budget, e.g. 0=20GiB or cpu=64GiB (repeat).")]
+OffloadOpt = Annotated[Optional[Path], typer.Option(help="Folder for weights that fit on no device.")]
+CalibOpt = Annotated[Optional[str], typer.Option(help="Calibration data: .txt/.jsonl text, image-text .jsonl, or hub:NAME.")]
+SeqlenOpt = Annotated[Optional[int], typer.Option(help="Tokens per calibration sample (default: context length, at most 2048).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for sampling calibration windows and perturbations.")]
+TextFieldOpt = Annotated[str, typer.Option(help="Field holding the text in .jsonl records.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+
+
+def _load(model: str, dtype: str, device: str, trust_remote_code: bool, device_map: str | None,
+          max_memory: list[str] | None, offload_folder: Path | None) -> LoadedModel:
+    memory: dict[str, str] = {}
+    for item in max_memory or []:
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            raise EcoflapError(f"--max-memory takes DEVICE=SIZE (e.g. 0=20GiB), got {item!r}")
+        memory[key.strip()] = value.strip()
+    opts = LoadOptions(dtype, device, trust_remote_code, device_map, memory,
+                       str(offload_folder) if offload_folder else None)
+    with console.status(f"loading {model}"):
+        return load_model(model, opts)
+
+
+def _check_output(output: str, overwrite: bool) -> None:
+    if output != "-" and Path(output).exists() and not overwrite:
+        raise EcoflapError(f"{output} exists (pass --overwrite to replace it)")
+
+
+def _parse_nm(nm: str | None) -> tuple[int, int] | None:
+    if nm is None:
+        return None
+    try:
+        n, m = (int(x) for x in nm.split(":"))
+    except ValueError:
+        raise EcoflapError(f"--nm takes N:M such as 2:4, got {nm!r}") from None
+    if not 0 < n < m:
+        raise EcoflapError(f"--nm needs 0 < N < M, got {nm!r}")
+    return n, m
+
+
+def _parse_groups(items: list[str] | None) -> dict[str, str]:
+    groups = {}
+    for item in items or []:
+        tower, sep, group = item.partition("=")
+        if not sep or group not in ("row", "matrix"):
+            raise EcoflapError(f"--compare-group takes TOWER=row|matrix, got {item!r}")
+        groups[tower] = group
+    return groups
+
+
+def _check_sparsity(value: float, name: str = "--sparsity") -> None:
+    if not 0.0 <= value < 1.0:
+        raise EcoflapError(f"{name} must be in [0, 1), got {value}")
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def score(
+    model: ModelOpt,
+    output: Annotated[str, typer.Option("--output", "-o", help="Scores JSON path, or - for stdout.")] = "scores.json",
+    method: Annotated[str, typer.Option(help="zeroth (forward only), first (backprop) or owl (outlier ratios).")] = "zeroth",
+    calib: CalibOpt = None,
+    samples: Annotated[int, typer.Option(help="Calibration samples.")] = 32,
+    seqlen: SeqlenOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 8,
+    seed: SeedOpt = 0,
+    eps: Annotated[float, typer.Option(help="Zeroth-order perturbation size.")] = 1e-3,
+    granularity: Annotated[str, typer.Option(help="Perturb a whole block at once (block) or each tensor (tensor).")] = "block",
+    reuse_activations: Annotated[bool, typer.Option(help="Replay the blocks before the perturbed one from stored activations.")] = True,
+    perturbations: Annotated[int, typer.Option(help="Random directions per block and batch.")] = 1,
+    direction: Annotated[str, typer.Option(help="Direction distribution: gaussian or rademacher.")] = "gaussian",
+    first_metric: Annotated[str, typer.Option(help="First-order score: taylor (|w*g|) or gradnorm.")] = "taylor",
+    include_qformer: Annotated[bool, typer.Option(help="Prune (and score) the BLIP-2 Q-Former too.")] = False,
+    text_field: TextFieldOpt = "text",
+    dtype: DtypeOpt = "auto", device: DeviceOpt = "auto", trust_remote_code: RemoteOpt = False,
+    device_map: DeviceMapOpt = None, max_memory: MaxMemOpt = None, offload_folder: OffloadOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Coarse stage: one global importance score per block, written as scores JSON."""
+    _check_output(output, overwrite)
+    loaded = _load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
+    adapter = load_adapter(loaded, include_qformer)
+    batches, prov = calibration_batches(loaded, adapter, CalibrationOptions(calib, samples, seqlen, batch_size, seed, text_field))
+    opts = ScoreOptions(method, ZerothOrderSettings(eps, seed, granularity, reuse_activations, perturbations, direction), first_metric)
+    with progress_bar(len(adapter.blocks()), "scoring") as step:
+        doc = run_score(loaded, adapter, batches, prov, opts, step)
+    artifacts.emit_json(doc, output, overwrite)
+    console.print(f"scored {len(doc['groups'])} blocks with {method} in {doc['timings']['score_s']:.1f}s"
+                  + ("" if output == "-" else f" -> {output}"))
+
+
+@app.command()
+@user_errors
+def allocate(
+    scores: Annotated[str, typer.Argument(help="Scores JSON from `ecoflap score`, or - for stdin.")],
+    sparsity: Annotated[float, typer.Option("--sparsity", "-s", help="Target global sparsity in [0, 1).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Plan JSON path, or - for stdout.")] = "plan.json",
+    allocator: Annotated[str, typer.Option(help="ecoflap, uniform, owl (needs --method owl scores) or depth.")] = "ecoflap",
+    max_sparsity: Annotated[Optional[float], typer.Option(help="Cap on any block's sparsity (ecoflap; default target + 0.1).")] = None,
+    depth_step: Annotated[float, typer.Option(help="Sparsity added per block of depth (depth allocator).")] = 0.01,
+    owl_lambda: Annotated[float, typer.Option(help="OWL's half-range of sparsities around the target.")] = 0.08,
+    per_tower: Annotated[bool, typer.Option(help="Hold each tower at the target instead of one joint budget.")] = False,
+    show: Annotated[bool, typer.Option(help="Print the plan table on stderr.")] = True,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Scores -> per-block sparsity plan (exact global budget). Shows the plan before any pruning."""
+    _check_sparsity(sparsity)
+    _check_output(output, overwrite)
+    doc = artifacts.validate_scores(artifacts.read_json(scores), "stdin" if scores == "-" else scores)
+    settings: dict[str, Any] = {}
+    if allocator == "ecoflap":
+        settings["max_sparsity"] = max_sparsity
+    elif allocator == "depth":
+        settings["step"] = depth_step
+    elif allocator == "owl":
+        settings["lam"] = owl_lambda
+    plan = artifacts.build_plan(doc, allocator, sparsity, settings, per_tower)
+    if show:
+        render_plan(console, plan)
+    artifacts.emit_json(plan, output, overwrite)
+
+
+@app.command()
+@user_errors
+def prune(
+    model: ModelOpt,
+    output: Annotated[str, typer.Option("--output", "-o", help="Directory for the pruned checkpoint.")] = "pruned",
+    plan: Annotated[Optional[str], typer.Option(help="Plan JSON from `ecoflap allocate` (or - for stdin).")] = None,
+    sparsity: Annotated[Optional[float], typer.Option("--sparsity", "-s", help="One-shot: score and allocate to this target.")] = None,
+    allocator: Annotated[str, typer.Option(help="One-shot allocator: ecoflap, uniform, owl or depth.")] = "ecoflap",
+    score_method: Annotated[str, typer.Option(help="One-shot scoring: zeroth, first or owl.")] = "zeroth",
+    score_samples: Annotated[int, typer.Option(help="One-shot: calibration samples for scoring.")] = 32,
+    max_sparsity: Annotated[Optional[float], typer.Option(help="One-shot ecoflap cap (default target + 0.1).")] = None,
+    solver: Annotated[str, typer.Option(help="Layer-wise solver: wanda, sparsegpt or magnitude.")] = "wanda",
+    nm: Annotated[Optional[str], typer.Option(help="N:M structured sparsity, e.g. 2:4 (uniform plans only).")] = None,
+    compare_group: Annotated[Optional[list[str]], typer.Option(help="Wanda comparison group per tower: TOWER=row|matrix.")] = None,
+    calib: CalibOpt = None,
+    samples: Annotated[int, typer.Option(help="Calibration samples for the layer-wise solver.")] = 128,
+    seqlen: SeqlenOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 8,
+    seed: SeedOpt = 0,
+    include_qformer: Annotated[bool, typer.Option(help="Prune the BLIP-2 Q-Former too.")] = False,
+    packed: Annotated[bool, typer.Option("--packed", help="Write packed sparse safetensors (smaller; needs ecoflap to load).")] = False,
+    text_field: TextFieldOpt = "text",
+    dtype: DtypeOpt = "auto", device: DeviceOpt = "auto", trust_remote_code: RemoteOpt = False,
+    device_map: DeviceMapOpt = None, max_memory: MaxMemOpt = None, offload_folder: OffloadOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Fine stage: layer-wise pruning to a plan; writes a Hugging Face checkpoint directory."""
+    from .checkpoint import check_output_dir, save_checkpoint
+
+    if (plan is None) == (sparsity is None):
+        raise EcoflapError("give exactly one of --plan PLAN.json or --sparsity P")
+    if sparsity is not None:
+        _check_sparsity(sparsity)
+    nm_pair = _parse_nm(nm)
+    settings = PruneSettings(solver, nm_pair, _parse_groups(compare_group))
+    check_output_dir(output, overwrite)
+    plan_doc = artifacts.validate_plan(artifacts.read_json(plan), plan) if plan else None
+    loaded = _load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
+    adapter = load_adapter(loaded, include_qformer)
+    calib_opts = CalibrationOptions(calib, samples, seqlen, batch_size, seed, text_field)
+    documents: dict[str, dict[str, Any]] = {}
+    batches, prov = calibration_batches(loaded, adapter, calib_opts) if solver != "magnitude" else ([], None)
+    if plan_doc is None:
+        assert sparsity is not None
+        plan_doc, scores_doc = _one_shot_plan(loaded, adapter, calib_opts, sparsity, allocator,
+                                              score_method, score_samples, max_sparsity, solver)
+        documents["scores.json"] = scores_doc
+        render_plan(console, plan_doc)
+    documents["plan.json"] = plan_doc
+    with progress_bar(len(adapter.blocks()), f"pruning ({solver})") as step:
+        report = run_prune(loaded, adapter, plan_doc, batches, prov, settings, step)
+    documents["ecoflap_report.json"] = report
+    with console.status(f"writing {output}"):
+        save_checkpoint(loaded, output, documents, overwrite, packed=packed)
+    console.print(f"pruned to {report['achieved_sparsity']:.4f} sparsity (target {report['target_sparsity']}) "
+                  f"in {report['timings']['prune_s']:.1f}s -> {output}")
+
+
+def _one_shot_plan(loaded: LoadedModel, adapter: Any, calib_opts: CalibrationOptions, sparsity: float,
+                   allocator: str, score_method: str, score_samples: int, max_sparsity: float | None,
+                   solver: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    if allocator in ("uniform", "depth"):
+        scores_doc = structure_document(loaded, adapter)
+    else:
+        method = "owl" if allocator == "owl" else score_method
+        opts = CalibrationOptions(calib_opts.calib, score_samples, calib_opts.seqlen,
+                                  calib_opts.batch_size, calib_opts.seed, calib_opts.text_field)
+        batches, prov = calibration_batches(loaded, adapter, opts)
+        with progress_bar(len(adapter.blocks()), f"scoring ({method})") as step:
+            scores_doc = run_score(loaded, adapter, batches, prov,
+                                   ScoreOptions(method, ZerothOrderSettings(seed=calib_opts.seed)), step)
+    settings: dict[str, Any] = {"max_sparsity": max_sparsity} if allocator == "ecoflap" else {}
+    return artifacts.build_plan(scores_doc, allocator, sparsity, settings), scores_doc
+
+
+@app.command("eval")
+@user_errors
+def evaluate(
+    checkpoint: Annotated[str, typer.Argument(help="Pruned checkpoint directory (or any model id / .gguf).")],
+    text: Annotated[Optional[Path], typer.Option(help="Text file (.txt/.jsonl) for perplexity.")] = None,
+    compare: Annotated[Optional[str], typer.Option(help="Dense model to evaluate side by side.")] = None,
+    plan: Annotated[Optional[str], typer.Option(help="Plan to check achieved sparsity against (default: the checkpoint's plan.json).")] = None,
+    seqlen: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 512,
+    max_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    per_tensor: Annotated[bool, typer.Option(help="Show every tensor, not one row per block.")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write results JSON here (- for stdout).")] = None,
+    text_field: TextFieldOpt = "text",
+    dtype: DtypeOpt = "auto", device: DeviceOpt = "auto", trust_remote_code: RemoteOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Achieved sparsity per block against the plan, and perplexity (optionally vs the dense model)."""
+    from .evalcmd import run_eval
+
+    if output is not None:
+        _check_output(output, overwrite)
+    results = run_eval(
+        checkpoint, text, compare, plan, seqlen, max_windows, batch_size, text_field,
+        lambda m: _load(m, dtype, device, trust_remote_code, None, None, None),
+    )
+    render_sparsity(console, results, per_tensor)
+    if output is not None:
+        artifacts.emit_json(results, output, overwrite)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"ecoflap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """Prune language and vision-language models with ECoFLaP."""
+
+
+def main() -> None:
+    app(prog_name="ecoflap")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Text calibration and evaluation data: local files, seeded windows, an optional hub dataset."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DataError, MissingDependencyError
+
+#: What the Wanda / SparseGPT / ECoFLaP papers calibrate decoder-only LMs on.
+DEFAULT_TEXT_DATASET = ("allenai/c4", "en/c4-train.00000-of-01024.json.gz")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where calibration tokens came from, recorded in every artifact."""
+
+    source: str
+    samples: int
+    seqlen: int
+    seed: int
+    tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def read_text(path: str | Path, text_field: str = "text") -> list[str]:
+    """Documents from a ``.txt`` file (one document) or a ``.jsonl``/``.json`` file of records."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"calibration/eval text file not found: {file}")
+    if file.suffix in (".jsonl", ".json"):
+        docs = _read_json_docs(file, text_field)
+    else:
+        docs = [file.read_text(encoding="utf-8", errors="replace")]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise DataError(f"{file} contains no text")
+    return docs
+
+
+def _read_json_docs(file: Path, text_field: str) -> list[str]:
+    raw = file.read_text(encoding="utf-8", errors="replace")
+    if file.suffix == ".json":
+        try:
+            records = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{file} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+        if not isinstance(records, list):
+            raise DataError(f"{file} must hold a JSON list of records")
+    else:
+        records = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{file} line {number} is not valid JSON: {exc.msg}") from None
+    docs = []
+    for i, record in enumerate(records):
+        if isinstance(record, str):
+            docs.append(record)
+        elif isinstance(record, dict) and isinstance(record.get(text_field), str):
+            docs.append(record[text_field])
+        else:
+            raise DataError(f"{file} record {i + 1} has no string field {text_field!r} (--text-field)")
+    return docs
+
+
+def tokenize_documents(tokenizer: Any, docs: list[str]) -> torch.Tensor:
+    """One long 1-D token stream, documents separated by the tokenizer's EOS token."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(int(eos))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(tokens: torch.Tensor, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``samples`` windows of ``seqlen`` tokens at seeded random offsets, shape (samples, seqlen)."""
+    if samples < 1 or seqlen < 2:
+        raise DataError(f"need at least 1 sample of at least 2 tokens (got {samples} x {seqlen})")
+    if tokens.numel() <= seqlen:
+        raise DataError(
+            f"the calibration text has {tokens.numel()} tokens, fewer than one window of "
+            f"{seqlen} (lower --seqlen or give more text)"
+        )
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, tokens.numel() - seqlen) for _ in range(samples)]
+    return torch.stack([tokens[s : s + seqlen] for s in starts])
+
+
+def to_batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Split (samples, seqlen) token windows into causal-LM batches."""
+    if batch_size < 1:
+        raise DataError("--batch-size must be at least 1")
+    return [
+        {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+        for chunk in windows.split(batch_size)
+    ]
+
+
+def hub_documents(dataset: str, data_file: str | None, limit: int, seed: int) -> list[str]:
+    """Documents from a Hugging Face dataset (needs ``datasets`` and a reachable hub)."""
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        raise MissingDependencyError(
+            "datasets", "calibration from a hub dataset (or pass local text with --calib FILE)", "hub"
+        ) from None
+    try:
+        kwargs = {"data_files": {"train": data_file}} if data_file else {}
+        ds = datasets.load_dataset(dataset, split="train", **kwargs)
+    except Exception as exc:  # network, auth, missing dataset: all end the same way for a user
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"cannot load hub dataset {dataset!r} ({first}); pass local text with --calib FILE"
+        ) from None
+    rng = random.Random(seed)
+    picks = rng.sample(range(len(ds)), min(limit, len(ds)))
+    return [ds[i]["text"] for i in picks]
+
+
+def calibration_windows(
+    tokenizer: Any,
+    calib: str | None,
+    samples: int,
+    seqlen: int,
+    seed: int,
+    text_field: str = "text",
+) -> tuple[torch.Tensor, Provenance]:
+    """Token windows for calibration from ``calib`` (file path or ``hub:NAME``) or the default."""
+    if calib is None or calib.startswith("hub:"):
+        name = calib[4:] if calib else DEFAULT_TEXT_DATASET[0]
+        data_file = DEFAULT_TEXT_DATASET[1] if calib is None else None
+        docs = hub_documents(name, data_file, limit=max(samples * 20, 1000), seed=seed)
+        source = f"hub:{name}"
+    else:
+        docs = read_text(calib, text_field)
+        source = str(Path(calib).resolve())
+    tokens = tokenize_documents(tokenizer, docs)
+    windows = sample_windows(tokens, samples, seqlen, seed)
+    return windows, Provenance(source, samples, seqlen, seed, int(tokens.numel()))

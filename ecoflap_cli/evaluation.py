@@ -1,0 +1,78 @@
+"""Evaluation: achieved sparsity against the plan, and perplexity on text."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DataError
+from .models.base import Adapter
+
+
+@dataclass
+class TensorSparsity:
+    name: str
+    tower: str
+    numel: int
+    zeros: int
+    planned_zeros: int | None
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel
+
+    @property
+    def matches_plan(self) -> bool | None:
+        return None if self.planned_zeros is None else self.zeros == self.planned_zeros
+
+
+def sparsity_report(adapter: Adapter, plan: dict[str, Any] | None = None) -> list[TensorSparsity]:
+    """Zeros of every prunable tensor, beside the planned count when a plan is given."""
+    planned = {}
+    if plan is not None:
+        planned = {t["name"]: int(t["zeros"]) for g in plan["groups"] for t in g["tensors"]}
+    rows = []
+    for block in adapter.blocks():
+        for path, linear in block.linears.items():
+            name = f"{path}.weight"
+            zeros = int((linear.weight.detach() == 0).sum())
+            rows.append(TensorSparsity(name, block.tower, linear.weight.numel(), zeros, planned.get(name)))
+    return rows
+
+
+def windows_for_eval(tokens: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens from the start of the stream."""
+    count = tokens.numel() // seqlen
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise DataError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    return tokens[: count * seqlen].view(count, seqlen)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> float:
+    """exp of the mean next-token cross-entropy over all windows (each window scored alone)."""
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        chunk = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=chunk, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += chunk[:, 1:].numel()
+        if progress:
+            progress(min(start + batch_size, windows.shape[0]), windows.shape[0])
+    return math.exp(total_nll / total_tokens)

@@ -1,0 +1,159 @@
+"""BLIP-2 and InstructBLIP: ViT -> Q-Former -> projection -> language model (OPT, LLaMA, FlanT5).
+
+Towers, in pruning order:
+
+- ``vision``: the ViT encoder layers (each attention has one fused ``qkv`` linear, kept as one
+  prunable tensor);
+- ``qformer``: the Q-Former layers, only when the adapter is built with ``include_qformer=True``;
+- the language model: ``language`` (the decoder layers of a decoder-only LM, found structurally)
+  or, for FlanT5, ``language-encoder`` and ``language-decoder``.
+
+Everything else stays dense: patch/position embeddings, the query tokens, the Q-Former (unless
+opted in), ``language_projection``, token embeddings, ``lm_head``, norms and the T5 relative
+attention bias.
+
+The loss is the model's image-grounded LM loss: a decoder-only LM sees
+``[image tokens] [bos] prompt caption [eos]`` with labels only on the caption (and eos); FlanT5
+reads ``[image tokens] prompt [eos]`` in the encoder and is trained to produce ``caption [eos]``.
+transformers silently *ignores the image* when ``input_ids`` lack the ``num_query_tokens`` image
+placeholder tokens, so every batch is checked for them before it reaches the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DataError, ModelError
+from . import register
+from .base import Adapter, Batch, Block, BlockInputs
+from .causal_lm import largest_block_list
+from .t5 import join, module_path, t5_next_inputs, t5_tower_paths
+
+
+def image_token_id(config: Any) -> int:
+    """The id of the image placeholder token (``config.image_token_index``)."""
+    token = getattr(config, "image_token_index", None)
+    if token is None:
+        token = getattr(config, "image_token_id", None)
+    if token is None:
+        raise ModelError(
+            "the model config has no image_token_index: transformers would ignore the image; "
+            "set config.image_token_index to the processor's image token id"
+        )
+    return int(token)
+
+
+def check_image_tokens(config: Any, input_ids: torch.Tensor) -> None:
+    """Every row must hold exactly ``num_query_tokens`` image placeholder tokens."""
+    wanted = int(config.num_query_tokens)
+    counts = (input_ids == image_token_id(config)).sum(dim=-1)
+    bad = (counts != wanted).nonzero().flatten().tolist()
+    if bad:
+        raise DataError(
+            f"input_ids row(s) {bad} hold {counts[bad[0]].item()} image tokens, expected "
+            f"{wanted} (config.num_query_tokens); without them the model ignores the image"
+        )
+
+
+@register("blip-2")
+class Blip2Adapter(Adapter):
+    family = "blip-2"
+    data_kind = "image-text"
+    #: batch keys the model's forward accepts (anything else in a batch is ignored)
+    input_keys = ("pixel_values", "input_ids", "attention_mask", "decoder_input_ids",
+                  "decoder_attention_mask")  # fmt: skip
+
+    def __init__(self, model: nn.Module, include_qformer: bool = False) -> None:
+        super().__init__(model)
+        self.include_qformer = include_qformer
+        for name in ("vision_model", "qformer", "language_model"):
+            if not isinstance(getattr(model, name, None), nn.Module):
+                raise ModelError(f"{type(model).__name__} has no {name}: not a BLIP-2-style model")
+
+    # --- structure ---------------------------------------------------------------------
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    @property
+    def seq2seq(self) -> bool:
+        """True when the language model is an encoder-decoder (FlanT5)."""
+        use_decoder_only = getattr(self.model.config, "use_decoder_only_language_model", None)
+        if use_decoder_only is not None:
+            return not use_decoder_only
+        return bool(getattr(self.language_model.config, "is_encoder_decoder", False))
+
+    def tower_paths(self) -> dict[str, str]:
+        model = self.model
+        paths = {"vision": join("vision_model", largest_block_list(model.vision_model))}
+        if self.include_qformer:
+            paths["qformer"] = join("qformer", largest_block_list(model.qformer))
+        if self.seq2seq:
+            paths.update(t5_tower_paths(model, self.language_model, prefix="language"))
+        else:
+            lm_path = module_path(model, self.language_model)
+            paths["language"] = join(lm_path, largest_block_list(self.language_model))
+        return paths
+
+    def default_compare_group(self, block: Block) -> str:
+        # The reference compares Wanda scores over the whole matrix for ViT layers.
+        return "matrix" if block.tower == "vision" else "row"
+
+    def dense_parts(self) -> list[str]:
+        parts = ["patch/position embeddings", "query tokens"]
+        if not self.include_qformer:
+            parts.append("Q-Former")
+        parts += ["language_projection", "token embeddings", "lm_head", "norms", "biases"]
+        if self.seq2seq:
+            parts.append("T5 relative attention bias")
+        return parts
+
+    # --- running -----------------------------------------------------------------------
+    def check_batch(self, batch: Batch) -> None:
+        for key in ("pixel_values", "input_ids"):
+            if key not in batch:
+                raise DataError(f"a {self.family} calibration batch needs {key!r}")
+        check_image_tokens(self.model.config, batch["input_ids"])
+        if self.seq2seq and "labels" not in batch and "decoder_input_ids" not in batch:
+            raise DataError(f"a {self.family} batch with a T5 language model needs 'labels'")
+
+    def model_inputs(self, batch: Batch) -> Batch:
+        inputs = {k: v for k, v in batch.items() if k in self.input_keys}
+        if self.seq2seq and "decoder_input_ids" not in inputs:
+            # what T5 does with labels when no decoder inputs are given
+            inputs["decoder_input_ids"] = self.language_model._shift_right(batch["labels"])
+        return inputs
+
+    def forward(self, batch: Batch) -> Any:
+        self.check_batch(batch)
+        return self.model(**self.model_inputs(batch), use_cache=False)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        self.check_batch(batch)
+        if "labels" not in batch:
+            raise DataError(f"a {self.family} calibration batch needs 'labels' for its loss")
+        inputs = self.model_inputs(batch)
+        if self.seq2seq:
+            inputs.pop("decoder_input_ids", None)  # let T5 shift the labels itself
+        return self.model(**inputs, labels=batch["labels"], use_cache=False).loss
+
+    def next_inputs(self, block: Block, output: Any, inputs: BlockInputs) -> BlockInputs:
+        if block.tower.startswith("language-"):
+            return t5_next_inputs(output, inputs)
+        return super().next_inputs(block, output, inputs)
+
+
+@register("instructblip")
+class InstructBlipAdapter(Blip2Adapter):
+    """InstructBLIP: as BLIP-2, and the instruction also goes to the Q-Former."""
+
+    family = "instructblip"
+    input_keys = Blip2Adapter.input_keys + ("qformer_input_ids", "qformer_attention_mask")
+
+    def check_batch(self, batch: Batch) -> None:
+        super().check_batch(batch)
+        if "qformer_input_ids" not in batch:
+            raise DataError("an InstructBLIP batch needs 'qformer_input_ids' (the instruction)")

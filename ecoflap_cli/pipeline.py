@@ -1,0 +1,175 @@
+"""The stages as library calls: score, allocate, prune, evaluate. The CLI only parses and renders.
+
+Each stage takes a loaded model (or a document) and returns a document; none prints or exits.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from . import __version__, artifacts
+from .data import Provenance, calibration_windows, to_batches
+from .errors import DataError, PlanError
+from .loading import LoadedModel, fingerprint
+from .models import Adapter, Batch, get_adapter
+from .pruning import PruneSettings, prune_model
+from .scoring import ZerothOrderSettings, first_order_scores, owl_outlier_ratios, zeroth_order_scores
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class CalibrationOptions:
+    calib: str | None = None
+    samples: int = 128
+    seqlen: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    text_field: str = "text"
+
+
+@dataclass
+class ScoreOptions:
+    method: str = "zeroth"  # zeroth | first | owl
+    zeroth: ZerothOrderSettings = field(default_factory=ZerothOrderSettings)
+    first_metric: str = "taylor"
+    checkpointing: bool = True
+    owl_threshold: float = 5.0
+
+
+def default_seqlen(model: torch.nn.Module) -> int:
+    """Calibration length per model: the context length capped at 2048, never more.
+
+    Wanda took ``max_position_embeddings`` as is and ran out of memory on long-context models.
+    """
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", None) or config
+    limit = getattr(text_config, "max_position_embeddings", None) or 2048
+    return int(min(limit, 2048))
+
+
+def model_info(loaded: LoadedModel, adapter: Adapter) -> dict[str, Any]:
+    config = getattr(loaded.model, "config", None)
+    return {
+        "id": loaded.source,
+        "model_type": getattr(config, "model_type", None),
+        "class": type(loaded.model).__name__,
+        "family": adapter.family,
+        "fingerprint": fingerprint(loaded.model),
+        "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+    }
+
+
+def calibration_batches(
+    loaded: LoadedModel, adapter: Adapter, opts: CalibrationOptions
+) -> tuple[list[Batch], dict[str, Any]]:
+    """Calibration batches of the kind the adapter needs, and their provenance."""
+    if adapter.data_kind == "text":
+        if loaded.tokenizer is None:
+            raise DataError("the model ships no tokenizer: cannot tokenise calibration text")
+        seqlen = opts.seqlen or default_seqlen(loaded.model)
+        windows, prov = calibration_windows(
+            loaded.tokenizer, opts.calib, opts.samples, seqlen, opts.seed, opts.text_field
+        )
+        return to_batches(windows, opts.batch_size), prov.to_dict()
+    from . import multimodal
+
+    if opts.calib is None:
+        raise DataError(f"{adapter.family} models need image-text calibration data: pass --calib FILE.jsonl")
+    records = multimodal.read_image_text_jsonl(opts.calib)
+    records = records[: opts.samples]
+    batches = multimodal.make_multimodal_batches(
+        adapter, loaded.processor, records, opts.batch_size, opts.seqlen or 64
+    )
+    prov = Provenance(opts.calib, len(records), opts.seqlen or 64, opts.seed, 0)
+    return batches, prov.to_dict()
+
+
+def run_score(
+    loaded: LoadedModel,
+    adapter: Adapter,
+    batches: list[Batch],
+    calibration: dict[str, Any],
+    opts: ScoreOptions,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The coarse stage: a scores document."""
+    start = time.perf_counter()
+    method: dict[str, Any] = {"name": opts.method}
+    if opts.method == "zeroth":
+        scores = zeroth_order_scores(adapter, batches, opts.zeroth, progress)
+        method.update(asdict(opts.zeroth))
+    elif opts.method == "first":
+        scores = first_order_scores(adapter, batches, opts.first_metric, opts.checkpointing, progress)
+        method.update(metric=opts.first_metric, checkpointing=opts.checkpointing)
+    elif opts.method == "owl":
+        scores = owl_outlier_ratios(adapter, batches, opts.owl_threshold, progress)
+        method.update(threshold=opts.owl_threshold)
+    else:
+        raise PlanError(f"unknown scoring method {opts.method!r} (zeroth, first or owl)")
+    timings = {"score_s": round(time.perf_counter() - start, 3)}
+    return artifacts.scores_document(
+        model_info(loaded, adapter), adapter.blocks(), scores, method, calibration, timings
+    )
+
+
+def structure_document(loaded: LoadedModel, adapter: Adapter) -> dict[str, Any]:
+    """A scores document without scores: enough for the uniform and depth allocators."""
+    return artifacts.scores_document(
+        model_info(loaded, adapter), adapter.blocks(), None, {"name": "none"}, None
+    )
+
+
+def run_prune(
+    loaded: LoadedModel,
+    adapter: Adapter,
+    plan: dict[str, Any],
+    batches: list[Batch],
+    calibration: dict[str, Any] | None,
+    settings: PruneSettings,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The fine stage, in place on ``loaded.model``; returns the report document."""
+    artifacts.check_model_match(plan, fingerprint(loaded.model), loaded.source, "the plan")
+    if settings.nm is not None:
+        artifacts.check_nm_plan(plan, settings.nm)
+    start = time.perf_counter()
+    results = prune_model(adapter, artifacts.prune_counts(plan), batches, settings, progress)
+    elapsed = time.perf_counter() - start
+    total = sum(r.numel for r in results)
+    return {
+        "format": "ecoflap.report",
+        "version": 1,
+        "ecoflap_version": __version__,
+        "model": plan["model"],
+        "plan_hash": artifacts.doc_hash(plan),
+        "solver": settings.solver,
+        "nm": list(settings.nm) if settings.nm else None,
+        "compare_groups": settings.compare_groups,
+        "calibration": calibration,
+        "target_sparsity": plan["target_sparsity"],
+        "achieved_sparsity": sum(r.zeros for r in results) / total if total else 0.0,
+        "timings": {"prune_s": round(elapsed, 3)},
+        "versions": _versions(),
+        "tensors": [asdict(r) for r in results],
+    }
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "ecoflap": __version__}
+
+
+def load_adapter(loaded: LoadedModel, include_qformer: bool = False) -> Adapter:
+    adapter = get_adapter(loaded.model)
+    if include_qformer and hasattr(adapter, "include_qformer"):
+        adapter = type(adapter)(loaded.model, include_qformer=True)  # type: ignore[call-arg]
+    return adapter

@@ -1,0 +1,66 @@
+"""Rich tables for plans and evaluation results (always on stderr)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+BAR_WIDTH = 20
+
+
+def bar(fraction: float, width: int = BAR_WIDTH) -> str:
+    filled = max(0, min(width, round(fraction * width)))
+    return "█" * filled + "·" * (width - filled)
+
+
+def _fmt_score(score: Any) -> str:
+    return "-" if score is None else f"{score:.4g}"
+
+
+def render_plan(console: Console, plan: dict[str, Any]) -> None:
+    """One row per block (tower, parameters, score, sparsity, bar), then the per-tower budget."""
+    alloc = plan["allocator"]
+    title = (f"plan: {alloc['name']} allocator, target {plan['target_sparsity']:.4f}, "
+             f"achieved {plan['achieved_sparsity']:.6f}")
+    table = Table(title=title, title_justify="left")
+    for col, justify in (("block", "left"), ("tower", "left"), ("params", "right"),
+                         ("score", "right"), ("sparsity", "right"), ("", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for g in plan["groups"]:
+        table.add_row(g["name"], g["tower"], f"{g['params']:,}", _fmt_score(g["score"]),
+                      f"{g['sparsity']:.4f}", bar(g["sparsity"]))
+    console.print(table)
+    towers = Table(title="budget per tower", title_justify="left")
+    for col in ("tower", "params", "pruned", "sparsity"):
+        towers.add_column(col, justify="left" if col == "tower" else "right")
+    for name, t in plan["towers"].items():
+        towers.add_row(name, f"{int(t['params']):,}", f"{int(t['zeros']):,}", f"{t['sparsity']:.4f}")
+    console.print(towers)
+
+
+def render_sparsity(console: Console, results: dict[str, Any], per_tensor: bool = False) -> None:
+    """Achieved against planned sparsity per block (or tensor), and perplexities if measured."""
+    rows = results["tensors"] if per_tensor else results["blocks"]
+    table = Table(title=f"sparsity of {results['checkpoint']}", title_justify="left")
+    for col in ("name", "tower", "params", "planned", "achieved", "", "ok"):
+        table.add_column(col, justify="left" if col in ("name", "tower", "") else "right")
+    for r in rows:
+        planned = "-" if r["planned"] is None else f"{r['planned']:.4f}"
+        ok = {True: "[green]yes[/]", False: "[red]NO[/]", None: "-"}[r["matches_plan"]]
+        table.add_row(r["name"], r["tower"], f"{r['params']:,}", planned, f"{r['achieved']:.4f}",
+                      bar(r["achieved"]), ok)
+    console.print(table)
+    summary = results["summary"]
+    console.print(f"global sparsity of prunable tensors: {summary['achieved']:.6f}"
+                  + ("" if summary["planned"] is None else f" (planned {summary['planned']:.6f})"))
+    ppl = results.get("perplexity")
+    if ppl:
+        ptable = Table(title=f"perplexity ({ppl['windows']} x {ppl['seqlen']} tokens)", title_justify="left")
+        for col in ("model", "sparsity", "perplexity"):
+            ptable.add_column(col, justify="left" if col == "model" else "right")
+        if ppl.get("dense") is not None:
+            ptable.add_row(f"dense: {ppl['dense_model']}", "0", f"{ppl['dense']:.3f}")
+        ptable.add_row(f"pruned: {results['checkpoint']}", f"{summary['achieved']:.4f}", f"{ppl['pruned']:.3f}")
+        console.print(ptable)
