@@ -1,17 +1,54 @@
-"""Pruned checkpoints: a Hugging Face model directory plus what was done, written atomically."""
+"""Pruned checkpoints: a Hugging Face model directory plus what was done, written atomically.
+
+A checkpoint's weights are *dense* (what ``save_pretrained`` writes; any ``from_pretrained``
+reloads them) or *packed* (the same tensors, each pruned weight in a packed sparse layout of
+``packed.py``; smaller on disk, loaded by ``ecoflap_cli.api.load_pruned`` and every ``ecoflap``
+command). Both follow the Hugging Face shard layout; docs/packed-format.md has the details.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import struct
 import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError
+import torch
+
+from . import __version__, artifacts
+from .errors import ArtifactError, EcoflapError
 from .loading import LoadedModel
+from .packed import FORMAT_NAME, INDEX_FILE, SINGLE_FILE, load_sharded, save_sharded
 
 REPORT_NAME = "ecoflap_report.json"
+PLAN_NAME = "plan.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+LAYOUTS = ("dense", "packed")
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on a header
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in a size such as ``5GB``, ``500MB``, ``2GiB`` or ``1000000`` (positive)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = _SIZE_RE.match(size)
+        if match is None:
+            raise EcoflapError(f"cannot read size {size!r}: use a number and a unit such as 5GB, 500MB or 2GiB")
+        value = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()])
+    if value <= 0:
+        raise EcoflapError(f"size must be positive, got {size!r}")
+    return value
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
@@ -24,33 +61,82 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     return path
 
 
+# --- writing ----------------------------------------------------------------------------------
+
+
 def save_checkpoint(
     loaded: LoadedModel,
     out: str | Path,
     documents: dict[str, dict[str, Any]],
     overwrite: bool = False,
     packed: bool = False,
-    max_shard_size: str = "5GB",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    n_m: tuple[int, int] | None = None,
 ) -> Path:
-    """Save model, processor and JSON documents into ``out`` via a temporary sibling directory."""
+    """Save model, processor and JSON documents into ``out`` via a temporary sibling directory.
+
+    ``packed`` rewrites the weights ``save_pretrained`` wrote (so tied weights it drops stay
+    dropped) with the tensors of ``documents["plan.json"]`` packed; ``n_m`` lets the N:M layout
+    compete with the bitmask. Shards hold at most ``max_shard_size`` bytes of tensor data.
+    """
     target = check_output_dir(out, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        loaded.model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    shard_bytes = parse_size(max_shard_size)
+    with staging_dir(target) as tmp:
+        loaded.model.save_pretrained(tmp, max_shard_size=shard_bytes)
         if loaded.processor is not None:
             loaded.processor.save_pretrained(tmp)
         if packed:
-            from .packed_checkpoint import pack_directory
-
-            pack_directory(tmp)
+            state = load_sharded(tmp)
+            write_weights(tmp, state, packed=True, max_shard_bytes=shard_bytes,
+                          sparse_names=packing_candidates(state, documents.get(PLAN_NAME)), n_m=n_m)
         for name, doc in documents.items():
             (tmp / name).write_text(json.dumps(doc, indent=2) + "\n")
+    return target
+
+
+def write_weights(
+    directory: Path,
+    state: Mapping[str, torch.Tensor],
+    *,
+    packed: bool,
+    max_shard_bytes: int,
+    sparse_names: set[str] | None = None,
+    n_m: tuple[int, int] | None = None,
+) -> list[Path]:
+    """Write (replace) the weight files of a checkpoint directory, dense or packed."""
+    return save_sharded(state, directory, packed=packed, max_shard_bytes=max_shard_bytes,
+                        sparse_names=sparse_names, metadata={"ecoflap_version": __version__}, n_m=n_m)
+
+
+def packing_candidates(state: Mapping[str, torch.Tensor], plan: dict[str, Any] | None) -> set[str] | None:
+    """The plan's tensors, or None (every 2-D float tensor competes) when there is no plan or
+    ``save_pretrained`` stored some of them under other names (weight conversions)."""
+    if plan is None:
+        return None
+    names = {t["name"] for g in plan["groups"] for t in g["tensors"]}
+    return names if names <= state.keys() else None
+
+
+@contextmanager
+def staging_dir(target: Path) -> Iterator[Path]:
+    """A temporary sibling of ``target`` that replaces it on success and vanishes on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        _publish_modes(tmp)
         _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+
+
+def _publish_modes(directory: Path) -> None:
+    """mkdtemp makes a private (0700) directory; give the result the modes of a normal one."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
@@ -64,11 +150,122 @@ def _swap_in(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_report(directory: str | Path) -> dict[str, Any] | None:
-    path = Path(directory) / REPORT_NAME
+# --- reading ----------------------------------------------------------------------------------
+
+
+def is_weight_file(name: str) -> bool:
+    return name in (SINGLE_FILE, INDEX_FILE) or _SHARD_RE.match(name) is not None
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (shards in index order); [] if none."""
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = list(dict.fromkeys(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ArtifactError(f"cannot read shard index {index}") from None
+        return [directory / n for n in names]
+    single = directory / SINGLE_FILE
+    return [single] if single.is_file() else []
+
+
+def header_metadata(path: Path) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors file read from its header alone, or None.
+
+    Reading only the header recognises a packed file even when its data is truncated, so that
+    loading it fails with the packed reader's message instead of being handed to transformers.
+    """
+    try:
+        with path.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > _MAX_HEADER_BYTES:
+                return None
+            header = json.loads(fh.read(length))
+    except (OSError, struct.error, ValueError):
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else None
+
+
+def checkpoint_layout(directory: str | Path) -> str | None:
+    """``packed`` or ``dense`` for a directory with safetensors weights, else None."""
+    files = weight_files(directory)
+    if not files:
+        return None
+    packed = any((header_metadata(f) or {}).get("format") == FORMAT_NAME for f in files if f.is_file())
+    return "packed" if packed else "dense"
+
+
+def is_packed_checkpoint(directory: str | Path) -> bool:
+    return Path(directory).is_dir() and checkpoint_layout(directory) == "packed"
+
+
+def read_document(directory: str | Path, name: str) -> dict[str, Any] | None:
+    path = Path(directory) / name
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
         raise ArtifactError(f"{path} is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"{path} is not an ecoflap document")
+    return doc
+
+
+def read_report(directory: str | Path) -> dict[str, Any] | None:
+    return read_document(directory, REPORT_NAME)
+
+
+def read_plan(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / PLAN_NAME
+    doc = read_document(directory, PLAN_NAME)
+    return None if doc is None else artifacts.validate_plan(doc, str(path))
+
+
+# --- converting -------------------------------------------------------------------------------
+
+
+def convert_checkpoint(
+    source: str | Path,
+    out: str | Path,
+    to: str,
+    overwrite: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+) -> dict[str, Any]:
+    """Rewrite a checkpoint's weights dense <-> packed (losslessly); copy every other file.
+
+    Dense -> packed packs the tensors listed in the checkpoint's plan.json (else every 2-D float
+    tensor where that is smaller), with N:M competing when the report records an N:M run.
+    """
+    if to not in LAYOUTS:
+        raise EcoflapError(f"--to takes packed or dense, got {to!r}")
+    source = Path(source)
+    layout = checkpoint_layout(source) if source.is_dir() else None
+    if layout is None:
+        raise ArtifactError(f"{source} is not a checkpoint directory with safetensors weights")
+    target = check_output_dir(out, overwrite)
+    shard_bytes = parse_size(max_shard_size)
+    before = weight_bytes(source)
+    state = load_sharded(source)
+    sparse_names = packing_candidates(state, read_plan(source))
+    report = read_report(source) or {}
+    n_m = tuple(report["nm"]) if report.get("nm") else None
+    with staging_dir(target) as tmp:
+        for entry in source.iterdir():
+            if is_weight_file(entry.name):
+                continue
+            copy = shutil.copytree if entry.is_dir() else shutil.copy2
+            copy(entry, tmp / entry.name)
+        write_weights(tmp, state, packed=to == "packed", max_shard_bytes=shard_bytes,
+                      sparse_names=sparse_names, n_m=n_m)  # type: ignore[arg-type]
+    return {"source": str(source), "output": str(target), "from": layout, "to": to,
+            "bytes_before": before, "bytes_after": weight_bytes(target)}
+
+
+def weight_bytes(directory: str | Path) -> int:
+    """Bytes of a checkpoint's weight files on disk."""
+    return sum(f.stat().st_size for f in weight_files(directory) if f.is_file())

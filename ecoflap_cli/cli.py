@@ -221,6 +221,7 @@ def prune(
     allocator: Annotated[str, typer.Option(help="One-shot allocator: ecoflap, uniform, owl or depth.")] = "ecoflap",
     score_method: Annotated[str, typer.Option(help="One-shot scoring: zeroth, first or owl.")] = "zeroth",
     score_samples: Annotated[int, typer.Option(help="One-shot: calibration samples for scoring.")] = 32,
+    score_seqlen: Annotated[Optional[int], typer.Option(help="One-shot: tokens per scoring sample (default: --seqlen).")] = None,
     max_sparsity: Annotated[Optional[float], typer.Option(help="One-shot ecoflap cap (default target + 0.1).")] = None,
     solver: Annotated[str, typer.Option(help="Layer-wise solver: wanda, sparsegpt or magnitude.")] = "wanda",
     nm: Annotated[Optional[str], typer.Option(help="N:M structured sparsity, e.g. 2:4 (uniform plans only).")] = None,
@@ -232,13 +233,14 @@ def prune(
     seed: SeedOpt = 0,
     include_qformer: Annotated[bool, typer.Option(help="Prune the BLIP-2 Q-Former too.")] = False,
     packed: Annotated[bool, typer.Option("--packed", help="Write packed sparse safetensors (smaller; needs ecoflap to load).")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Largest weight file, e.g. 5GB or 500MB (bigger models are sharded).")] = "5GB",
     text_field: TextFieldOpt = "text",
     dtype: DtypeOpt = "auto", device: DeviceOpt = "auto", trust_remote_code: RemoteOpt = False,
     device_map: DeviceMapOpt = None, max_memory: MaxMemOpt = None, offload_folder: OffloadOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine stage: layer-wise pruning to a plan; writes a Hugging Face checkpoint directory."""
-    from .checkpoint import check_output_dir, save_checkpoint
+    from .checkpoint import check_output_dir, parse_size, save_checkpoint
 
     if (plan is None) == (sparsity is None):
         raise EcoflapError("give exactly one of --plan PLAN.json or --sparsity P")
@@ -247,6 +249,7 @@ def prune(
     nm_pair = _parse_nm(nm)
     settings = PruneSettings(solver, nm_pair, _parse_groups(compare_group))
     check_output_dir(output, overwrite)
+    parse_size(max_shard_size)
     plan_doc = artifacts.validate_plan(artifacts.read_json(plan), plan) if plan else None
     loaded = _load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     adapter = load_adapter(loaded, include_qformer)
@@ -256,7 +259,7 @@ def prune(
     if plan_doc is None:
         assert sparsity is not None
         plan_doc, scores_doc = _one_shot_plan(loaded, adapter, calib_opts, sparsity, allocator,
-                                              score_method, score_samples, max_sparsity, solver)
+                                              score_method, score_samples, score_seqlen, max_sparsity)
         documents["scores.json"] = scores_doc
         render_plan(console, plan_doc)
     documents["plan.json"] = plan_doc
@@ -264,19 +267,20 @@ def prune(
         report = run_prune(loaded, adapter, plan_doc, batches, prov, settings, step)
     documents["ecoflap_report.json"] = report
     with console.status(f"writing {output}"):
-        save_checkpoint(loaded, output, documents, overwrite, packed=packed)
+        save_checkpoint(loaded, output, documents, overwrite, packed=packed,
+                        max_shard_size=max_shard_size, n_m=nm_pair)
     console.print(f"pruned to {report['achieved_sparsity']:.4f} sparsity (target {report['target_sparsity']}) "
                   f"in {report['timings']['prune_s']:.1f}s -> {output}")
 
 
 def _one_shot_plan(loaded: LoadedModel, adapter: Any, calib_opts: CalibrationOptions, sparsity: float,
-                   allocator: str, score_method: str, score_samples: int, max_sparsity: float | None,
-                   solver: str) -> tuple[dict[str, Any], dict[str, Any]]:
+                   allocator: str, score_method: str, score_samples: int, score_seqlen: int | None,
+                   max_sparsity: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
     if allocator in ("uniform", "depth"):
         scores_doc = structure_document(loaded, adapter)
     else:
         method = "owl" if allocator == "owl" else score_method
-        opts = CalibrationOptions(calib_opts.calib, score_samples, calib_opts.seqlen,
+        opts = CalibrationOptions(calib_opts.calib, score_samples, score_seqlen or calib_opts.seqlen,
                                   calib_opts.batch_size, calib_opts.seed, calib_opts.text_field)
         batches, prov = calibration_batches(loaded, adapter, opts)
         with progress_bar(len(adapter.blocks()), f"scoring ({method})") as step:
@@ -314,6 +318,48 @@ def evaluate(
     render_sparsity(console, results, per_tensor)
     if output is not None:
         artifacts.emit_json(results, output, overwrite)
+
+
+@app.command("inspect")
+@user_errors
+def inspect_command(
+    path: Annotated[str, typer.Argument(help="scores.json, plan.json, a checkpoint directory, or - for stdin.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
+    chart: Annotated[Optional[Path], typer.Option(help="Write a PNG of sparsity per block, coloured by tower (needs matplotlib).")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """What an artifact is, and its sparsity per block and per tower (measured for checkpoints)."""
+    from .inspect_cmd import inspect_artifact, write_chart
+    from .render import render_inspect
+
+    if chart is not None:
+        _check_output(str(chart), overwrite)
+    with console.status(f"reading {path}"):
+        summary = inspect_artifact(path)
+    render_inspect(console, summary)
+    if chart is not None:
+        write_chart(summary, chart)
+        console.print(f"chart -> {chart}")
+    if json_output:
+        artifacts.emit_json(summary, "-")
+
+
+@app.command()
+@user_errors
+def convert(
+    source: Annotated[str, typer.Argument(help="Checkpoint directory to convert.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Directory for the converted checkpoint.")],
+    to: Annotated[str, typer.Option("--to", help="Weight layout to write: packed or dense.")],
+    max_shard_size: Annotated[str, typer.Option(help="Largest weight file, e.g. 5GB or 500MB.")] = "5GB",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Rewrite a checkpoint's weights packed <-> dense, losslessly; other files are copied."""
+    from .checkpoint import convert_checkpoint
+
+    with console.status(f"converting {source} to {to}"):
+        done = convert_checkpoint(source, output, to, overwrite, max_shard_size)
+    console.print(f"{done['source']} ({done['from']}, {done['bytes_before']:,} bytes of weights) -> "
+                  f"{done['output']} ({done['to']}, {done['bytes_after']:,} bytes)", highlight=False)
 
 
 def _version_callback(value: bool) -> None:

@@ -114,6 +114,11 @@ def load_model(source: str, opts: LoadOptions | None = None) -> LoadedModel:
         raise ModelError(f"model path not found: {source}")
     if path.suffix == ".gguf":
         return _load_gguf(path, opts)
+    if path.is_dir():
+        from .checkpoint import is_packed_checkpoint
+
+        if is_packed_checkpoint(path):
+            return _load_packed(path, source, opts)
     import transformers
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -132,6 +137,16 @@ def load_model(source: str, opts: LoadOptions | None = None) -> LoadedModel:
     if opts.device_map is None:
         model.to(resolve_device(opts.device))
     model.eval()
+    return LoadedModel(model, _load_processor(source, opts.trust_remote_code), source)
+
+
+def _load_packed(path: Path, source: str, opts: LoadOptions) -> LoadedModel:
+    """A packed checkpoint written by ``ecoflap prune --packed``: transformers cannot read it."""
+    from .api import load_pruned
+
+    dtype = resolve_dtype(opts.dtype)
+    model = load_pruned(path, None if dtype == "auto" else dtype, opts.device,
+                        trust_remote_code=opts.trust_remote_code, **_placement(opts))
     return LoadedModel(model, _load_processor(source, opts.trust_remote_code), source)
 
 

