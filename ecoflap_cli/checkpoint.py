@@ -44,7 +44,7 @@ def parse_size(size: str | int) -> int:
     else:
         match = _SIZE_RE.match(size)
         if match is None:
-            raise EcoflapError(f"cannot read size {size!r}: use a number and a unit such as 5GB, 500MB or 2GiB")
+            raise EcoflapError(f"cannot read size {size!r}: use a number and a unit (5GB, 500MB, 2GiB)")
         value = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()])
     if value <= 0:
         raise EcoflapError(f"size must be positive, got {size!r}")

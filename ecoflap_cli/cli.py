@@ -196,7 +196,6 @@ def allocate(
 ) -> None:
     """Scores -> per-block sparsity plan (exact global budget). Shows the plan before any pruning."""
     _check_sparsity(sparsity)
-    _check_output(output, overwrite)
     doc = artifacts.validate_scores(artifacts.read_json(scores), "stdin" if scores == "-" else scores)
     settings: dict[str, Any] = {}
     if allocator == "ecoflap":
@@ -206,6 +205,7 @@ def allocate(
     elif allocator == "owl":
         settings["lam"] = owl_lambda
     plan = artifacts.build_plan(doc, allocator, sparsity, settings, per_tower)
+    _check_output(output, overwrite)
     if show:
         render_plan(console, plan)
     artifacts.emit_json(plan, output, overwrite)
@@ -233,7 +233,7 @@ def prune(
     seed: SeedOpt = 0,
     include_qformer: Annotated[bool, typer.Option(help="Prune the BLIP-2 Q-Former too.")] = False,
     packed: Annotated[bool, typer.Option("--packed", help="Write packed sparse safetensors (smaller; needs ecoflap to load).")] = False,
-    max_shard_size: Annotated[str, typer.Option(help="Largest weight file, e.g. 5GB or 500MB (bigger models are sharded).")] = "5GB",
+    max_shard_size: Annotated[str, typer.Option(help="Largest weight file, e.g. 5GB or 500MB.")] = "5GB",
     text_field: TextFieldOpt = "text",
     dtype: DtypeOpt = "auto", device: DeviceOpt = "auto", trust_remote_code: RemoteOpt = False,
     device_map: DeviceMapOpt = None, max_memory: MaxMemOpt = None, offload_folder: OffloadOpt = None,
@@ -251,6 +251,10 @@ def prune(
     check_output_dir(output, overwrite)
     parse_size(max_shard_size)
     plan_doc = artifacts.validate_plan(artifacts.read_json(plan), plan) if plan else None
+    if plan_doc is not None and nm_pair is not None:
+        artifacts.check_nm_plan(plan_doc, nm_pair)
+    if sparsity is not None and nm_pair is not None and allocator != "uniform":
+        raise EcoflapError(f"--nm needs a uniform plan: add --allocator uniform (got {allocator})")
     loaded = _load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
     adapter = load_adapter(loaded, include_qformer)
     calib_opts = CalibrationOptions(calib, samples, seqlen, batch_size, seed, text_field)
@@ -323,9 +327,9 @@ def evaluate(
 @app.command("inspect")
 @user_errors
 def inspect_command(
-    path: Annotated[str, typer.Argument(help="scores.json, plan.json, a checkpoint directory, or - for stdin.")],
-    json_output: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
-    chart: Annotated[Optional[Path], typer.Option(help="Write a PNG of sparsity per block, coloured by tower (needs matplotlib).")] = None,
+    path: Annotated[str, typer.Argument(help="scores.json, plan.json, checkpoint directory, or - (stdin).")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    chart: Annotated[Optional[Path], typer.Option(help="PNG of sparsity per block by tower (matplotlib).")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """What an artifact is, and its sparsity per block and per tower (measured for checkpoints)."""

@@ -2,10 +2,10 @@
 
 ``inspect_artifact`` reads a scores file, a plan, or a checkpoint directory (dense or packed) and
 returns a summary document; it never loads a model. For checkpoints the achieved sparsity is
-measured from the stored weights: a bitmask-packed tensor's count of stored values is read from
-the safetensors header alone, other tensors are read one at a time. An entry counts as zero when
-all its bits are zero (the packed format's rule), so dense and packed copies of one checkpoint
-give identical numbers.
+measured from the stored weights, one tensor at a time: a bitmask-packed tensor from its mask
+alone (checked against the number of stored values in the file header), other tensors whole. An
+entry counts as zero when all its bits are zero (the packed format's rule), so dense and packed
+copies of one checkpoint give identical numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,16 @@ from safetensors import SafetensorError, safe_open
 from . import artifacts
 from .checkpoint import REPORT_NAME, checkpoint_layout, read_document, read_plan, weight_bytes, weight_files
 from .errors import ArtifactError, MissingDependencyError
-from .packed import FORMAT_NAME, FORMAT_VERSION, INDEX_KEY, PART_SEPARATOR, _kept, _parse_index
+from .packed import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    NM_PARTS,
+    PART_SEPARATOR,
+    _kept,
+    _parse_index,
+    _unpack_bits,
+    unpack,
+)
 
 SUMMARY_FORMAT = "ecoflap.inspect"
 #: the module path up to the first numeric component: ``model.layers.3.mlp.up_proj.weight`` is in
@@ -43,7 +52,9 @@ def inspect_artifact(source: str) -> dict[str, Any]:
     raise ArtifactError(f"{where} is not a scores file, a plan or a checkpoint directory (format {fmt!r})")
 
 
-def _summary(source: str, kind: str, fmt: Any, version: Any, model: dict[str, Any] | None, **rest: Any) -> dict:
+def _summary(
+    source: str, kind: str, fmt: Any, version: Any, model: dict[str, Any] | None, **rest: Any
+) -> dict[str, Any]:
     model = model or {}
     return {
         "format": SUMMARY_FORMAT, "source": source, "kind": kind,
@@ -64,8 +75,8 @@ def _inspect_plan(doc: dict[str, Any], where: str) -> dict[str, Any]:
     blocks = [_block_row(g, g["sparsity"], None) for g in doc["groups"]]
     return _summary(where, "plan", doc["format"], doc["version"], doc.get("model"),
                     method=doc.get("score_method"), allocator=doc.get("allocator"),
-                    target_sparsity=doc.get("target_sparsity"), achieved_sparsity=doc.get("achieved_sparsity"),
-                    blocks=blocks, towers=_tower_rows(blocks))
+                    target_sparsity=doc.get("target_sparsity"),
+                    achieved_sparsity=doc.get("achieved_sparsity"), blocks=blocks, towers=_tower_rows(blocks))
 
 
 def _block_row(group: dict[str, Any], planned: float | None, achieved: float | None) -> dict[str, Any]:
@@ -100,12 +111,13 @@ def _weighted(rows: list[dict[str, Any]], key: str, total: int) -> float | None:
 def _inspect_checkpoint(directory: Path) -> dict[str, Any]:
     layout = checkpoint_layout(directory)
     if layout is None:
-        raise ArtifactError(f"{directory} is not a checkpoint directory (no model.safetensors or shard index)")
+        raise ArtifactError(f"{directory} is not a checkpoint directory (no model.safetensors or index)")
     plan = read_plan(directory)
     report = read_document(directory, REPORT_NAME)
     wanted = {t["name"] for g in plan["groups"] for t in g["tensors"]} if plan else None
     counts, storage = _weight_counts(directory, wanted)
-    storage.update(layout=layout, files=[f.name for f in weight_files(directory)], bytes=weight_bytes(directory))
+    files = [f.name for f in weight_files(directory)]
+    storage.update(layout=layout, files=files, bytes=weight_bytes(directory))
     blocks = _plan_blocks(plan, counts, directory) if plan else _path_blocks(counts)
     numel = sum(b["params"] for b in blocks)
     achieved = sum(b["achieved"] * b["params"] for b in blocks) / numel if numel else None
@@ -133,7 +145,7 @@ def _plan_blocks(plan: dict[str, Any], counts: dict[str, tuple[int, int]], direc
         names = [t["name"] for t in g["tensors"]]
         missing = [n for n in names if n not in counts]
         if missing:
-            raise ArtifactError(f"{directory}/plan.json lists {missing[0]}, which the checkpoint does not hold")
+            raise ArtifactError(f"{directory}/plan.json lists {missing[0]}, which the checkpoint lacks")
         numel = sum(counts[n][0] for n in names)
         zeros = sum(counts[n][1] for n in names)
         blocks.append({**_block_row(g, g["sparsity"], zeros / numel if numel else 0.0), "params": numel})
@@ -173,7 +185,7 @@ def _weight_counts(
                     layouts[str(entry.get("layout"))] = layouts.get(str(entry.get("layout")), 0) + 1
                     if wanted is None or name in wanted:
                         counts[name] = _packed_count(fh, name, entry, path)
-                for key in fh.keys():
+                for key in fh.keys():  # noqa: SIM118 - safe_open handles are not containers
                     if key in counts or key in index or key.rpartition(PART_SEPARATOR)[0] in index:
                         continue
                     if (key in wanted) if wanted is not None else _is_2d_float(fh, key):
@@ -186,18 +198,44 @@ def _weight_counts(
 
 
 def _packed_count(fh: Any, name: str, entry: dict[str, Any], path: Path) -> tuple[int, int]:
-    """(numel, zeros) of a tensor in the packed index; bitmask: from the header alone."""
+    """(numel, zeros) of a tensor in the packed index.
+
+    Bitmask: from the mask alone (a sixteenth of an fp16 tensor's bytes), checked against the
+    header of the stored values; N:M and dense entries are read whole.
+    """
     shape = entry.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) for v in shape)):
+    valid = isinstance(shape, list) and len(shape) == 2
+    if not (valid and all(isinstance(v, int) and v >= 0 for v in shape)):
         raise ArtifactError(f"{path}: {name}: malformed shape {shape!r} in the packed index")
-    numel = shape[0] * shape[1]
+    rows, cols = shape
     layout = entry.get("layout")
     if layout == "bitmask":
-        stored = fh.get_slice(f"{name}{PART_SEPARATOR}values").get_shape()
-        return numel, numel - int(torch.Size(stored).numel())
-    key = f"{name}{PART_SEPARATOR}values" if layout == "nm" else name
-    t = fh.get_tensor(key)  # nm: stored values include zeros of groups that keep fewer than n
-    return numel, numel - int(_kept(t).sum())
+        return rows * cols, rows * cols - _bitmask_kept(fh, name, rows, cols, path)
+    if layout == "nm":
+        parts = {p: fh.get_tensor(f"{name}{PART_SEPARATOR}{p}") for p in NM_PARTS}
+        t = unpack(parts, "nm", f"{path}: {name}")
+    elif layout == "dense":
+        t = fh.get_tensor(name)
+    else:
+        raise ArtifactError(f"{path}: {name}: unknown packed layout {layout!r}")
+    return t.numel(), t.numel() - int(_kept(t).sum())
+
+
+def _bitmask_kept(fh: Any, name: str, rows: int, cols: int, path: Path) -> int:
+    bitmask = fh.get_tensor(f"{name}{PART_SEPARATOR}bitmask")
+    values = fh.get_slice(f"{name}{PART_SEPARATOR}values").get_shape()
+    expected = (rows, (cols + 7) // 8)
+    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != expected:
+        raise ArtifactError(f"{path}: {name}: bitmask has shape {tuple(bitmask.shape)} ({bitmask.dtype}), "
+                            f"expected {expected} (torch.uint8)")
+    bits = _unpack_bits(bitmask)
+    if bool(bits[:, cols:].any()):
+        raise ArtifactError(f"{path}: {name}: bitmask has non-zero padding bits beyond column {cols}")
+    kept = int(bits.sum())
+    if len(values) != 1 or values[0] != kept:
+        stored = values[0] if len(values) == 1 else f"shape {values} of"
+        raise ArtifactError(f"{path}: {name}: bitmask keeps {kept} entries but {stored} values are stored")
+    return kept
 
 
 def _is_2d_float(fh: Any, key: str) -> bool:
@@ -211,37 +249,40 @@ def _is_2d_float(fh: Any, key: str) -> bool:
 def chart_values(summary: dict[str, Any]) -> tuple[str, list[float]]:
     """What the chart plots: achieved sparsity, else planned sparsity, else the score."""
     blocks = summary["blocks"]
-    for key, label in (("achieved", "achieved sparsity"), ("planned", "planned sparsity"), ("score", "score")):
+    choices = (("achieved", "achieved sparsity"), ("planned", "planned sparsity"), ("score", "score"))
+    for key, label in choices:
         if blocks and all(b[key] is not None for b in blocks):
             return label, [float(b[key]) for b in blocks]
     raise ArtifactError(f"{summary['source']} has nothing per block to chart")
 
 
 def write_chart(summary: dict[str, Any], path: str | Path) -> None:
-    """A PNG bar chart per block, coloured by tower (needs matplotlib), written atomically."""
-    try:
-        import matplotlib
+    """A PNG bar chart per block, coloured by tower (needs matplotlib), written atomically.
 
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
+    Uses a bare Figure, not pyplot, so the caller's matplotlib backend and state are untouched.
+    """
+    try:
+        from matplotlib import colormaps
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise MissingDependencyError("matplotlib", "--chart") from None
     label, values = chart_values(summary)
-    towers = list(dict.fromkeys(b["tower"] for b in summary["blocks"]))
-    colours = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(towers)}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(values) + 2), 3.5))
-    try:
-        bars = ax.bar(range(len(values)), values, color=[colours[b["tower"]] for b in summary["blocks"]])
-        ax.set_xlabel("block")
-        ax.set_ylabel(label)
-        if label.endswith("sparsity"):
-            ax.set_ylim(0, 1)
-        ax.set_title(f"{summary['kind']}: {summary['model'].get('id') or summary['source']}", fontsize=9)
-        ax.legend([bars[[b["tower"] for b in summary["blocks"]].index(t)] for t in towers], towers,
-                  fontsize=8, loc="upper left")
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    block_towers = [b["tower"] for b in summary["blocks"]]
+    towers = list(dict.fromkeys(block_towers))
+    palette = colormaps["tab10"]
+    fig = Figure(figsize=(max(6.0, 0.25 * len(values) + 2), 3.5))
+    ax = fig.subplots()
+    bars = ax.bar(range(len(values)), values, color=[palette(towers.index(t) % 10) for t in block_towers])
+    ax.set_xlabel("block")
+    ax.set_ylabel(label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if label.endswith("sparsity"):
+        ax.set_ylim(0, 1)
+        if summary["target_sparsity"] is not None:
+            ax.axhline(summary["target_sparsity"], color="grey", linestyle="--", linewidth=1)
+    ax.set_title(f"{summary['kind']}: {summary['model'].get('id') or summary['source']}", fontsize=9)
+    ax.legend([bars[block_towers.index(t)] for t in towers], towers, fontsize=8, loc="upper left")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     artifacts.write_atomic(path, buffer.getvalue())
-

@@ -34,9 +34,7 @@ from .models.base import Adapter
 Record = dict[str, Any]
 Batch = dict[str, torch.Tensor]
 
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-)
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 DEFAULT_CAPTION_PROMPT = "a photo of"
 DEFAULT_QUESTION_TEMPLATE = "Question: {question} Answer:"
 DEFAULT_CLASS_TEMPLATES = ("a photo of a {}.",)
@@ -55,22 +53,22 @@ def _validate_record(obj: Any, where: str) -> None:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
     if not isinstance(obj.get("image"), str) or not obj["image"]:
-        raise DataError(f"{where}: the record needs an \"image\" path (a string)")
+        raise DataError(f'{where}: the record needs an "image" path (a string)')
     if "caption" in obj:
         if not isinstance(obj["caption"], str) or not obj["caption"].strip():
-            raise DataError(f"{where}: \"caption\" must be a non-empty string")
+            raise DataError(f'{where}: "caption" must be a non-empty string')
         return
     if "question" in obj:
         if not isinstance(obj["question"], str) or not obj["question"].strip():
-            raise DataError(f"{where}: \"question\" must be a non-empty string")
+            raise DataError(f'{where}: "question" must be a non-empty string')
         answer_ok = isinstance(obj.get("answer"), str) and obj["answer"].strip()
         if not answer_ok and not _is_str_list(obj.get("answers")):
             raise DataError(
-                f"{where}: a question record needs \"answer\" (a string) or \"answers\" "
+                f'{where}: a question record needs "answer" (a string) or "answers" '
                 "(a non-empty list of strings)"
             )
         return
-    raise DataError(f"{where}: the record needs \"caption\", or \"question\" with an answer")
+    raise DataError(f'{where}: the record needs "caption", or "question" with an answer')
 
 
 def read_image_text_jsonl(path: str | Path) -> list[Record]:
@@ -123,9 +121,7 @@ def read_class_folders(path: str | Path) -> tuple[list[str], list[Record]]:
     for label, folder in enumerate(folders):
         for file in sorted(folder.rglob("*")):
             if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS:
-                records.append(
-                    {"image": str(file.resolve()), "label": label, "class_name": names[label]}
-                )
+                records.append({"image": str(file.resolve()), "label": label, "class_name": names[label]})
     if not records:
         raise DataError(f"{root} holds no images in its class subfolders")
     return names, records
@@ -156,7 +152,7 @@ def _unwrap(adapter_or_model: Adapter | nn.Module) -> nn.Module:
 
 
 def model_family(model: nn.Module) -> str:
-    """"clip", "blip" (BLIP-2 / InstructBLIP) or an error."""
+    """ "clip", "blip" (BLIP-2 / InstructBLIP) or an error."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type == "clip":
@@ -208,9 +204,7 @@ def ground_truth_answers(record: Record) -> list[str]:
     return [record["answer"]]
 
 
-def prompt_and_target(
-    record: Record, caption_prompt: str, question_template: str
-) -> tuple[str, str]:
+def prompt_and_target(record: Record, caption_prompt: str, question_template: str) -> tuple[str, str]:
     """(prompt, target) for a caption or VQA record."""
     if "question" in record and "caption" not in record:
         return question_template.format(question=record["question"]), target_answer(record)
@@ -336,9 +330,7 @@ def _clip_text(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_text_
     text_config = getattr(model.config, "text_config", model.config)
     limit = getattr(text_config, "max_position_embeddings", None)
     length = min(max_text_len, limit) if limit else max_text_len
-    encoded = tokenizer(
-        list(texts), padding=True, truncation=True, max_length=length, return_tensors="pt"
-    )
+    encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=length, return_tensors="pt")
     input_ids = encoded["input_ids"]
     eos = getattr(text_config, "eos_token_id", None)
     # CLIP pools the text at its eos token (configs with eos_token_id == 2 use argmax instead)
@@ -391,7 +383,8 @@ def make_multimodal_batches(
         if len(records) < 2:
             raise DataError("CLIP's contrastive loss needs at least 2 image-text pairs")
         if len(chunks) > 1 and len(chunks[-1]) == 1:
-            chunks[-2] = list(chunks[-2]) + list(chunks.pop())
+            last = chunks.pop()
+            chunks[-1] = list(chunks[-1]) + list(last)
         if len(chunks[0]) < 2:
             raise DataError("CLIP's contrastive loss needs batches of at least 2 image-text pairs")
     tokenizer = _tokenizer(processor)
@@ -429,10 +422,7 @@ def _to(batch: Batch, device: torch.device) -> Batch:
 
 def _features(output: Any) -> torch.Tensor:
     """get_*_features returns a tensor in older transformers, an output with pooler_output now."""
-    if isinstance(output, torch.Tensor):
-        features = output
-    else:
-        features = output.pooler_output
+    features = output if isinstance(output, torch.Tensor) else output.pooler_output
     features = features.float()
     return features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
@@ -597,17 +587,23 @@ def vqa_eval(
         raise DataError("VQA evaluation needs question records")
     prompts = [prompt_template.format(question=r["question"]) for r in questions]
     predictions = _generate(
-        model, processor, [r["image"] for r in questions], prompts, batch_size, max_text_len,
-        max_new_tokens, generate_kwargs,
+        model,
+        processor,
+        [r["image"] for r in questions],
+        prompts,
+        batch_size,
+        max_text_len,
+        max_new_tokens,
+        generate_kwargs,
     )
     answers = [ground_truth_answers(r) for r in questions]
     normalize = metrics.normalize_vqa_answer
-    hits = [normalize(p) in {normalize(a) for a in gt} for p, gt in zip(predictions, answers)]
+    hits = [normalize(p) in {normalize(a) for a in gt} for p, gt in zip(predictions, answers, strict=True)]
     out: dict[str, float] = {
         "exact_match": 100.0 * sum(hits) / len(hits),
         "n_questions": len(questions),
     }
-    multi = [(p, gt) for p, gt in zip(predictions, answers) if len(gt) >= 2]
+    multi = [(p, gt) for p, gt in zip(predictions, answers, strict=True) if len(gt) >= 2]
     if multi:
         out["vqa_accuracy"] = metrics.vqa_accuracy([p for p, _ in multi], [gt for _, gt in multi])
     return out
@@ -638,8 +634,14 @@ def caption_eval(
         raise DataError("caption evaluation needs caption records")
     images = list(references)
     candidates = _generate(
-        model, processor, images, [prompt] * len(images), batch_size, max_text_len,
-        max_new_tokens, generate_kwargs,
+        model,
+        processor,
+        images,
+        [prompt] * len(images),
+        batch_size,
+        max_text_len,
+        max_new_tokens,
+        generate_kwargs,
     )
     score, _ = metrics.cider_d(candidates, [references[i] for i in images])
     return {"cider_d": 100.0 * score, "n_images": len(images)}

@@ -66,8 +66,8 @@ def render_sparsity(console: Console, results: dict[str, Any], per_tensor: bool 
         console.print(ptable)
 
 
-def _fmt_fraction(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+def _fmt_fraction(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _fmt_bytes(size: float) -> str:
@@ -75,14 +75,12 @@ def _fmt_bytes(size: float) -> str:
         return f"{int(size)} B"
     for unit in ("KB", "MB", "GB"):
         size /= 1000
-        if size < 1000:
-            break
-    return f"{size:.1f} {unit}"
+        if size < 1000 or unit == "GB":
+            return f"{size:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
-def _settings(doc: dict[str, Any] | None) -> str:
-    if not doc:
-        return "-"
+def _settings(doc: dict[str, Any]) -> str:
     rest = ", ".join(f"{k}={v}" for k, v in doc.items() if k != "name" and v is not None)
     return f"{doc.get('name')}" + (f" ({rest})" if rest else "")
 
@@ -91,34 +89,38 @@ def render_inspect(console: Console, summary: dict[str, Any]) -> None:
     """What an artifact is, then one row per block and one per tower (sparsity with a bar)."""
     art, model = summary["artifact"], summary["model"]
     version = "" if art["version"] is None else f" v{art['version']}"
-    console.print(f"[bold]{summary['kind']}[/] {summary['source']}: {art['format']}{version}", highlight=False)
+    console.print(f"[bold]{summary['kind']}[/] {summary['source']}: {art['format']}{version}",
+                  highlight=False)
     console.print(f"model: {model.get('id') or '-'} (type {model.get('model_type') or '-'}, "
                   f"fingerprint {model.get('fingerprint') or '-'})", highlight=False)
-    if summary["method"] or summary["allocator"]:
-        console.print(f"scores: {_settings(summary['method'])}; allocator: {_settings(summary['allocator'])}",
-                      highlight=False)
+    made = [f"{what}: {_settings(summary[key])}"
+            for what, key in (("scores", "method"), ("allocator", "allocator")) if summary[key]]
+    if made:
+        console.print("; ".join(made), highlight=False)
     if summary["target_sparsity"] is not None or summary["achieved_sparsity"] is not None:
+        label = "planned" if summary["kind"] == "plan" else "achieved"
         console.print(f"sparsity: target {_fmt_fraction(summary['target_sparsity'])}, "
-                      f"achieved {_fmt_fraction(summary['achieved_sparsity'])}", highlight=False)
+                      f"{label} {_fmt_fraction(summary['achieved_sparsity'], 6)}", highlight=False)
     storage = summary.get("storage")
     if storage:
         layouts = ", ".join(f"{n} {k}" for k, n in storage["packed_tensors"].items()) or "none packed"
         console.print(f"weights: {storage['layout']}, {len(storage['files'])} file(s), "
                       f"{_fmt_bytes(storage['bytes'])} ({layouts})", highlight=False)
-    table = Table(title="blocks", title_justify="left")
-    for col in ("block", "tower", "params", "score", "planned", "achieved", ""):
-        table.add_column(col, justify="left" if col in ("block", "tower", "") else "right")
-    for b in summary["blocks"]:
-        shown = b["achieved"] if b["achieved"] is not None else b["planned"]
-        table.add_row(b["name"], b["tower"], f"{b['params']:,}", _fmt_score(b["score"]),
-                      _fmt_fraction(b["planned"]), _fmt_fraction(b["achieved"]),
-                      "" if shown is None else bar(shown))
-    console.print(table)
-    towers = Table(title="towers", title_justify="left")
-    for col in ("tower", "blocks", "params", "planned", "achieved", ""):
-        towers.add_column(col, justify="left" if col in ("tower", "") else "right")
-    for t in summary["towers"]:
-        shown = t["achieved"] if t["achieved"] is not None else t["planned"]
-        towers.add_row(t["name"], str(t["blocks"]), f"{t['params']:,}", _fmt_fraction(t["planned"]),
-                       _fmt_fraction(t["achieved"]), "" if shown is None else bar(shown))
-    console.print(towers)
+    console.print(_inspect_table("blocks", "block", summary["blocks"], ("score",)))
+    console.print(_inspect_table("towers", "tower", summary["towers"], ("blocks",)))
+
+
+def _inspect_table(title: str, first: str, rows: list[dict[str, Any]], extra: tuple[str, ...]) -> Table:
+    """Name, (tower,) params, extra columns, then planned / achieved sparsity where any row has them."""
+    fractions = [k for k in ("planned", "achieved") if any(r[k] is not None for r in rows)]
+    columns = [first, *(["tower"] if first == "block" else []), "params", *extra, *fractions]
+    table = Table(title=title, title_justify="left")
+    for col in columns + [""] * bool(fractions):
+        table.add_column(col, justify="left" if col in (first, "tower", "") else "right")
+    for r in rows:
+        cells = {"tower": r.get("tower"), "params": f"{r['params']:,}", "score": _fmt_score(r.get("score")),
+                 "blocks": str(r.get("blocks")), "planned": _fmt_fraction(r["planned"]),
+                 "achieved": _fmt_fraction(r["achieved"]), first: r["name"]}
+        shown = [r[k] for k in fractions if r[k] is not None]
+        table.add_row(*(cells[c] for c in columns), *([bar(shown[-1]) if shown else ""] if fractions else []))
+    return table

@@ -14,11 +14,12 @@ import torch
 # Tokenizer layout shared by every tiny model: the models' special token ids below match it.
 SPECIAL = ["<pad>", "</s>", "<unk>", "<s>", "<image>"]
 PAD, EOS, UNK, BOS, IMAGE = range(5)
-WORDS = (
-    "a an the photo of picture image question answer what color is shape red green blue "
-    "yellow white black circle square triangle on background small big two one three and "
-    "with in there how many"
-).split() + [":", "?", ".", ","]
+WORDS = [
+    "a", "an", "the", "photo", "of", "picture", "image", "question", "answer", "what", "color",
+    "is", "shape", "red", "green", "blue", "yellow", "white", "black", "circle", "square",
+    "triangle", "on", "background", "small", "big", "two", "one", "three", "and", "with", "in",
+    "there", "how", "many", ":", "?", ".", ",",
+]  # fmt: skip
 VOCAB = 100  # every tiny model's vocabulary (> tokenizer size, like real padded vocabularies)
 NUM_QUERY_TOKENS = 4
 
@@ -71,8 +72,12 @@ def make_tokenizer():
         single="<s> $A </s>", special_tokens=[("<s>", BOS), ("</s>", EOS)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        bos_token="<s>", model_max_length=64,
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        model_max_length=64,
     )
 
 

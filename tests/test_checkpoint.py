@@ -137,7 +137,7 @@ def test_packed_is_smaller_for_pruned_tensors(opt_pair):
     index = packed_index(packed / SINGLE_FILE)
     with safe_open(str(dense / SINGLE_FILE), framework="pt") as d, \
             safe_open(str(packed / SINGLE_FILE), framework="pt") as p:
-        parts = [k for k in p.keys() if PART_SEPARATOR in k]
+        parts = [k for k in p.keys() if PART_SEPARATOR in k]  # noqa: SIM118
         for name in plan_tensors(dense):
             entry = index[name]
             assert entry["layout"] == "bitmask" and entry["sparsity"] == pytest.approx(0.5)
@@ -178,7 +178,8 @@ def test_sharding_respects_max_shard_size(packed, tmp_path, tiny_llama, calib_te
     assert checkpoint_layout(out) == ("packed" if packed else "dense")
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
-            sizes = [fh.get_tensor(k).numel() * fh.get_tensor(k).element_size() for k in fh.keys()]
+            sizes = [fh.get_tensor(k).numel() * fh.get_tensor(k).element_size()
+                     for k in fh.keys()]  # noqa: SIM118
         assert sum(sizes) <= 40_000 or len(sizes) == 1
     weight_map = json.loads((out / INDEX_FILE).read_text())["weight_map"]
     assert set(weight_map) == set(load_sharded(out))
@@ -249,7 +250,7 @@ def corrupt_copy(source: Path, tmp_path: Path, how: str) -> Path:
         path.write_bytes(data[: len(data) // 2])
         return work
     with safe_open(str(path), framework="pt") as fh:
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
         meta = dict(fh.metadata())
     if how == "version":
         meta["format_version"] = "2"
@@ -272,8 +273,9 @@ def test_corrupt_packed_checkpoint_is_a_clean_error(how, opt_pair, tmp_path):
     work = corrupt_copy(opt_pair[1], tmp_path, how)
     with pytest.raises(ArtifactError, match=CORRUPTIONS[how]):
         load_pruned(work)
-    for args in (["eval", work, "--device", "cpu"], ["convert", work, "-o", tmp_path / "out", "--to", "dense"],
-                 ["inspect", work]):
+    commands = (["eval", work, "--device", "cpu"], ["inspect", work],
+                ["convert", work, "-o", tmp_path / "out", "--to", "dense"])
+    for args in commands:
         result = cli(*args, ok=False)
         assert result.exit_code == 2, result.output
         assert result.exception is None or isinstance(result.exception, SystemExit)
@@ -312,7 +314,8 @@ def test_parse_size():
     for bad in ("", "lots", "5 XB", "0", "-1GB"):
         with pytest.raises(EcoflapError):
             parse_size(bad)
-    result = cli("prune", "-m", "x", "-s", "0.5", "--max-shard-size", "huge", "-o", "/nonexistent/out", ok=False)
+    result = cli("prune", "-m", "x", "-s", "0.5", "--max-shard-size", "huge", "-o", "/nonexistent/out",
+                 ok=False)
     assert result.exit_code == 2 and "cannot read size" in result.output
 
 

@@ -46,6 +46,17 @@ def image_token_id(config: Any) -> int:
     return int(token)
 
 
+def to_model_device(model: nn.Module, batch: Batch) -> Batch:
+    """Move a batch's tensors to the device the model takes its inputs on.
+
+    accelerate-dispatched models move inputs themselves (and may report "meta"): left alone.
+    """
+    device = getattr(model, "device", None)
+    if not isinstance(device, torch.device) or device.type == "meta":
+        return batch
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def check_image_tokens(config: Any, input_ids: torch.Tensor) -> None:
     """Every row must hold exactly ``num_query_tokens`` image placeholder tokens."""
     wanted = int(config.num_query_tokens)
@@ -124,8 +135,10 @@ class Blip2Adapter(Adapter):
         inputs = {k: v for k, v in batch.items() if k in self.input_keys}
         if self.seq2seq and "decoder_input_ids" not in inputs:
             # what T5 does with labels when no decoder inputs are given
-            inputs["decoder_input_ids"] = self.language_model._shift_right(batch["labels"])
-        return inputs
+            lm = self.language_model
+            shift = getattr(lm, "prepare_decoder_input_ids_from_labels", None) or lm._shift_right
+            inputs["decoder_input_ids"] = shift(batch["labels"])
+        return to_model_device(self.model, inputs)
 
     def forward(self, batch: Batch) -> Any:
         self.check_batch(batch)
@@ -138,7 +151,8 @@ class Blip2Adapter(Adapter):
         inputs = self.model_inputs(batch)
         if self.seq2seq:
             inputs.pop("decoder_input_ids", None)  # let T5 shift the labels itself
-        return self.model(**inputs, labels=batch["labels"], use_cache=False).loss
+        labels = to_model_device(self.model, {"labels": batch["labels"]})["labels"]
+        return self.model(**inputs, labels=labels, use_cache=False).loss
 
     def next_inputs(self, block: Block, output: Any, inputs: BlockInputs) -> BlockInputs:
         if block.tower.startswith("language-"):

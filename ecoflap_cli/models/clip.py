@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import DataError, ModelError
 from . import register
 from .base import Adapter, Batch, Block
+from .blip2 import to_model_device
 from .causal_lm import largest_block_list
 from .t5 import join
 
@@ -52,7 +53,7 @@ class CLIPAdapter(Adapter):
                 raise DataError(f"a CLIP calibration batch needs {key!r}")
 
     def model_inputs(self, batch: Batch) -> Batch:
-        return {k: v for k, v in batch.items() if k in self.input_keys}
+        return to_model_device(self.model, {k: v for k, v in batch.items() if k in self.input_keys})
 
     def forward(self, batch: Batch) -> Any:
         self.check_batch(batch)
