@@ -42,6 +42,9 @@ class ZerothOrderSettings:
     reuse_activations: bool = True
     perturbations: int = 1
     direction: str = "gaussian"  # "gaussian" or "rademacher"
+    #: "central": (L+ - L-) / 2eps, two passes; "forward": (L+ - L0) / eps with L0 shared by
+    #: every block of a batch, so about half the passes at an O(eps) bias
+    difference: str = "central"
 
 
 def _direction(shape: torch.Size, key: tuple[int, ...], kind: str) -> torch.Tensor:
@@ -79,18 +82,31 @@ def _loss(adapter: Adapter, batch: Batch) -> float:
         return float(adapter.loss(batch).detach().to(PRECISION))
 
 
-def _central_difference(
-    adapter: Adapter, batch: Batch, weights: dict[str, nn.Parameter], deltas: dict[str, torch.Tensor], eps: float
+def _directional_derivative(
+    adapter: Adapter,
+    batch: Batch,
+    weights: dict[str, nn.Parameter],
+    deltas: dict[str, torch.Tensor],
+    eps: float,
+    base_loss: float | None,
 ) -> float:
+    """(L+ - L-) / 2eps, or (L+ - L0) / eps when the unperturbed loss L0 is given."""
     with perturbed(weights, deltas):
         plus = _loss(adapter, batch)
+    if base_loss is not None:
+        return (plus - base_loss) / eps
     with perturbed(weights, {k: -v for k, v in deltas.items()}):
         minus = _loss(adapter, batch)
     return (plus - minus) / (2 * eps)
 
 
 def _block_estimate(
-    adapter: Adapter, block: Block, batch: Batch, batch_index: int, s: ZerothOrderSettings
+    adapter: Adapter,
+    block: Block,
+    batch: Batch,
+    batch_index: int,
+    s: ZerothOrderSettings,
+    base_loss: float | None = None,
 ) -> float:
     """Sum over directions (and tensors, per-tensor mode) of |d| for one block and batch."""
     weights = _block_weights(block)
@@ -103,7 +119,7 @@ def _block_estimate(
                 for n in names
             }
             sub = {n: weights[n] for n in names}
-            total += abs(_central_difference(adapter, batch, sub, deltas, s.eps))
+            total += abs(_directional_derivative(adapter, batch, sub, deltas, s.eps, base_loss))
     return total / s.perturbations
 
 
@@ -118,6 +134,9 @@ def zeroth_order_scores(
         raise PlanError(f"unknown perturbation granularity {settings.granularity!r}")
     if settings.eps <= 0 or settings.perturbations < 1:
         raise PlanError("eps must be positive and perturbations at least 1")
+    if settings.difference not in ("central", "forward"):
+        raise PlanError(f"unknown finite difference {settings.difference!r} (central or forward)")
+    base = [_loss(adapter, b) for b in batches] if settings.difference == "forward" else None
     scores: dict[str, float] = {}
     earlier: list[tuple[list[nn.Module], list[Any]]] = []  # replays for finished towers
     for tower in adapter.towers():
@@ -131,7 +150,7 @@ def zeroth_order_scores(
                 total = 0.0
                 for i, batch in enumerate(batches):
                     select(i)
-                    total += _block_estimate(adapter, block, batch, i, settings)
+                    total += _block_estimate(adapter, block, batch, i, settings, base[i] if base else None)
                 scores[block.name] = total
                 if settings.reuse_activations:
                     previous_out = capture_outputs(adapter, block, batches, before_each=select)

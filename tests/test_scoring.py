@@ -118,3 +118,13 @@ def test_first_order_taylor_matches_manual_backprop():
 def test_owl_ratios_are_fractions():
     ratios = owl_outlier_ratios(get_adapter(_model()), _batches(2), threshold=2.0)
     assert all(0.0 <= r <= 1.0 for r in ratios.values()) and any(r > 0 for r in ratios.values())
+
+
+def test_forward_difference_tracks_central_difference():
+    adapter = get_adapter(_model())
+    batches = _batches()
+    central = zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=2, perturbations=8))
+    forward = zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=2, perturbations=8,
+                                                                        difference="forward"))
+    for name in central:
+        assert forward[name] == pytest.approx(central[name], rel=0.05)
