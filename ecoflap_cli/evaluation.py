@@ -1,4 +1,7 @@
-"""Evaluation: achieved sparsity against the plan, and perplexity on text."""
+"""Evaluation: achieved sparsity against the plan, and perplexity on text.
+
+The vision-language tasks (zero-shot, retrieval, VQA, captioning) live in ``multimodal.py``.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DataError
+from .errors import DataError, ModelError
 from .models.base import Adapter
+from .offload import editable_weight
 
 
 @dataclass
@@ -40,7 +44,8 @@ def sparsity_report(adapter: Adapter, plan: dict[str, Any] | None = None) -> lis
     for block in adapter.blocks():
         for path, linear in block.linears.items():
             name = f"{path}.weight"
-            zeros = int((linear.weight.detach() == 0).sum())
+            with editable_weight(linear) as weight:
+                zeros = int((weight.detach() == 0).sum())
             rows.append(TensorSparsity(name, block.tower, linear.weight.numel(), zeros, planned.get(name)))
     return rows
 
@@ -53,6 +58,30 @@ def windows_for_eval(tokens: torch.Tensor, seqlen: int, max_windows: int | None)
     if count == 0:
         raise DataError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
     return tokens[: count * seqlen].view(count, seqlen)
+
+
+def perplexity_model(model: nn.Module, label: str = "the model") -> nn.Module:
+    """The causal LM whose perplexity on text ``eval --text`` measures.
+
+    A decoder-only LM is itself; BLIP-2 / InstructBLIP with a decoder-only language model
+    (OPT, LLaMA, ...) give their ``language_model``, read on text alone (no image). CLIP and
+    FlanT5-based models have no causal LM to measure.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    language_model = getattr(model, "language_model", None)
+    if isinstance(language_model, nn.Module) and hasattr(config, "num_query_tokens"):
+        decoder_only = getattr(config, "use_decoder_only_language_model", None)
+        if decoder_only is None:
+            decoder_only = not getattr(language_model.config, "is_encoder_decoder", False)
+        if decoder_only:
+            return language_model
+        raise ModelError(f"{label} ({model_type}) has an encoder-decoder language model: perplexity "
+                         "needs a causal LM (use --vqa / --captions for this model)")
+    if model_type == "clip" or (config is not None and getattr(config, "is_encoder_decoder", False)):
+        raise ModelError(f"{label} ({model_type}) is not a causal language model: perplexity does not "
+                         "apply (CLIP: use --images / --retrieval)")
+    return model
 
 
 @torch.no_grad()

@@ -33,6 +33,8 @@ class LoadOptions:
     device_map: str | None = None  # "auto", "balanced", "sequential" or a JSON map
     max_memory: dict[str, str] = field(default_factory=dict)
     offload_folder: str | None = None
+    #: sequential mode: keep every block on "cpu" or "disk", onloaded only while it runs
+    offload: str | None = None
 
 
 @dataclass
@@ -79,6 +81,78 @@ def _model_class(model_type: str | None) -> Any:
     return getattr(transformers, name)
 
 
+def _sequential_map(source: str, config: Any, cls: Any, opts: LoadOptions) -> dict[str, Any]:
+    """Build the model on the meta device to find its blocks, then map them to the offload target."""
+    from accelerate import init_empty_weights
+
+    from .models import get_adapter
+    from .offload import sequential_device_map
+
+    with init_empty_weights():
+        skeleton = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+    paths = list(get_adapter(skeleton).tower_paths().values())
+    blocks = [f"{p}.{i}" for p in paths for i in range(len(skeleton.get_submodule(p)))]
+    device = resolve_device(opts.device)
+    compute: Any = (device.index or 0) if device.type == "cuda" else device.type
+    if opts.offload == "disk" and not opts.offload_folder:
+        raise ModelError("--offload disk needs --offload-folder DIR")
+    return sequential_device_map(skeleton, blocks, compute, opts.offload or "cpu")
+
+
+def check_device_name(device: Any) -> None:
+    """Refuse a device map entry naming a device this machine does not have."""
+    if isinstance(device, int) or (isinstance(device, str) and device.isdigit()):
+        device = f"cuda:{device}"
+    name = str(device)
+    if name in ("cpu", "disk", "meta"):
+        return
+    if name.startswith("cuda"):
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise ModelError(f"the device map names {name}, but this machine has "
+                             f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA device(s)")
+        return
+    if name.startswith("mps"):
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelError("the device map names mps, but MPS is not available")
+        return
+    raise ModelError(f"the device map names an unknown device {name!r}")
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    value = text.strip().upper()
+    number = value.rstrip("KMGTIB")
+    try:
+        return int(float(number) * units[value[len(number):]])
+    except (ValueError, KeyError):
+        raise ModelError(f"--max-memory size {text!r} is not a size like 20GiB or 500MB") from None
+
+
+def check_budget(source: str, config: Any, cls: Any, opts: LoadOptions) -> None:
+    """A --max-memory budget must hold at least one block on some device, or offload to disk."""
+    if not opts.max_memory:
+        return
+    for device in opts.max_memory:
+        check_device_name(device)
+    budgets = [_parse_size(v) for k, v in opts.max_memory.items() if k != "disk"]
+    from accelerate import init_empty_weights
+
+    from .models import get_adapter
+
+    with init_empty_weights():
+        skeleton = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+    dtype = resolve_dtype(opts.dtype)
+    itemsize = torch.empty(0, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32).element_size()
+    largest = max(sum(p.numel() for p in b.module.parameters()) for b in get_adapter(skeleton).blocks())
+    if budgets and max(budgets) < largest * itemsize and not opts.offload_folder:
+        raise ModelError(
+            f"--max-memory allows at most {max(budgets) / 2**20:.3g} MiB per device, less than one block "
+            f"({largest * itemsize / 2**20:.3g} MiB): raise it, or add --offload-folder to spill to disk"
+        )
+
+
 def _placement(opts: LoadOptions) -> dict[str, Any]:
     if opts.device_map is None:
         return {}
@@ -88,6 +162,10 @@ def _placement(opts: LoadOptions) -> dict[str, Any]:
             device_map = json.loads(device_map)
         except json.JSONDecodeError as exc:
             raise ModelError(f"--device-map is not valid JSON: {exc.msg}") from None
+        for device in device_map.values():
+            check_device_name(device)
+    elif device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ModelError(f"--device-map takes auto, balanced, balanced_low_0, sequential or a JSON map, got {device_map!r}")
     placement: dict[str, Any] = {"device_map": device_map}
     if opts.max_memory:
         placement["max_memory"] = {(int(k) if k.isdigit() else k): v for k, v in opts.max_memory.items()}
@@ -127,10 +205,21 @@ def load_model(source: str, opts: LoadOptions | None = None) -> LoadedModel:
     except Exception as exc:
         raise ModelError(f"cannot load model {source!r}: {_first_line(exc)}") from None
     cls = _model_class(getattr(config, "model_type", None))
+    if opts.offload is not None:
+        if opts.device_map is not None:
+            raise ModelError("give either --offload (sequential mode) or --device-map, not both")
+        opts = LoadOptions(**{**opts.__dict__, "device_map": "sequential-map"})
+        placement: dict[str, Any] = {"device_map": _sequential_map(source, config, cls, opts)}
+        if opts.offload_folder:
+            placement["offload_folder"] = opts.offload_folder
+    else:
+        placement = _placement(opts)
+        if opts.device_map is not None:
+            check_budget(source, config, cls, opts)
     try:
         model = cls.from_pretrained(
             source, dtype=resolve_dtype(opts.dtype), trust_remote_code=opts.trust_remote_code,
-            **_placement(opts),
+            **placement,
         )
     except (ValueError, OSError, RuntimeError, KeyError) as exc:
         raise ModelError(f"cannot load model {source!r}: {_first_line(exc)}") from None
@@ -171,6 +260,8 @@ def _load_gguf(path: Path, opts: LoadOptions) -> LoadedModel:
 
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
+    if opts.offload is not None or opts.device_map is not None:
+        raise ModelError("a .gguf model loads whole in memory: offloading needs a safetensors checkpoint directory")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     dtype = resolve_dtype(opts.dtype)
     dtype = torch.float32 if dtype == "auto" else dtype

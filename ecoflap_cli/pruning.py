@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from . import solvers
-from .blockwise import capture_inputs, run_block, to_device
+from .blockwise import capture_inputs, module_device, run_block, to_device
 from .errors import PlanError
 from .models.base import Adapter, Batch, Block, BlockInputs
+from .offload import editable_weight
 
 Progress = Callable[[str], None]
 
@@ -44,7 +45,7 @@ class TensorResult:
 
 
 def _accumulator(solver: str, linear: nn.Linear) -> torch.Tensor | None:
-    device = linear.weight.device if linear.weight.device.type != "meta" else "cpu"
+    device = module_device(linear)
     if solver == "wanda":
         return solvers.empty_col_sq(linear.in_features, device)
     if solver == "sparsegpt":
@@ -89,7 +90,18 @@ def prune_linear(
     group: str,
 ) -> None:
     """Prune one linear in place to exactly ``prune_count`` zeros (or N:M structure)."""
-    weight = linear.weight
+    with editable_weight(linear) as weight:
+        _prune_weight(weight, prune_count, solver, stat, settings, group)
+
+
+def _prune_weight(
+    weight: nn.Parameter,
+    prune_count: int,
+    solver: str,
+    stat: torch.Tensor | None,
+    settings: PruneSettings,
+    group: str,
+) -> None:
     if solver == "sparsegpt":
         assert stat is not None
         new_weight, _mask = solvers.sparsegpt(
@@ -128,7 +140,8 @@ def prune_block(
         linear = block.linears[name]
         count = prune_counts[f"{name}.weight"]
         prune_linear(linear, count, settings.solver, stats.pop(name, None), settings, group)
-        zeros = int((linear.weight == 0).sum())
+        with editable_weight(linear) as weight:
+            zeros = int((weight == 0).sum())
         results.append(TensorResult(f"{name}.weight", block.tower, linear.weight.numel(), count, zeros))
     return results
 

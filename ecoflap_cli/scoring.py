@@ -58,19 +58,36 @@ def _direction(shape: torch.Size, key: tuple[int, ...], kind: str) -> torch.Tens
 
 
 @contextmanager
-def perturbed(weights: dict[str, nn.Parameter], deltas: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Set W + delta (computed in fp32, then cast) and restore W bit-exactly from a copy."""
-    originals = {name: w.detach().clone() for name, w in weights.items()}
+def perturbed(linears: dict[str, nn.Linear], deltas: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Run the model as if each linear's weight were W + delta, without ever writing W.
+
+    The perturbation enters through a forward hook that adds x @ delta^T (in fp32) to the
+    layer's output, which is the exact effect of a weight perturbation on a linear layer. The
+    weights stay bit-identical by construction (nothing to restore, no rounding of W + eps*z in
+    low precision), and it works the same when accelerate keeps the weights offloaded on CPU or
+    disk, or spreads blocks over several devices.
+    """
+    handles = []
+    for name, linear in linears.items():
+        on_device: dict[torch.device, torch.Tensor] = {}
+        delta = deltas[name]
+
+        def hook(_m: nn.Module, args: tuple, out: torch.Tensor, delta=delta, cache=on_device) -> torch.Tensor:
+            if out.device not in cache:
+                cache[out.device] = delta.to(device=out.device, dtype=PRECISION)
+            x = args[0].to(device=out.device, dtype=PRECISION)
+            return out + torch.nn.functional.linear(x, cache[out.device]).to(out.dtype)
+
+        handles.append(linear.register_forward_hook(hook))
     try:
-        with torch.no_grad():
-            for name, w in weights.items():
-                target = originals[name].to(PRECISION) + deltas[name].to(w.device)
-                w.copy_(target.to(w.dtype))
         yield
     finally:
-        with torch.no_grad():
-            for name, w in weights.items():
-                w.copy_(originals[name])
+        for handle in handles:
+            handle.remove()
+
+
+def _block_linears(block: Block) -> dict[str, nn.Linear]:
+    return {f"{path}.weight": lin for path, lin in block.linears.items()}
 
 
 def _block_weights(block: Block) -> dict[str, nn.Parameter]:
@@ -85,7 +102,7 @@ def _loss(adapter: Adapter, batch: Batch) -> float:
 def _directional_derivative(
     adapter: Adapter,
     batch: Batch,
-    weights: dict[str, nn.Parameter],
+    weights: dict[str, nn.Linear],
     deltas: dict[str, torch.Tensor],
     eps: float,
     base_loss: float | None,
@@ -109,13 +126,13 @@ def _block_estimate(
     base_loss: float | None = None,
 ) -> float:
     """Sum over directions (and tensors, per-tensor mode) of |d| for one block and batch."""
-    weights = _block_weights(block)
+    weights = _block_linears(block)
     total = 0.0
     for k in range(s.perturbations):
         groups = [[n] for n in weights] if s.granularity == "tensor" else [list(weights)]
         for names in groups:
             deltas = {
-                n: s.eps * _direction(weights[n].shape, (s.seed, k, batch_index, n), s.direction)
+                n: s.eps * _direction(weights[n].weight.shape, (s.seed, k, batch_index, n), s.direction)
                 for n in names
             }
             sub = {n: weights[n] for n in names}
@@ -218,6 +235,10 @@ def first_order_scores(
     if metric not in ("taylor", "gradnorm"):
         raise PlanError(f"unknown first-order metric {metric!r} (taylor or gradnorm)")
     model = adapter.model
+    from .offload import any_offloaded
+
+    if any_offloaded(model):
+        raise PlanError("first-order scoring needs the weights in memory: use --method zeroth with offloading")
     blocks = adapter.blocks()
     owner = {id(w): b.name for b in blocks for w in _block_weights(b).values()}
     scores = {b.name: 0.0 for b in blocks}

@@ -1,0 +1,269 @@
+"""Benchmark of the coarse stage's cost and quality on SmolLM2-135M (issue: fast scoring).
+
+    python -m ecoflap_cli.bench.scoring_cost [--out results.json] [--repeats 3]
+
+Measured side by side in one process, modes interleaved per repeat:
+- time of each scoring mode, in seconds and in units of one plain no-grad forward pass over the
+  same calibration samples (median over repeats);
+- peak memory above the loaded model while the mode runs (RSS sampled every 5 ms);
+- rank correlation of block scores with the exact per-block gradient norm, and across seeds;
+- perplexity on the validation split after ECoFLaP + Wanda at 0.6 with each mode's scores.
+
+The reference mode (one tensor at a time, full forward for L+ and L-) is timed on a subset of
+blocks and extrapolated linearly in the number of tensors (its cost per tensor does not depend on
+depth, since every pass is a full forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import artifacts
+from ..assets import smollm2, wikipedia_splits
+from ..data import read_text, sample_windows, to_batches, tokenize_documents
+from ..evaluation import perplexity, windows_for_eval
+from ..loading import load_model
+from ..models import get_adapter
+from ..models.base import Adapter
+from ..pipeline import model_info
+from ..pruning import PruneSettings, prune_model
+from ..scoring import ZerothOrderSettings, first_order_scores, zeroth_order_scores
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096
+
+
+def measure(fn: Callable[[], Any]) -> tuple[Any, float, int]:
+    """Run ``fn``; return its result, wall seconds, and peak RSS above the RSS before it."""
+    start_rss = rss_bytes()
+    peak = [start_rss]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    try:
+        result = fn()
+    finally:
+        elapsed = time.perf_counter() - start
+        done.set()
+        thread.join()
+    return result, elapsed, max(peak[0], rss_bytes()) - start_rss
+
+
+class SubsetAdapter(Adapter):
+    """An adapter restricted to some blocks (only valid without activation replay)."""
+
+    def __init__(self, inner: Adapter, names: set[str]) -> None:
+        super().__init__(inner.model)
+        self.inner, self.names = inner, names
+        self.family = inner.family
+
+    def tower_paths(self) -> dict[str, str]:
+        return self.inner.tower_paths()
+
+    def blocks(self, tower: str | None = None):  # type: ignore[override]
+        return [b for b in self.inner.blocks(tower) if b.name in self.names]
+
+    def loss(self, batch):  # type: ignore[override]
+        return self.inner.loss(batch)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra = torch.tensor(a).argsort().argsort().double()
+    rb = torch.tensor(b).argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def plain_forward(adapter: Adapter, batches: list) -> None:
+    with torch.no_grad():
+        for batch in batches:
+            adapter.loss(batch)
+
+
+MODES: dict[str, Callable[[Adapter, list, int], dict[str, float]]] = {
+    "zeroth block+reuse central (default)": lambda a, b, s: zeroth_order_scores(
+        a, b, ZerothOrderSettings(seed=s)),
+    "zeroth block+reuse forward-diff": lambda a, b, s: zeroth_order_scores(
+        a, b, ZerothOrderSettings(seed=s, difference="forward")),
+    "first-order taylor, checkpointed": lambda a, b, s: first_order_scores(a, b, "taylor", True),
+    "first-order gradnorm, checkpointed": lambda a, b, s: first_order_scores(a, b, "gradnorm", True),
+    "first-order taylor, plain backprop": lambda a, b, s: first_order_scores(a, b, "taylor", False),
+}
+
+
+def run(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    splits = wikipedia_splits()
+    loaded = load_model(str(smollm2()))
+    adapter = get_adapter(loaded.model)
+    tokens = tokenize_documents(loaded.tokenizer, read_text(splits["calib"]))
+    batches = to_batches(sample_windows(tokens, samples, seqlen, seed=0), 8)
+    results: dict[str, Any] = {"setup": {"samples": samples, "seqlen": seqlen, "batch_size": 8,
+                                         "repeats": repeats, "threads": torch.get_num_threads(),
+                                         "blocks": len(adapter.blocks())}}
+    timings: dict[str, list[float]] = {"plain forward": []}
+    memory: dict[str, list[int]] = {"plain forward": []}
+    scores: dict[str, dict[str, float]] = {}
+    for r in range(repeats):
+        _, t, m = measure(lambda: plain_forward(adapter, batches))
+        timings["plain forward"].append(t)
+        memory["plain forward"].append(m)
+        for name, fn in MODES.items():
+            result, t, m = measure(lambda fn=fn: fn(adapter, batches, 0))
+            timings.setdefault(name, []).append(t)
+            memory.setdefault(name, []).append(m)
+            scores[name] = result
+            print(f"repeat {r}: {name}: {t:.1f}s, +{m / 2**20:.0f} MiB", flush=True)
+            _save(out, results, timings, memory, scores)
+    # reference mode: per tensor, full forward each time, on a subset, extrapolated
+    names = [b.name for b in adapter.blocks()]
+    subset = set(names[:: max(1, len(names) // ref_blocks)][:ref_blocks])
+    sub = SubsetAdapter(adapter, subset)
+    tensors_sub = sum(len(b.linears) for b in sub.blocks())
+    tensors_all = sum(len(b.linears) for b in adapter.blocks())
+    ref_times = []
+    for _ in range(max(1, repeats // 2)):
+        _, t, m = measure(lambda: zeroth_order_scores(
+            sub, batches, ZerothOrderSettings(granularity="tensor", reuse_activations=False)))
+        ref_times.append(t * tensors_all / tensors_sub)
+        memory.setdefault("reference (per tensor, no reuse)", []).append(m)
+    timings["reference (per tensor, no reuse), extrapolated"] = ref_times
+    block_times = []
+    for _ in range(max(1, repeats // 2)):
+        _, t, m = measure(lambda: zeroth_order_scores(
+            sub, batches, ZerothOrderSettings(reuse_activations=False)))
+        block_times.append(t * len(names) / len(subset))
+        memory.setdefault("zeroth block, no reuse", []).append(m)
+    timings["zeroth block, no reuse, extrapolated"] = block_times
+    results["reference_subset"] = {"blocks": sorted(subset), "tensors": tensors_sub, "of": tensors_all}
+    # seeds and reference-granularity scores (tensor + reuse gives the reference's numbers exactly)
+    for seed in (1, 2):
+        scores[f"zeroth block+reuse central seed {seed}"] = zeroth_order_scores(
+            adapter, batches, ZerothOrderSettings(seed=seed))
+    scores["reference estimator (per tensor; computed with reuse)"] = zeroth_order_scores(
+        adapter, batches, ZerothOrderSettings(granularity="tensor"))
+    _save(out, results, timings, memory, scores)
+    return json.loads(out.read_text())
+
+
+def _save(out: Path, results: dict, timings: dict, memory: dict, scores: dict) -> None:
+    unit = statistics.median(timings["plain forward"])
+    results["time_s"] = {k: statistics.median(v) for k, v in timings.items()}
+    results["time_runs"] = {k: len(v) for k, v in timings.items()}
+    results["time_in_forwards"] = {k: statistics.median(v) / unit for k, v in timings.items()}
+    results["peak_mib_above_model"] = {k: statistics.median(v) / 2**20 for k, v in memory.items()}
+    results["scores"] = scores
+    exact = scores.get("first-order gradnorm, checkpointed")
+    if exact:
+        names = list(exact)
+        results["spearman_vs_exact_gradnorm"] = {
+            k: spearman([exact[n] for n in names], [v[n] for n in names]) for k, v in scores.items()}
+    artifacts.write_atomic(out, (json.dumps(results, indent=2) + "\n").encode())
+
+
+def quality(out: Path, modes: list[str], sparsity: float, calib_samples: int, eval_windows: int) -> None:
+    """Perplexity on the validation split after ECoFLaP + Wanda with each mode's scores."""
+    results = json.loads(out.read_text())
+    splits = wikipedia_splits()
+    loaded = load_model(str(smollm2()))
+    adapter = get_adapter(loaded.model)
+    dense = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    tokens = tokenize_documents(loaded.tokenizer, read_text(splits["calib"]))
+    batches = to_batches(sample_windows(tokens, calib_samples, 512, seed=1), 8)
+    valid = windows_for_eval(tokenize_documents(loaded.tokenizer, read_text(splits["valid"])), 512, eval_windows)
+    info = model_info(loaded, adapter)
+    ppl = results.setdefault("valid_ppl_ecoflap_wanda", {})
+    for mode in ["uniform", *modes]:
+        if mode in ppl:
+            continue
+        scores = None if mode == "uniform" else results["scores"][mode]
+        doc = artifacts.scores_document(info, adapter.blocks(), scores, {"name": mode}, None)
+        plan = artifacts.build_plan(doc, "uniform" if mode == "uniform" else "ecoflap", sparsity)
+        loaded.model.load_state_dict(dense)
+        prune_model(adapter, artifacts.prune_counts(plan), batches, PruneSettings("wanda"))
+        ppl[mode] = perplexity(loaded.model, valid, batch_size=4)
+        print(f"{mode}: valid ppl {ppl[mode]:.2f}", flush=True)
+        results["valid_setup"] = {"sparsity": sparsity, "calib": f"{calib_samples} x 512",
+                                  "valid_windows": f"{int(valid.shape[0])} x 512"}
+        artifacts.write_atomic(out, (json.dumps(results, indent=2) + "\n").encode())
+
+
+def memory_child(mode: str, seqlen: int) -> None:
+    """In a fresh process: load, run one mode on one batch of 8 x seqlen, print peak RSS growth."""
+    splits = wikipedia_splits()
+    loaded = load_model(str(smollm2()))
+    adapter = get_adapter(loaded.model)
+    tokens = tokenize_documents(loaded.tokenizer, read_text(splits["valid"]))
+    batches = to_batches(sample_windows(tokens, 8, seqlen, seed=0), 8)
+    fns = {"plain forward": lambda: plain_forward(adapter, batches), **{
+        k: (lambda fn=fn: fn(adapter, batches, 0)) for k, fn in MODES.items()}}
+    fns["reference (per tensor, no reuse)"] = lambda: zeroth_order_scores(
+        SubsetAdapter(adapter, {adapter.blocks()[0].name}), batches,
+        ZerothOrderSettings(granularity="tensor", reuse_activations=False))
+    _, _, peak = measure(fns[mode])
+    print(json.dumps({"mode": mode, "peak_bytes": peak}))
+
+
+def memory(out: Path, seqlen: int) -> None:
+    """Peak RSS growth of each mode, each in its own process (RSS never shrinks inside one)."""
+    import subprocess
+    import sys
+
+    results = json.loads(out.read_text())
+    peaks = results.setdefault("peak_mib_isolated", {})
+    for mode in ["plain forward", *MODES, "reference (per tensor, no reuse)"]:
+        proc = subprocess.run([sys.executable, "-m", "ecoflap_cli.bench.scoring_cost", "--memory-child", mode,
+                               "--seqlen", str(seqlen)], capture_output=True, text=True, check=True)
+        peaks[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**20
+        print(f"memory {mode}: +{peaks[mode]:.1f} MiB", flush=True)
+    base = peaks["plain forward"]
+    results["peak_vs_plain_forward"] = {k: v / base for k, v in peaks.items()}
+    results["memory_setup"] = "one batch of 8 x %d tokens, each mode in a fresh process" % seqlen
+    artifacts.write_atomic(out, (json.dumps(results, indent=2) + "\n").encode())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("scoring_cost.json"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--ref-blocks", type=int, default=2)
+    parser.add_argument("--skip-cost", action="store_true", help="reuse the cost results in --out")
+    parser.add_argument("--quality-windows", type=int, default=20)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-quality", action="store_true")
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.seqlen)
+        return
+    if not args.skip_cost:
+        run(args.out, args.repeats, args.samples, args.seqlen, args.ref_blocks)
+    memory(args.out, args.seqlen)
+    if args.skip_quality:
+        return
+    quality(args.out, ["zeroth block+reuse central (default)", "zeroth block+reuse forward-diff",
+                       "reference estimator (per tensor; computed with reuse)",
+                       "first-order taylor, checkpointed", "first-order gradnorm, checkpointed"],
+            0.6, 16, args.quality_windows)
+
+
+if __name__ == "__main__":
+    main()

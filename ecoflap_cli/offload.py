@@ -1,0 +1,94 @@
+"""Working with accelerate-placed models: offloaded weights, sequential (one block at a time) maps.
+
+accelerate keeps an offloaded module's weights in a ``weights_map`` (CPU tensors, or files on
+disk) and materialises them on the execution device only inside forward. To prune such a module
+we materialise its weight, change it, and write the result back into that map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    hook = getattr(module, "_hf_hook", None)
+    return bool(getattr(hook, "offload", False))
+
+
+def any_offloaded(model: nn.Module) -> bool:
+    return any(is_offloaded(m) for m in model.modules())
+
+
+@contextmanager
+def editable_weight(linear: nn.Linear) -> Iterator[nn.Parameter]:
+    """The linear's weight, materialised; changes made inside persist after the block."""
+    if not is_offloaded(linear):
+        yield linear.weight
+        return
+    from accelerate.utils import align_module_device
+
+    with align_module_device(linear):
+        yield linear.weight
+        _write_back(linear)
+
+
+def _write_back(linear: nn.Linear) -> None:
+    from accelerate.utils import offload_weight
+
+    weights_map = linear._hf_hook.weights_map  # PrefixedDataset over the offloaded weights
+    key = f"{weights_map.prefix}weight"
+    dataset = weights_map.dataset
+    value = linear.weight.detach().to("cpu")
+    state = getattr(dataset, "state_dict", dataset)
+    if isinstance(state, dict) and key in state:
+        state[key].copy_(value)  # CPU offload: the map holds the tensor itself
+        return
+    folder = getattr(dataset, "save_folder", None)
+    if folder is None:
+        raise ModelError(f"cannot write pruned weight {key} back to its offload storage")
+    # Disk offload: write a new .dat file and point the index at it (not at the source checkpoint).
+    offload_weight(value, key, folder, index=dataset.index)
+
+
+def sequential_device_map(model: nn.Module, block_paths: list[str], compute: str, offload: str) -> dict[str, Any]:
+    """A device map that keeps every block on ``offload`` ("cpu" or "disk") and the rest on
+    ``compute``; with accelerate's hooks each block is onloaded only while it runs."""
+    if offload not in ("cpu", "disk"):
+        raise ModelError(f"--offload takes cpu or disk, got {offload!r}")
+    device_map: dict[str, Any] = {path: offload for path in block_paths}
+
+    def inside_block(name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in block_paths)
+
+    for name, module in model.named_modules():
+        if inside_block(name) or not name:
+            continue
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        if own:
+            device_map[name] = compute
+    return device_map
+
+
+def memory_budget_check(bytes_needed: int, device: torch.device, what: str, option: str) -> None:
+    """Refuse before any work starts when a known requirement cannot fit the device."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            with open("/proc/meminfo") as handle:
+                info = dict(line.split(":", 1) for line in handle)
+            free = int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return
+    if bytes_needed > free:
+        raise ModelError(
+            f"{what} needs about {bytes_needed / 2**30:.1f} GiB but {device} has "
+            f"{free / 2**30:.1f} GiB free: lower {option}"
+        )
