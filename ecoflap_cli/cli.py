@@ -24,6 +24,7 @@ from .pipeline import (
     CalibrationOptions,
     ScoreOptions,
     calibration_batches,
+    check_activation_memory,
     load_adapter,
     run_prune,
     run_score,
@@ -88,6 +89,9 @@ RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow mode
 DeviceMapOpt = Annotated[Optional[str], typer.Option(help="accelerate device map: auto, balanced, sequential or JSON.")]
 MaxMemOpt = Annotated[Optional[list[str]], typer.Option(help="Per-device budget, e.g. 0=20GiB or cpu=64GiB (repeat).")]
 OffloadOpt = Annotated[Optional[Path], typer.Option(help="Folder for weights that fit on no device.")]
+SequentialOpt = Annotated[Optional[str], typer.Option(
+    "--offload", help="Sequential mode: keep every block on cpu or disk (needs --offload-folder) and move "
+    "it to the compute device only while it runs.")]
 CalibOpt = Annotated[Optional[str], typer.Option(help="Calibration data: .txt/.jsonl text, image-text .jsonl, or hub:NAME.")]
 SeqlenOpt = Annotated[Optional[int], typer.Option(help="Tokens per calibration sample (default: context length, at most 2048).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling calibration windows and perturbations.")]
@@ -96,7 +100,7 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an exis
 
 
 def _load(model: str, dtype: str, device: str, trust_remote_code: bool, device_map: str | None,
-          max_memory: list[str] | None, offload_folder: Path | None) -> LoadedModel:
+          max_memory: list[str] | None, offload_folder: Path | None, offload: str | None = None) -> LoadedModel:
     memory: dict[str, str] = {}
     for item in max_memory or []:
         key, sep, value = item.partition("=")
@@ -104,7 +108,7 @@ def _load(model: str, dtype: str, device: str, trust_remote_code: bool, device_m
             raise EcoflapError(f"--max-memory takes DEVICE=SIZE (e.g. 0=20GiB), got {item!r}")
         memory[key.strip()] = value.strip()
     opts = LoadOptions(dtype, device, trust_remote_code, device_map, memory,
-                       str(offload_folder) if offload_folder else None)
+                       str(offload_folder) if offload_folder else None, offload)
     with console.status(f"loading {model}"):
         return load_model(model, opts)
 
@@ -160,19 +164,21 @@ def score(
     reuse_activations: Annotated[bool, typer.Option(help="Replay the blocks before the perturbed one from stored activations.")] = True,
     perturbations: Annotated[int, typer.Option(help="Random directions per block and batch.")] = 1,
     direction: Annotated[str, typer.Option(help="Direction distribution: gaussian or rademacher.")] = "gaussian",
+    difference: Annotated[str, typer.Option(help="central (L+ - L-)/2eps, or forward (L+ - L0)/eps: half the passes.")] = "central",
     first_metric: Annotated[str, typer.Option(help="First-order score: taylor (|w*g|) or gradnorm.")] = "taylor",
     include_qformer: Annotated[bool, typer.Option(help="Prune (and score) the BLIP-2 Q-Former too.")] = False,
     text_field: TextFieldOpt = "text",
     dtype: DtypeOpt = "auto", device: DeviceOpt = "auto", trust_remote_code: RemoteOpt = False,
     device_map: DeviceMapOpt = None, max_memory: MaxMemOpt = None, offload_folder: OffloadOpt = None,
+    offload: SequentialOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Coarse stage: one global importance score per block, written as scores JSON."""
     _check_output(output, overwrite)
-    loaded = _load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
+    loaded = _load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder, offload)
     adapter = load_adapter(loaded, include_qformer)
     batches, prov = calibration_batches(loaded, adapter, CalibrationOptions(calib, samples, seqlen, batch_size, seed, text_field))
-    opts = ScoreOptions(method, ZerothOrderSettings(eps, seed, granularity, reuse_activations, perturbations, direction), first_metric)
+    opts = ScoreOptions(method, ZerothOrderSettings(eps, seed, granularity, reuse_activations, perturbations, direction, difference), first_metric)
     with progress_bar(len(adapter.blocks()), "scoring") as step:
         doc = run_score(loaded, adapter, batches, prov, opts, step)
     artifacts.emit_json(doc, output, overwrite)
@@ -237,6 +243,7 @@ def prune(
     text_field: TextFieldOpt = "text",
     dtype: DtypeOpt = "auto", device: DeviceOpt = "auto", trust_remote_code: RemoteOpt = False,
     device_map: DeviceMapOpt = None, max_memory: MaxMemOpt = None, offload_folder: OffloadOpt = None,
+    offload: SequentialOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine stage: layer-wise pruning to a plan; writes a Hugging Face checkpoint directory."""
@@ -247,7 +254,8 @@ def prune(
     if sparsity is not None:
         _check_sparsity(sparsity)
     nm_pair = _parse_nm(nm)
-    settings = PruneSettings(solver, nm_pair, _parse_groups(compare_group))
+    settings = PruneSettings(solver, nm_pair, _parse_groups(compare_group),
+                             store_device="cpu" if (offload or device_map) else None)
     check_output_dir(output, overwrite)
     parse_size(max_shard_size)
     plan_doc = artifacts.validate_plan(artifacts.read_json(plan), plan) if plan else None
@@ -255,10 +263,11 @@ def prune(
         artifacts.check_nm_plan(plan_doc, nm_pair)
     if sparsity is not None and nm_pair is not None and allocator != "uniform":
         raise EcoflapError(f"--nm needs a uniform plan: add --allocator uniform (got {allocator})")
-    loaded = _load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder)
+    loaded = _load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder, offload)
     adapter = load_adapter(loaded, include_qformer)
     calib_opts = CalibrationOptions(calib, samples, seqlen, batch_size, seed, text_field)
     documents: dict[str, dict[str, Any]] = {}
+    check_activation_memory(loaded.model, calib_opts, settings.store_device)
     batches, prov = calibration_batches(loaded, adapter, calib_opts) if solver != "magnitude" else ([], None)
     if plan_doc is None:
         assert sparsity is not None
@@ -298,28 +307,51 @@ def _one_shot_plan(loaded: LoadedModel, adapter: Any, calib_opts: CalibrationOpt
 @user_errors
 def evaluate(
     checkpoint: Annotated[str, typer.Argument(help="Pruned checkpoint directory (or any model id / .gguf).")],
-    text: Annotated[Optional[Path], typer.Option(help="Text file (.txt/.jsonl) for perplexity.")] = None,
+    text: Annotated[Optional[Path], typer.Option(help="Text file (.txt/.jsonl) for perplexity (BLIP-2: of its language model, text only).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="CLIP zero-shot classification: a folder with one subfolder of images per class.")] = None,
+    template: Annotated[Optional[list[str]], typer.Option(help="Zero-shot prompt template, {} is the class name (repeat; default 'a photo of a {}.').")] = None,
+    template_file: Annotated[Optional[Path], typer.Option(help="Zero-shot prompt templates, one per line.")] = None,
+    retrieval: Annotated[Optional[Path], typer.Option(help="CLIP image-text retrieval R@1/5/10: JSONL of {image, caption}.")] = None,
+    vqa: Annotated[Optional[Path], typer.Option(help="BLIP-2/InstructBLIP VQA soft accuracy: JSONL of {image, question, answers}.")] = None,
+    captions: Annotated[Optional[Path], typer.Option(help="BLIP-2/InstructBLIP captioning CIDEr-D: JSONL of {image, caption}.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Captioning prompt the model continues (default 'a photo of'; '' for none).")] = None,
+    question_template: Annotated[Optional[str], typer.Option(help="VQA prompt with {question} (default 'Question: {question} Answer:').")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Tokens to generate (default 10 for VQA, 20 for captions).")] = None,
     compare: Annotated[Optional[str], typer.Option(help="Dense model to evaluate side by side.")] = None,
     plan: Annotated[Optional[str], typer.Option(help="Plan to check achieved sparsity against (default: the checkpoint's plan.json).")] = None,
     seqlen: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 512,
     max_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Windows (or images) per forward pass.")] = 4,
     per_tensor: Annotated[bool, typer.Option(help="Show every tensor, not one row per block.")] = False,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write results JSON here (- for stdout).")] = None,
     text_field: TextFieldOpt = "text",
     dtype: DtypeOpt = "auto", device: DeviceOpt = "auto", trust_remote_code: RemoteOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Achieved sparsity per block against the plan, and perplexity (optionally vs the dense model)."""
-    from .evalcmd import run_eval
+    """Achieved sparsity against the plan; perplexity and vision-language tasks, optionally vs the dense model."""
+    from .evalcmd import MultimodalTasks, run_eval
+    from .render import render_tasks
 
     if output is not None:
         _check_output(output, overwrite)
+    if batch_size < 1 or (max_new_tokens is not None and max_new_tokens < 1):
+        raise EcoflapError("--batch-size and --max-new-tokens must be at least 1")
+    templates = list(template or [])
+    if template_file is not None:
+        if not template_file.is_file():
+            raise EcoflapError(f"template file not found: {template_file}")
+        lines = template_file.read_text(encoding="utf-8").splitlines()
+        templates += [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]
+    if templates and images is None:
+        raise EcoflapError("--template/--template-file go with --images (zero-shot classification)")
+    tasks = MultimodalTasks(images, templates, retrieval, vqa, captions, prompt, question_template, max_new_tokens)
     results = run_eval(
         checkpoint, text, compare, plan, seqlen, max_windows, batch_size, text_field,
         lambda m: _load(m, dtype, device, trust_remote_code, None, None, None),
+        tasks=tasks, progress=lambda message: console.print(f"[dim]{message}[/]", highlight=False),
     )
     render_sparsity(console, results, per_tensor)
+    render_tasks(console, results)
     if output is not None:
         artifacts.emit_json(results, output, overwrite)
 
@@ -364,6 +396,75 @@ def convert(
         done = convert_checkpoint(source, output, to, overwrite, max_shard_size)
     console.print(f"{done['source']} ({done['from']}, {done['bytes_before']:,} bytes of weights) -> "
                   f"{done['output']} ({done['to']}, {done['bytes_after']:,} bytes)", highlight=False)
+
+
+@app.command()
+@user_errors
+def sweep(
+    method: Annotated[Optional[list[str]], typer.Option("--method", help="ALLOCATOR[-SCORING]:SOLVER[@k=v,..], e.g. uniform:wanda, ecoflap-zeroth:sparsegpt, owl:wanda@m=5,lam=0.08, llmc:wanda (repeat).")] = None,
+    sparsity: Annotated[Optional[list[float]], typer.Option("--sparsity", "-s", help="Target sparsity (repeat).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, local model directory or .gguf file.")] = None,
+    calib: Annotated[Optional[str], typer.Option(help="Calibration text (.txt/.jsonl).")] = None,
+    text: Annotated[Optional[str], typer.Option(help="Text (.txt/.jsonl) to measure perplexity on.")] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="Directory for sweep.md, sweep.json, sweep.png and the run cache.")] = "sweep",
+    preset: Annotated[Optional[str], typer.Option(help="smollm2: the SmolLM2 + Wikipedia benchmark (assets fetched and cached).")] = None,
+    split: Annotated[str, typer.Option(help="With --preset: evaluate on the test or valid split.")] = "test",
+    samples: Annotated[Optional[int], typer.Option(help="Pruning calibration samples (default 128; preset 16).")] = None,
+    seqlen: SeqlenOpt = None,
+    score_samples: Annotated[Optional[int], typer.Option(help="Scoring calibration samples (default 32).")] = None,
+    score_seqlen: Annotated[Optional[int], typer.Option(help="Tokens per scoring sample (default: --seqlen; preset 128).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Samples per forward pass (default 8).")] = None,
+    seed: SeedOpt = 0,
+    eval_seqlen: Annotated[Optional[int], typer.Option(help="Tokens per perplexity window (default 512).")] = None,
+    eval_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows (preset 20).")] = None,
+    repeats: Annotated[int, typer.Option(help="Time the prune stage this many times per run (interleaved passes; medians).")] = 1,
+    isolate: Annotated[bool, typer.Option("--isolate", help="Run each method in its own subprocess (per-method peak memory).")] = False,
+    llmc_python: Annotated[Optional[str], typer.Option(help="Python of a venv with llmcompressor, for llmc:* methods.")] = None,
+    llmc_venv: Annotated[bool, typer.Option("--llmc-venv", help="Create (once) llm-compressor's venv under the cache dir and use it.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's choice).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore cached runs and scores in the output directory.")] = False,
+    plot: Annotated[bool, typer.Option(help="Write sweep.png (needs matplotlib).")] = True,
+    text_field: TextFieldOpt = "text",
+    dtype: DtypeOpt = "auto", device: DeviceOpt = "auto",
+) -> None:
+    """Prune and evaluate many methods x sparsities; writes a markdown/JSON table and a plot."""
+    from .sweep import SweepConfig, run_sweep
+
+    sizes = {"samples": samples, "seqlen": seqlen, "score_samples": score_samples, "score_seqlen": score_seqlen,
+             "batch_size": batch_size, "eval_seqlen": eval_seqlen, "eval_windows": eval_windows}
+    log = lambda message: console.print(f"[dim]{message}[/]", highlight=False)  # noqa: E731
+    if llmc_venv and llmc_python is None:
+        from .assets import cache_dir
+        from .bench.llmc_env import ensure_llmc_venv
+
+        llmc_python = str(ensure_llmc_venv(cache_dir() / "llmc-venv", log))
+    if preset is not None:
+        if preset != "smollm2":
+            raise EcoflapError(f"unknown preset {preset!r} (smollm2)")
+        if split not in ("test", "valid"):
+            raise EcoflapError(f"--split is test or valid, got {split!r}")
+        from .bench.quality import smollm2_config
+
+        cfg = smollm2_config(output if output != "sweep" else None, split, method, sparsity,
+                             peer=True, llmc_python=llmc_python, log=log, seed=seed, **sizes)
+        for name, value in (("model", model), ("calib", calib), ("text", text)):
+            if value is not None:
+                setattr(cfg, name, value)
+    else:
+        if model is None or calib is None or text is None or not method or not sparsity:
+            raise EcoflapError("give --model, --calib, --text, --method and --sparsity (or --preset smollm2)")
+        defaults = {"samples": 128, "score_samples": 32, "batch_size": 8, "eval_seqlen": 512}
+        values = {k: (v if v is not None else defaults.get(k)) for k, v in sizes.items()}
+        cfg = SweepConfig(model=model, calib=calib, text=text, methods=list(method), sparsities=list(sparsity),
+                          output=output, llmc_python=llmc_python, seed=seed, **values)
+    cfg.repeats, cfg.isolate, cfg.threads, cfg.resume, cfg.plot = repeats, isolate, threads, not fresh, plot
+    cfg.text_field, cfg.dtype, cfg.device = text_field, dtype, device
+    summary = run_sweep(cfg, log)
+    failed = [f"{r['method']}@{r['sparsity']:g}" for r in summary["runs"] if "error" in r]
+    console.print(f"{len(summary['runs']) - len(failed)} runs -> {cfg.output}/sweep.md"
+                  + (f"; failed: {', '.join(failed)}" if failed else ""), highlight=False)
+    if failed:
+        raise typer.Exit(1)
 
 
 def _version_callback(value: bool) -> None:

@@ -169,7 +169,34 @@ def _versions() -> dict[str, str]:
 
 
 def load_adapter(loaded: LoadedModel, include_qformer: bool = False) -> Adapter:
-    adapter = get_adapter(loaded.model)
-    if include_qformer and hasattr(adapter, "include_qformer"):
-        adapter = type(adapter)(loaded.model, include_qformer=True)  # type: ignore[call-arg]
-    return adapter
+    """The family adapter of a loaded model (``include_qformer`` matters for BLIP-2 families only)."""
+    return get_adapter(loaded.model, include_qformer=include_qformer)
+
+
+def hidden_sizes(model: torch.nn.Module) -> list[int]:
+    config = getattr(model, "config", None)
+    sizes = []
+    for cfg in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+        size = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None)
+        if isinstance(size, int):
+            sizes.append(size)
+    return sizes or [0]
+
+
+def activation_bytes(model: torch.nn.Module, tokens: int) -> int:
+    """Calibration activations the block-wise driver holds at once: every sample's block input and
+    output (2 x samples x tokens x hidden), at the model's precision. An estimate: attention masks
+    and a block's own intermediates come on top."""
+    itemsize = next(model.parameters()).element_size()
+    return 2 * tokens * max(hidden_sizes(model)) * itemsize
+
+
+def check_activation_memory(model: torch.nn.Module, opts: CalibrationOptions, store: str | None) -> None:
+    """Refuse a run whose calibration activations cannot fit, before any work starts."""
+    from .blockwise import module_device
+    from .offload import memory_budget_check
+
+    tokens = opts.samples * (opts.seqlen or default_seqlen(model))
+    device = torch.device(store) if store else module_device(model)
+    memory_budget_check(activation_bytes(model, tokens), device, "holding the calibration activations",
+                        "--samples or --seqlen")
