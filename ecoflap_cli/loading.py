@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,8 @@ def _load_gguf(path: Path, opts: LoadOptions) -> LoadedModel:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     dtype = resolve_dtype(opts.dtype)
     dtype = torch.float32 if dtype == "auto" else dtype
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF converter draws its own bar on stderr
     try:
         loaded = transformers.AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=dtype
@@ -272,6 +275,11 @@ def _load_gguf(path: Path, opts: LoadOptions) -> LoadedModel:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:
         raise ModelError(f"cannot load GGUF model {str(path)!r}: {_first_line(exc)}") from None
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config = type(loaded.config).from_dict(config_dict)
