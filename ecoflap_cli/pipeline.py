@@ -6,6 +6,7 @@ Each stage takes a loaded model (or a document) and returns a document; none pri
 from __future__ import annotations
 
 import platform
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -83,11 +84,16 @@ def calibration_batches(
     if opts.calib is None:
         raise DataError(f"{adapter.family} models need image-text calibration data: pass --calib FILE.jsonl")
     records = multimodal.read_image_text_jsonl(opts.calib)
-    records = records[: opts.samples]
+    if len(records) > opts.samples:  # a seeded sample, in file order (files are often sorted by image)
+        chosen = sorted(random.Random(opts.seed).sample(range(len(records)), opts.samples))
+        records = [records[i] for i in chosen]
     batches = multimodal.make_multimodal_batches(
         adapter, loaded.processor, records, opts.batch_size, opts.seqlen or 64
     )
-    prov = Provenance(opts.calib, len(records), opts.seqlen or 64, opts.seed, 0)
+    # tokens: text positions the model reads (image placeholders included, padding not)
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                 for b in batches)
+    prov = Provenance(opts.calib, len(records), opts.seqlen or 64, opts.seed, tokens)
     return batches, prov.to_dict()
 
 
@@ -102,17 +108,23 @@ def run_score(
     """The coarse stage: a scores document."""
     start = time.perf_counter()
     method: dict[str, Any] = {"name": opts.method}
+    if opts.method == "auto":
+        choice, reason = choose_score_method(adapter, batches)
+        method = {"name": choice, "chosen_by": "auto", "reason": reason}
+        opts = ScoreOptions(choice, opts.zeroth, "gradnorm", opts.checkpointing, opts.owl_threshold)
+        if progress:
+            progress(f"auto: {choice}-order scores ({reason})")
     if opts.method == "zeroth":
         scores = zeroth_order_scores(adapter, batches, opts.zeroth, progress)
-        method.update(asdict(opts.zeroth))
+        method.update(asdict(opts.zeroth), name="zeroth")
     elif opts.method == "first":
         scores = first_order_scores(adapter, batches, opts.first_metric, opts.checkpointing, progress)
-        method.update(metric=opts.first_metric, checkpointing=opts.checkpointing)
+        method.update(metric=opts.first_metric, checkpointing=opts.checkpointing, name="first")
     elif opts.method == "owl":
         scores = owl_outlier_ratios(adapter, batches, opts.owl_threshold, progress)
         method.update(threshold=opts.owl_threshold)
     else:
-        raise PlanError(f"unknown scoring method {opts.method!r} (zeroth, first or owl)")
+        raise PlanError(f"unknown scoring method {opts.method!r} (auto, zeroth, first or owl)")
     timings = {"score_s": round(time.perf_counter() - start, 3)}
     return artifacts.scores_document(
         model_info(loaded, adapter), adapter.blocks(), scores, method, calibration, timings
@@ -200,3 +212,49 @@ def check_activation_memory(model: torch.nn.Module, opts: CalibrationOptions, st
     device = torch.device(store) if store else module_device(model)
     memory_budget_check(activation_bytes(model, tokens), device, "holding the calibration activations",
                         "--samples or --seqlen")
+
+
+def first_order_bytes(model: torch.nn.Module, batches: list[Batch]) -> int:
+    """Estimated extra memory of checkpointed first-order scoring for the largest batch.
+
+    Checkpointed block inputs (one hidden state per block), one block's recomputed activations
+    (about 16 hidden-sized tensors), the logits with their gradient in fp32 (3 x tokens x vocab),
+    and the largest single weight gradient (gradients are reduced and freed as they arrive).
+    """
+    tokens = max((int(b["input_ids"].numel()) for b in batches if "input_ids" in b), default=0)
+    hidden = max(hidden_sizes(model))
+    config = getattr(model, "config", None)
+    vocab = getattr(getattr(config, "text_config", None) or config, "vocab_size", 0) or 0
+    blocks = len(get_adapter(model).blocks())
+    itemsize = next(model.parameters()).element_size()
+    largest = max((p.numel() for p in model.parameters()), default=0)
+    return tokens * hidden * itemsize * (blocks + 16) + 3 * tokens * vocab * 4 + largest * 4
+
+
+def choose_score_method(adapter: Adapter, batches: list[Batch]) -> tuple[str, str]:
+    """First-order (exact gradient norms) when its memory fits, else forward-only zeroth-order.
+
+    The same allocation rule fed exact per-block gradient norms allocates much better than with a
+    four-batch zeroth-order estimate (docs/allocation.md), and costs a few forward passes instead
+    of about one per block; zeroth-order remains for models whose backward pass does not fit.
+    """
+    from .blockwise import module_device
+    from .offload import any_offloaded
+
+    if any_offloaded(adapter.model):
+        return "zeroth", "weights are offloaded: forward-only scoring"
+    need = first_order_bytes(adapter.model, batches)
+    device = module_device(adapter.model)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            with open("/proc/meminfo") as handle:
+                info = dict(line.split(":", 1) for line in handle)
+            free = int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return "zeroth", "free memory unknown: forward-only scoring"
+    if need <= 0.8 * free:
+        return "first", f"backprop needs about {need / 2**30:.2f} GiB of {free / 2**30:.1f} GiB free on {device}"
+    return "zeroth", f"backprop would need about {need / 2**30:.2f} GiB, {free / 2**30:.1f} GiB free on {device}"
+
