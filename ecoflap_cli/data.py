@@ -74,12 +74,38 @@ def _read_json_docs(file: Path, text_field: str) -> list[str]:
     return docs
 
 
+def _chunks(text: str, size: int = 20_000) -> list[str]:
+    """Split long text into pieces of about ``size`` characters, each cut just before a space.
+
+    Byte-level BPE and SentencePiece tokenizers start a word with its leading space, so a cut there
+    is a word boundary and the pieces tokenise like the whole text.
+    """
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            cut = text.rfind(" ", start + 1, end)
+            end = cut if cut > start else end
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
 def tokenize_documents(tokenizer: Any, docs: list[str]) -> torch.Tensor:
-    """One long 1-D token stream, documents separated by the tokenizer's EOS token."""
+    """One long 1-D token stream, documents separated by the tokenizer's EOS token.
+
+    Long documents are tokenised in pieces: one call on a multi-megabyte text makes the fast
+    tokenizer hold offsets and masks for every token (about 1 GB for 1 M tokens).
+    """
     eos = getattr(tokenizer, "eos_token_id", None)
     ids: list[int] = []
     for doc in docs:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        pieces = _chunks(doc)
+        for start in range(0, len(pieces), 32):
+            encoded = tokenizer(pieces[start : start + 32], add_special_tokens=False,
+                                return_attention_mask=False)["input_ids"]
+            for piece in encoded:
+                ids.extend(piece)
         if eos is not None:
             ids.append(int(eos))
     return torch.tensor(ids, dtype=torch.long)
