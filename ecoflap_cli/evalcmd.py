@@ -1,15 +1,19 @@
-"""The `eval` stage as a library call: sparsity against the plan, perplexity, dense comparison."""
+"""The `eval` stage as a library call: sparsity against the plan, perplexity, the vision-language
+tasks (CLIP zero-shot and retrieval, BLIP-2 / InstructBLIP VQA and captioning), and the same
+measurements on a dense model for comparison."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import artifacts
 from .data import read_text, tokenize_documents
-from .errors import DataError
-from .evaluation import perplexity, sparsity_report, windows_for_eval
+from .errors import DataError, ModelError
+from .evaluation import perplexity, perplexity_model, sparsity_report, windows_for_eval
 from .loading import LoadedModel
 from .models import get_adapter
 
@@ -24,7 +28,9 @@ def _plan_for(checkpoint: str, plan: str | None) -> dict[str, Any] | None:
 
 
 def sparsity_rows(loaded: LoadedModel, plan: dict[str, Any] | None) -> dict[str, Any]:
-    adapter = get_adapter(loaded.model)
+    # a plan that prunes the BLIP-2 Q-Former is checked against the Q-Former's tensors too
+    with_qformer = plan is not None and any(g.get("tower") == "qformer" for g in plan["groups"])
+    adapter = get_adapter(loaded.model, include_qformer=with_qformer)
     tensors = sparsity_report(adapter, plan)
     tensor_rows = [
         {"name": t.name, "tower": t.tower, "params": t.numel, "zeros": t.zeros,
@@ -48,6 +54,133 @@ def sparsity_rows(loaded: LoadedModel, plan: dict[str, Any] | None) -> dict[str,
                         "mismatches": sum(1 for t in tensors if t.matches_plan is False)}}
 
 
+@dataclass
+class MultimodalTasks:
+    """Which vision-language tasks to run, on what local data, with which prompts."""
+
+    images: Path | None = None  # class folders: CLIP zero-shot classification
+    templates: list[str] = field(default_factory=list)  # zero-shot prompts ({} = class name)
+    retrieval: Path | None = None  # caption JSONL: CLIP image-text retrieval
+    vqa: Path | None = None  # question JSONL: BLIP-2 / InstructBLIP VQA
+    captions: Path | None = None  # caption JSONL: BLIP-2 / InstructBLIP captioning
+    prompt: str | None = None  # caption prompt (default multimodal.DEFAULT_CAPTION_PROMPT)
+    question_template: str | None = None  # VQA prompt with {question}
+    max_new_tokens: int | None = None  # default 10 for VQA, 20 for captions
+
+    def requested(self) -> list[str]:
+        """Task names in the order they run (and are reported)."""
+        chosen = (("zero_shot", self.images), ("retrieval", self.retrieval), ("vqa", self.vqa),
+                  ("captioning", self.captions))  # fmt: skip
+        return [name for name, data in chosen if data is not None]
+
+
+#: task -> the model family it needs ("clip" or "blip", as multimodal.model_family says)
+TASK_FAMILY = {"zero_shot": "clip", "retrieval": "clip", "vqa": "blip", "captioning": "blip"}
+TASK_OPTION = {"zero_shot": "--images", "retrieval": "--retrieval", "vqa": "--vqa",
+               "captioning": "--captions"}  # fmt: skip
+FAMILY_NAME = {"clip": "CLIP", "blip": "BLIP-2 / InstructBLIP"}
+
+
+@dataclass
+class _PreparedTask:
+    name: str
+    data: str
+    records: list[dict[str, Any]]
+    settings: dict[str, Any]
+
+
+def _prepare_tasks(tasks: MultimodalTasks) -> list[_PreparedTask]:
+    """Read and check every task's data and prompts before any model is loaded."""
+    from . import multimodal
+
+    prepared = []
+    for name in tasks.requested():
+        settings: dict[str, Any] = {}
+        if name == "zero_shot":
+            assert tasks.images is not None
+            templates = list(tasks.templates) or list(multimodal.DEFAULT_CLASS_TEMPLATES)
+            for template in templates:
+                if "{}" not in template and "{class_name}" not in template:
+                    raise DataError(f"zero-shot template {template!r} has no {{}} (or {{class_name}}) "
+                                    "for the class name")
+            classes, records = multimodal.read_class_folders(tasks.images)
+            settings = {"templates": templates, "classes": classes}
+            data = tasks.images
+        elif name == "retrieval":
+            assert tasks.retrieval is not None
+            records = _records_with(tasks.retrieval, "caption")
+            data = tasks.retrieval
+        elif name == "vqa":
+            assert tasks.vqa is not None
+            template = tasks.question_template or multimodal.DEFAULT_QUESTION_TEMPLATE
+            if "{question}" not in template:
+                raise DataError(f"--question-template {template!r} has no {{question}} placeholder")
+            records = _records_with(tasks.vqa, "question")
+            settings = {"question_template": template, "max_new_tokens": tasks.max_new_tokens or 10}
+            data = tasks.vqa
+        else:
+            assert tasks.captions is not None
+            records = _records_with(tasks.captions, "caption")
+            prompt = multimodal.DEFAULT_CAPTION_PROMPT if tasks.prompt is None else tasks.prompt
+            settings = {"prompt": prompt, "max_new_tokens": tasks.max_new_tokens or 20}
+            data = tasks.captions
+        prepared.append(_PreparedTask(name, str(data), records, settings))
+    return prepared
+
+
+def _records_with(path: Path, key: str) -> list[dict[str, Any]]:
+    """The records of an image-text JSONL file that have ``key`` ("caption" or "question")."""
+    from .multimodal import read_image_text_jsonl
+
+    chosen = [r for r in read_image_text_jsonl(path) if key in r]
+    if not chosen:
+        raise DataError(f"{path} holds no {key} records (each line needs an \"image\" and a \"{key}\")")
+    return chosen
+
+
+def _check_family(loaded: LoadedModel, prepared: list[_PreparedTask], label: str) -> None:
+    """The model must be of the family the tasks need, and ship an image processor."""
+    if not prepared:
+        return
+    from .multimodal import model_family
+
+    try:
+        family = model_family(loaded.model)
+    except ModelError:
+        family = None
+    for task in prepared:
+        wanted = TASK_FAMILY[task.name]
+        if family != wanted:
+            model_type = getattr(getattr(loaded.model, "config", None), "model_type", None)
+            raise ModelError(f"{TASK_OPTION[task.name]} needs a {FAMILY_NAME[wanted]} model; "
+                             f"{label} is of type {model_type!r}")
+    if getattr(loaded.processor, "image_processor", None) is None:
+        raise ModelError(f"{label} ships no image processor (preprocessor_config.json): cannot read "
+                         "images; save the model's processor into the checkpoint directory")
+
+
+def _run_task(loaded: LoadedModel, task: _PreparedTask, batch_size: int) -> dict[str, Any]:
+    from . import multimodal
+
+    model, processor, s = loaded.model, loaded.processor, task.settings
+    start = time.perf_counter()
+    if task.name == "zero_shot":
+        result = multimodal.clip_zero_shot(model, processor, task.data, s["templates"], batch_size=batch_size)
+    elif task.name == "retrieval":
+        result = multimodal.clip_retrieval(model, processor, task.records, batch_size=batch_size)
+    elif task.name == "vqa":
+        result = multimodal.vqa_eval(model, processor, task.records, s["question_template"],
+                                     s["max_new_tokens"], batch_size=batch_size)
+    else:
+        result = multimodal.caption_eval(model, processor, task.records, s["prompt"],
+                                         s["max_new_tokens"], batch_size=batch_size)
+    return {**result, "time_s": round(time.perf_counter() - start, 3)}
+
+
+def _perplexity_of(loaded: LoadedModel, windows: Any, batch_size: int, label: str) -> float:
+    return perplexity(perplexity_model(loaded.model, label), windows, batch_size)
+
+
 def run_eval(
     checkpoint: str,
     text: Path | None,
@@ -58,24 +191,60 @@ def run_eval(
     batch_size: int,
     text_field: str,
     load: Callable[[str], LoadedModel],
+    tasks: MultimodalTasks | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    """Sparsity against the plan, then perplexity and the requested vision-language tasks on the
+    checkpoint and (with ``compare``) on a dense model; returns the results document.
+
+    Data and prompts are checked before any model is loaded; the checkpoint is released before
+    the dense model is loaded, so only one model is in memory at a time.
+    """
+    say = progress or (lambda _message: None)
+    prepared = _prepare_tasks(tasks or MultimodalTasks())
     plan_doc = _plan_for(checkpoint, plan)
     loaded = load(checkpoint)
     if plan_doc is not None:
         from .loading import fingerprint
 
         artifacts.check_model_match(plan_doc, fingerprint(loaded.model), checkpoint, "the plan")
+    _check_family(loaded, prepared, checkpoint)
     results: dict[str, Any] = {"checkpoint": checkpoint, **sparsity_rows(loaded, plan_doc)}
+    windows = None
     if text is not None:
         if loaded.tokenizer is None:
             raise DataError(f"{checkpoint} has no tokenizer: cannot measure perplexity")
+        perplexity_model(loaded.model, checkpoint)  # refuse a model without a causal LM early
         tokens = tokenize_documents(loaded.tokenizer, read_text(text, text_field))
         windows = windows_for_eval(tokens, seqlen, max_windows)
-        ppl: dict[str, Any] = {"text": str(text), "seqlen": seqlen, "windows": int(windows.shape[0]),
-                               "pruned": perplexity(loaded.model, windows, batch_size)}
-        if compare is not None:
-            del loaded
-            dense = load(compare)
-            ppl.update(dense=perplexity(dense.model, windows, batch_size), dense_model=compare)
-        results["perplexity"] = ppl
+        say("perplexity of the pruned model")
+        results["perplexity"] = {"text": str(text), "seqlen": seqlen, "windows": int(windows.shape[0]),
+                                 "pruned": _perplexity_of(loaded, windows, batch_size, checkpoint)}
+    task_results: dict[str, Any] = {}
+    for task in prepared:
+        say(f"{task.name} on the pruned model")
+        task_results[task.name] = {"data": task.data, **_public(task.settings),
+                                   "pruned": _run_task(loaded, task, batch_size)}
+    if compare is not None and (windows is not None or prepared):
+        del loaded
+        dense = load(compare)
+        _check_family(dense, prepared, compare)
+        results["dense_model"] = compare
+        if windows is not None:
+            say("perplexity of the dense model")
+            results["perplexity"].update(dense=_perplexity_of(dense, windows, batch_size, compare),
+                                         dense_model=compare)
+        for task in prepared:
+            say(f"{task.name} on the dense model")
+            task_results[task.name]["dense"] = _run_task(dense, task, batch_size)
+    if task_results:
+        results["tasks"] = task_results
     return results
+
+
+def _public(settings: dict[str, Any]) -> dict[str, Any]:
+    """Task settings worth recording in the results (class names can be many: count them)."""
+    out = {k: v for k, v in settings.items() if k != "classes"}
+    if "classes" in settings:
+        out["n_classes"] = len(settings["classes"])
+    return out

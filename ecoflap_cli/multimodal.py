@@ -432,7 +432,7 @@ def _image_features(model: nn.Module, processor: Any, images: Sequence[Any], bat
     device = _device(model)
     parts = []
     for chunk in _chunks(list(images), batch_size):
-        pixels = _pixel_values(processor, chunk).to(device)
+        pixels = _pixel_values(processor, chunk).to(device, _float_dtype(model))
         parts.append(_features(model.get_image_features(pixel_values=pixels)))
     return torch.cat(parts)
 

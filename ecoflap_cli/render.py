@@ -124,3 +124,59 @@ def _inspect_table(title: str, first: str, rows: list[dict[str, Any]], extra: tu
         shown = [r[k] for k in fractions if r[k] is not None]
         table.add_row(*(cells[c] for c in columns), *([bar(shown[-1]) if shown else ""] if fractions else []))
     return table
+
+
+TASK_TITLES = {"zero_shot": "CLIP zero-shot", "retrieval": "CLIP retrieval", "vqa": "VQA",
+               "captioning": "captioning"}  # fmt: skip
+METRIC_LABELS = {"top1": "top-1 accuracy", "top5": "top-5 accuracy",
+                 "vqa_accuracy": "VQAv2 soft accuracy", "exact_match": "exact match",
+                 "cider_d": "CIDEr-D"}  # fmt: skip
+_METRIC_ORDER = ["top1", "top5", *(f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
+                 "vqa_accuracy", "exact_match", "cider_d"]  # fmt: skip
+_COUNTS = (("n_images", "images"), ("n_texts", "texts"), ("n_classes", "classes"),
+           ("n_questions", "questions"))  # fmt: skip
+
+
+def _metric_label(key: str) -> str:
+    if key in METRIC_LABELS:
+        return METRIC_LABELS[key]
+    direction, _, k = key.partition("_r")
+    if direction in ("i2t", "t2i") and k.isdigit():
+        return f"{'image->text' if direction == 'i2t' else 'text->image'} R@{k}"
+    return key
+
+
+def render_tasks(console: Console, results: dict[str, Any]) -> None:
+    """One table of vision-language task metrics (percent): dense, pruned and the difference."""
+    tasks = results.get("tasks")
+    if not tasks:
+        return
+    dense_model = results.get("dense_model")
+    achieved = results.get("summary", {}).get("achieved")
+    title = "vision-language tasks (percent)"
+    if achieved is not None:
+        title += f", pruned to sparsity {achieved:.4f}"
+    table = Table(title=title, title_justify="left")
+    columns = ["task", "data", "metric", *(["dense"] if dense_model else []), "pruned",
+               *(["change"] if dense_model else [])]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("task", "data", "metric") else "right")
+    for name, task in tasks.items():
+        pruned, dense = task["pruned"], task.get("dense")
+        counts = ", ".join(f"{int(pruned[k])} {word}" for k, word in _COUNTS if k in pruned)
+        metrics_ = sorted((k for k, v in pruned.items()
+                           if isinstance(v, (int, float)) and not k.startswith("n_") and k != "time_s"),
+                          key=lambda k: _METRIC_ORDER.index(k) if k in _METRIC_ORDER else len(_METRIC_ORDER))
+        for i, key in enumerate(metrics_):
+            label, data = (TASK_TITLES.get(name, name), counts) if i == 0 else ("", "")
+            cells = [label, data, _metric_label(key)]
+            value = None if dense is None else dense.get(key)
+            if dense_model:
+                cells.append("-" if value is None else f"{value:.2f}")
+            cells.append(f"{pruned[key]:.2f}")
+            if dense_model:
+                cells.append("-" if value is None else f"{pruned[key] - value:+.2f}")
+            table.add_row(*cells)
+    console.print(table)
+    if dense_model:
+        console.print(f"dense: {dense_model}; pruned: {results['checkpoint']}", highlight=False)

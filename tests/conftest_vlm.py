@@ -223,3 +223,11 @@ def write_data(root: Path) -> dict[str, Path]:
 
 def processor_for(processors: dict[str, object], case: str) -> object:
     return processors[CASES[case][0]]
+
+
+def save_model_dir(case: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny model saved as a Hugging Face directory with its processor (what `ecoflap` loads)."""
+    model = make_model(case, seed=seed)
+    model.save_pretrained(folder)
+    make_processor(CASES[case][0], folder)
+    return folder

@@ -100,6 +100,51 @@ def test_registry_picks_the_family_adapter() -> None:
             assert adapter.include_qformer is False
 
 
+def test_get_adapter_passes_options_a_family_takes(tiny_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from ecoflap_cli.models.causal_lm import CausalLMAdapter
+
+    blip = get_adapter(make_model("blip2-opt"), include_qformer=True)
+    assert type(blip) is Blip2Adapter and blip.include_qformer and "qformer" in blip.towers()
+    instruct = get_adapter(make_model("instructblip-opt"), include_qformer=False)
+    assert instruct.towers() == ["vision", "language"]
+    # families without a Q-Former ignore the option
+    clip = get_adapter(make_model("clip"), include_qformer=True)
+    assert type(clip) is CLIPAdapter and clip.towers() == ["vision", "text"]
+    causal = get_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama), include_qformer=True)
+    assert type(causal) is CausalLMAdapter and causal.towers() == ["language"]
+
+
+def test_use_cache_only_where_the_forward_takes_it() -> None:
+    class Strict(nn.Module):
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return input_ids.float()
+
+    class Tower(Adapter):
+        def tower_paths(self) -> dict[str, str]:
+            return {}
+
+    strict = Tower(Strict())
+    assert strict.no_cache() == {}
+    batch = {"input_ids": torch.ones(1, 2), "labels": torch.ones(1, 2)}
+    assert torch.equal(strict.forward(batch), torch.ones(1, 2))
+    assert adapter_for("clip").no_cache() == {"use_cache": False}  # CLIPModel.forward takes **kwargs
+    # BLIP-2 takes it through **kwargs and must get it: else the LM builds a cache that the block
+    # capture would store among a block's inputs
+    blip = adapter_for("blip2-opt")
+    assert blip.no_cache() == {"use_cache": False}
+    seen: dict = {}
+    layer = blip.blocks("language")[0].module
+    handle = layer.register_forward_pre_hook(lambda _m, _a, kw: seen.update(kw), with_kwargs=True)
+    ids = torch.tensor([[IMAGE] * NUM_QUERY_TOKENS + [BOS, 10, 11, EOS]])
+    with torch.no_grad():
+        blip.forward({"pixel_values": torch.zeros(1, 3, 32, 32), "input_ids": ids})
+    handle.remove()
+    caches = {name: kw for name, kw in seen.items() if "cache" in name and name != "use_cache"}
+    assert caches and all(kw is None for kw in caches.values()), caches
+
+
 def _all_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
@@ -448,3 +493,28 @@ def test_clip_tasks(processors: dict, vlm_data: dict) -> None:
     # several captions of one image count as one image
     both = clip_retrieval(model, processor, read_image_text_jsonl(vlm_data["captions"]))
     assert both["n_images"] == 6 and both["n_texts"] == 7
+
+
+def test_image_text_calibration_is_a_seeded_sample(vlm_data: dict, processors: dict) -> None:
+    import random
+
+    from ecoflap_cli.loading import LoadedModel
+    from ecoflap_cli.pipeline import CalibrationOptions, calibration_batches
+
+    adapter = adapter_for("blip2-opt")
+    loaded = LoadedModel(adapter.model, processors["blip-2"], "tiny")
+    records = read_image_text_jsonl(vlm_data["captions"])
+
+    def chosen(seed: int, samples: int) -> tuple[list, dict]:
+        opts = CalibrationOptions(str(vlm_data["captions"]), samples, None, 8, seed)
+        batches, prov = calibration_batches(loaded, adapter, opts)
+        return batches, prov
+
+    batches, prov = chosen(3, 4)
+    want = [records[i] for i in sorted(random.Random(3).sample(range(len(records)), 4))]
+    expected = make_multimodal_batches(adapter, processors["blip-2"], want, 8, 64)
+    assert len(batches) == 1 and torch.equal(batches[0]["input_ids"], expected[0]["input_ids"])
+    assert prov["samples"] == 4 and prov["seed"] == 3
+    assert prov["tokens"] == int(expected[0]["attention_mask"].sum())
+    everything, prov = chosen(0, 100)  # fewer records than asked: all of them, in file order
+    assert prov["samples"] == len(records) == sum(b["input_ids"].shape[0] for b in everything)

@@ -8,6 +8,7 @@ so a new family is one new adapter file.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,9 +105,28 @@ class Adapter:
         return ["embeddings", "lm_head", "norms", "biases"]
 
     # --- running -----------------------------------------------------------------------
+    def check_batch(self, batch: Batch) -> None:
+        """Raise DataError when a batch lacks what this family's forward needs (default: no check)."""
+
+    def no_cache(self) -> dict[str, Any]:
+        """``{"use_cache": False}`` when the model's forward accepts it, else nothing.
+
+        A key/value cache would be built on every calibration pass and, worse, captured among a
+        block's inputs and replayed. A forward that takes ``**kwargs`` accepts it (BLIP-2 hands
+        it on to its language model); one that takes neither would raise on it.
+        """
+        try:
+            params = inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):  # builtins or odd wrappers: do not guess
+            return {}
+        if "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return {"use_cache": False}
+        return {}
+
     def forward(self, batch: Batch) -> Any:
         """Run the model on a calibration batch (no loss needed)."""
-        return self.model(**self.model_inputs(batch), use_cache=False)
+        self.check_batch(batch)
+        return self.model(**self.model_inputs(batch), **self.no_cache())
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """The model's own training loss on a calibration batch (a scalar)."""

@@ -140,10 +140,6 @@ class Blip2Adapter(Adapter):
             inputs["decoder_input_ids"] = shift(batch["labels"])
         return to_model_device(self.model, inputs)
 
-    def forward(self, batch: Batch) -> Any:
-        self.check_batch(batch)
-        return self.model(**self.model_inputs(batch), use_cache=False)
-
     def loss(self, batch: Batch) -> torch.Tensor:
         self.check_batch(batch)
         if "labels" not in batch:
@@ -152,7 +148,7 @@ class Blip2Adapter(Adapter):
         if self.seq2seq:
             inputs.pop("decoder_input_ids", None)  # let T5 shift the labels itself
         labels = to_model_device(self.model, {"labels": batch["labels"]})["labels"]
-        return self.model(**inputs, labels=labels, use_cache=False).loss
+        return self.model(**inputs, labels=labels, **self.no_cache()).loss
 
     def next_inputs(self, block: Block, output: Any, inputs: BlockInputs) -> BlockInputs:
         if block.tower.startswith("language-"):

@@ -41,4 +41,4 @@ class CausalLMAdapter(Adapter):
     def loss(self, batch: Batch) -> torch.Tensor:
         inputs = self.model_inputs(batch)
         labels = batch.get("labels", batch["input_ids"])
-        return self.model(**inputs, labels=labels, use_cache=False).loss
+        return self.model(**inputs, labels=labels, **self.no_cache()).loss

@@ -9,8 +9,6 @@ matrix, so a batch needs at least two distinct image-text pairs (with one the lo
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -54,10 +52,6 @@ class CLIPAdapter(Adapter):
 
     def model_inputs(self, batch: Batch) -> Batch:
         return to_model_device(self.model, {k: v for k, v in batch.items() if k in self.input_keys})
-
-    def forward(self, batch: Batch) -> Any:
-        self.check_batch(batch)
-        return self.model(**self.model_inputs(batch))
 
     def loss(self, batch: Batch) -> torch.Tensor:
         self.check_batch(batch)
