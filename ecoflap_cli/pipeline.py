@@ -151,6 +151,16 @@ def run_prune(
     artifacts.check_model_match(plan, fingerprint(loaded.model), loaded.source, "the plan")
     if settings.nm is not None:
         artifacts.check_nm_plan(plan, settings.nm)
+    covered = {t for b in adapter.blocks() for t in b.tensor_names()}
+    uncovered = sorted(set(artifacts.prune_counts(plan)) - covered)
+    if uncovered:
+        hint = " (pass --include-qformer)" if any("qformer" in t for t in uncovered) else ""
+        raise PlanError(f"the plan prunes {len(uncovered)} tensors that this run does not cover, "
+                        f"e.g. {uncovered[0]}{hint}")
+    unknown = sorted(set(settings.compare_groups) - set(adapter.towers()))
+    if unknown:
+        raise PlanError(f"--compare-group names unknown tower {unknown[0]!r} "
+                        f"(this model has: {', '.join(adapter.towers())})")
     start = time.perf_counter()
     results = prune_model(adapter, artifacts.prune_counts(plan), batches, settings, progress)
     elapsed = time.perf_counter() - start

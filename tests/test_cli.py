@@ -181,3 +181,11 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     res = sh(f"{ECOFLAP} allocate missing.json -s 0.5", tmp_path, check=False)
     assert res.returncode == 2
     assert res.stderr.strip() == "error: file not found: missing.json"
+
+
+def test_compare_group_with_unknown_tower_is_refused(tiny_llama, tmp_path, calib_text, monkeypatch):
+    code, _, err = run_cli(shlex.split(
+        f"prune -m {tiny_llama} --sparsity 0.5 --allocator uniform --calib {calib_text} --samples 2 "
+        f"--seqlen 16 --compare-group visoin=row -o out"), tmp_path, monkeypatch)
+    assert code != 0 and "unknown tower 'visoin'" in err and "language" in err
+    assert not (tmp_path / "out").exists()

@@ -383,3 +383,14 @@ def test_eval_blip2_perplexity_is_its_language_model(model_dir, tmp_path: Path,
     windows = windows_for_eval(tokenize_documents(loaded.tokenizer, [text.read_text()]), 16, None)
     assert got == pytest.approx(perplexity(loaded.model.language_model, windows))
     assert "perplexity" in err
+
+
+def test_qformer_plan_without_include_qformer_is_refused(model_dir, data: dict, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    model, captions = model_dir("blip2-opt"), data["captions"]
+    cli_ok(f"score -m {model} --calib {captions} --samples 4 --batch-size 2 --include-qformer -o s.json",
+           tmp_path, monkeypatch)
+    cli_ok("allocate s.json -s 0.5 --allocator uniform -o p.json --no-show", tmp_path, monkeypatch)
+    code, _, err = run_cli(shlex.split(f"prune -m {model} --plan p.json --calib {captions} --samples 4 "
+                                       f"--batch-size 2 -o out"), tmp_path, monkeypatch)
+    assert code != 0 and "--include-qformer" in err and not (tmp_path / "out").exists()
