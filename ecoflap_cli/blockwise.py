@@ -18,6 +18,21 @@ from torch import nn
 from .models.base import Adapter, Batch, Block, BlockInputs
 
 
+def trim_host_memory() -> None:
+    """Give freed heap memory back to the OS (glibc only; a no-op elsewhere).
+
+    Onloading offloaded blocks allocates and frees block-sized buffers over and over; glibc keeps
+    the freed chunks, fragmented, so resident memory would creep up by a few blocks' worth per
+    block without this.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _StopForward(Exception):
     """Raised from a hook to end a forward pass once the wanted activations are captured."""
 

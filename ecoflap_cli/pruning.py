@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import solvers
-from .blockwise import capture_inputs, module_device, run_block, to_device
+from .blockwise import capture_inputs, module_device, run_block, to_device, trim_host_memory
 from .errors import PlanError
 from .models.base import Adapter, Batch, Block, BlockInputs
 from .offload import editable_weight
@@ -171,6 +171,7 @@ def prune_model(
             results.extend(prune_block(adapter, block, inputs, prune_counts, settings))
             if needs_data and block is not blocks[last]:
                 inputs = propagate(adapter, block, inputs, settings.store_device)
+            trim_host_memory()
     return results
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .blockwise import capture_inputs, capture_outputs, replaying, run_block
+from .blockwise import capture_inputs, capture_outputs, replaying, run_block, trim_host_memory
 from .errors import PlanError
 from .models.base import Adapter, Batch, Block
 from .pruning import propagate
@@ -169,6 +169,7 @@ def zeroth_order_scores(
                     select(i)
                     total += _block_estimate(adapter, block, batch, i, settings, base[i] if base else None)
                 scores[block.name] = total
+                trim_host_memory()
                 if settings.reuse_activations:
                     previous_out = capture_outputs(adapter, block, batches, before_each=select)
         if settings.reuse_activations and previous_out is not None:
