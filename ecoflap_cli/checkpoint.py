@@ -82,7 +82,12 @@ def save_checkpoint(
     target = check_output_dir(out, overwrite)
     shard_bytes = parse_size(max_shard_size)
     with staging_dir(target) as tmp:
-        loaded.model.save_pretrained(tmp, max_shard_size=shard_bytes)
+        from .offload import any_offloaded
+
+        if any_offloaded(loaded.model) and not packed:
+            save_offloaded(loaded.model, tmp, shard_bytes)
+        else:
+            loaded.model.save_pretrained(tmp, max_shard_size=shard_bytes)
         if loaded.processor is not None:
             loaded.processor.save_pretrained(tmp)
         if packed:
@@ -92,6 +97,77 @@ def save_checkpoint(
         for name, doc in documents.items():
             (tmp / name).write_text(json.dumps(doc, indent=2) + "\n")
     return target
+
+
+def _tensor_for_saving(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """A parameter or buffer on the CPU, read from accelerate's offload storage when offloaded."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    hook = getattr(module, "_hf_hook", None)
+    if getattr(hook, "offload", False) and attr in hook.weights_map:
+        return hook.weights_map[attr].detach().to("cpu")
+    return getattr(module, attr).detach().to("cpu")
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+              torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _stream_safetensors(model: torch.nn.Module, names: list[str], specs: dict[str, torch.Tensor], path: Path) -> None:
+    """Write one safetensors file tensor by tensor: the header from shapes, then each tensor's bytes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        spec = specs[name]
+        nbytes = spec.numel() * spec.element_size()
+        header[name] = {"dtype": _ST_DTYPES[spec.dtype], "shape": list(spec.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)))
+        handle.write(raw)
+        for name in names:
+            tensor = _tensor_for_saving(model, name).contiguous()
+            handle.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+
+
+def save_offloaded(model: torch.nn.Module, directory: Path, max_shard_bytes: int) -> None:
+    """Save a model whose blocks live in CPU/disk offload storage, one tensor at a time.
+
+    ``save_pretrained`` would first gather every offloaded weight in memory; this writes the
+    safetensors header from the tensors' shapes and then streams each tensor's bytes, so saving
+    holds one tensor at a time. Tied weights are stored once, under their first name, as
+    ``save_pretrained`` does.
+    """
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(directory)
+    specs: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, value in model.state_dict(keep_vars=True).items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            specs[name] = value
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, spec in specs.items():
+        nbytes = spec.numel() * spec.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    total = len(shards)
+    files = [SINGLE_FILE] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+    for names, file in zip(shards, files):
+        _stream_safetensors(model, names, specs, directory / file)
+    if total > 1:
+        index = {"metadata": {"total_size": sum(s.numel() * s.element_size() for s in specs.values())},
+                 "weight_map": {n: file for names, file in zip(shards, files) for n in names}}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def write_weights(

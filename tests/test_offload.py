@@ -104,3 +104,20 @@ def test_activation_budget_error_names_the_option(tiny_llama, tmp_path, calib_te
     assert res.exit_code != 0
     assert "lower --samples or --seqlen" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_offloaded_model_saves_in_streamed_shards(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ecoflap_cli.checkpoint import save_offloaded
+
+    loaded = load_model(str(tiny_llama), LoadOptions(offload="disk", offload_folder=str(tmp_path / "off")))
+    out = tmp_path / "out"
+    out.mkdir()
+    save_offloaded(loaded.model, out, max_shard_bytes=20_000)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 3
+    assert (out / "model.safetensors.index.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    for (name, a), (_, b) in zip(original.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
