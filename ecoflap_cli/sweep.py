@@ -1,0 +1,887 @@
+"""`ecoflap sweep`: several allocators x solvers x sparsities, each pruned and evaluated, in one run.
+
+A method is written ``ALLOCATOR[-SCORING]:SOLVER[@key=value,...]``:
+
+    uniform:magnitude  uniform:wanda  uniform:sparsegpt     the baselines
+    owl:wanda@m=5,lam=0.08                                  OWL outlier ratios -> OWL allocator
+    ecoflap-zeroth:wanda  ecoflap-first:sparsegpt@max=0.1   ECoFLaP scores -> ECoFLaP allocator
+    depth:wanda@step=0.005                                  depth schedule
+    llmc:wanda  llmc:sparsegpt  llmc-owl:wanda@m=5,lam=0.08 llm-compressor (the peer; --llmc-python)
+
+Stages that do not change between runs are computed once and reused: the model is loaded once
+and a CPU copy of its dense state dict is ``load_state_dict``-ed back before every run;
+calibration batches (pruning and scoring) and evaluation windows are built once; scores are
+computed once per scoring method (and cached on disk under ``OUT/scores/``), then shared by every
+sparsity and solver that needs them. Every finished run is written to ``OUT/runs/`` at once, so
+an interrupted sweep resumes where it stopped.
+
+Peak memory is ``ru_maxrss``: the *process's* high-water mark. In one process it only grows, so a
+run's value is the peak of everything so far; with ``isolate=True`` every method (all its
+sparsities) runs in a fresh subprocess and its value is that method's own peak (model load
+included).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__, artifacts
+from .allocation import ALLOCATORS
+from .data import read_text, tokenize_documents
+from .errors import EcoflapError, PlanError
+from .evaluation import perplexity, sparsity_report, windows_for_eval
+from .loading import LoadedModel, LoadOptions, load_model
+from .pipeline import (
+    CalibrationOptions,
+    ScoreOptions,
+    calibration_batches,
+    load_adapter,
+    run_prune,
+    run_score,
+    structure_document,
+)
+from .pruning import PruneSettings
+from .scoring import ZerothOrderSettings
+
+Log = Callable[[str], None]
+SOLVERS = ("wanda", "sparsegpt", "magnitude")
+PEER_SOLVERS = ("wanda", "sparsegpt")
+#: allocator -> (default scoring method, scoring methods it accepts)
+ALLOCATOR_SCORING: dict[str, tuple[str | None, tuple[str | None, ...]]] = {
+    "uniform": (None, (None,)),
+    "depth": (None, (None,)),
+    "owl": ("owl", ("owl",)),
+    "ecoflap": ("zeroth", ("zeroth", "first")),
+}
+#: accepted @key=value parameters per allocator (and the scoring parameters they carry)
+PARAMS = {
+    "uniform": set(),
+    "depth": {"step"},
+    "owl": {"m", "lam"},
+    "ecoflap": {"max", "eps", "perturbations", "direction", "metric"},
+    "llmc": set(),
+    "llmc-owl": {"m", "lam"},
+}
+DEFAULTS = {"owl": {"m": 5, "lam": 0.08}, "llmc-owl": {"m": 5, "lam": 0.08}}
+ALIASES = {"magnitude": "uniform:magnitude", "wanda": "uniform:wanda", "sparsegpt": "uniform:sparsegpt"}
+
+
+# --- method specs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    allocator: str  # uniform | depth | owl | ecoflap | llmc | llmc-owl
+    scoring: str | None  # zeroth | first | owl | None
+    solver: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def peer(self) -> bool:
+        return self.allocator.startswith("llmc")
+
+    @property
+    def param(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def name(self) -> str:
+        head = self.allocator
+        if self.scoring is not None and self.allocator == "ecoflap":
+            head = f"{head}-{self.scoring}"
+        text = f"{head}:{self.solver}"
+        if self.params:
+            text += "@" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params)
+        return text
+
+    def score_key(self) -> str | None:
+        """What identifies this method's scores: methods with equal keys share one scores doc."""
+        if self.scoring is None or self.peer:
+            return None
+        p = self.param
+        if self.scoring == "owl":
+            return f"owl@m={p.get('m', 5):g}"
+        if self.scoring == "first":
+            return f"first@metric={p.get('metric', 'taylor')}"
+        return (f"zeroth@eps={p.get('eps', 1e-3):g},perturbations={int(p.get('perturbations', 1))},"
+                f"direction={p.get('direction', 'gaussian')}")
+
+
+def _value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return text
+
+
+def parse_method(text: str) -> MethodSpec:
+    """Parse ``ALLOCATOR[-SCORING]:SOLVER[@k=v,...]`` (see the module docstring)."""
+    raw = ALIASES.get(text.strip(), text.strip())
+    head, _, tail = raw.partition("@")
+    left, sep, solver = head.partition(":")
+    if not sep or not left or not solver:
+        raise PlanError(f"method {text!r}: write ALLOCATOR[-SCORING]:SOLVER, e.g. uniform:wanda or ecoflap-zeroth:wanda")
+    params: dict[str, Any] = {}
+    for item in filter(None, tail.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise PlanError(f"method {text!r}: parameters are key=value, got {item!r}")
+        params[key.strip()] = _value(value.strip())
+    if left in ("llmc", "llmc-owl"):
+        allocator, scoring = left, None
+        if solver not in PEER_SOLVERS:
+            raise PlanError(f"method {text!r}: llm-compressor solvers are {', '.join(PEER_SOLVERS)}")
+    else:
+        allocator, _, scoring_text = left.partition("-")
+        if allocator not in ALLOCATORS:
+            raise PlanError(f"method {text!r}: unknown allocator {allocator!r} (choose from {', '.join(ALLOCATORS)}, llmc, llmc-owl)")
+        default, accepted = ALLOCATOR_SCORING[allocator]
+        scoring = scoring_text or default
+        if scoring not in accepted:
+            allowed = ", ".join(str(a) for a in accepted if a) or "none"
+            raise PlanError(f"method {text!r}: allocator {allocator} takes scoring {allowed}, not {scoring_text!r}")
+        if solver not in SOLVERS:
+            raise PlanError(f"method {text!r}: unknown solver {solver!r} (choose from {', '.join(SOLVERS)})")
+    unknown = set(params) - PARAMS[allocator]
+    if unknown:
+        allowed = ", ".join(sorted(PARAMS[allocator])) or "none"
+        raise PlanError(f"method {text!r}: unknown parameter(s) {', '.join(sorted(unknown))} (allowed: {allowed})")
+    merged = {**DEFAULTS.get(allocator, {}), **params}
+    return MethodSpec(allocator, scoring, solver, tuple(sorted(merged.items())))
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+@dataclass
+class SweepConfig:
+    model: str
+    calib: str
+    text: str
+    methods: list[str]
+    sparsities: list[float]
+    output: str = "sweep"
+    samples: int = 128
+    seqlen: int | None = None
+    score_samples: int = 32
+    score_seqlen: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    eval_seqlen: int = 512
+    eval_windows: int | None = None
+    eval_batch_size: int = 4
+    repeats: int = 1
+    #: the extra timing passes (repeats > 1) cover only these methods / sparsities (None: all)
+    timing_methods: list[str] | None = None
+    timing_sparsities: list[float] | None = None
+    isolate: bool = False
+    llmc_python: str | None = None
+    llmc_batch_size: int | None = None  # default: batch_size (the same batches as ours)
+    dtype: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    resume: bool = True
+    plot: bool = True
+    title: str | None = None
+    text_field: str = "text"
+
+    def specs(self) -> list[MethodSpec]:
+        return [parse_method(m) for m in self.methods]
+
+    def check(self) -> None:
+        if not self.methods:
+            raise PlanError("give at least one --method")
+        specs = self.specs()
+        if len({s.name for s in specs}) != len(specs):
+            raise PlanError("the same method is given twice")
+        if not self.sparsities:
+            raise PlanError("give at least one --sparsity")
+        for p in self.sparsities:
+            if not 0.0 <= p < 1.0:
+                raise PlanError(f"--sparsity must be in [0, 1), got {p}")
+        if self.repeats < 1:
+            raise PlanError("--repeats must be at least 1")
+        if any(s.peer for s in specs) and not self.llmc_python:
+            raise PlanError("llmc:* methods need llm-compressor's Python: pass --llmc-python PATH "
+                            "(or --llmc-venv to create one)")
+        for path, what in ((self.calib, "--calib"), (self.text, "--text")):
+            if not Path(path).is_file():
+                raise PlanError(f"{what} file not found: {path}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a cached run depends on (not: methods list, repeats, isolation, output)."""
+        def ident(path: str) -> str:
+            p = Path(path).expanduser()
+            if p.is_file():
+                st = p.stat()
+                return f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+            return str(path)
+
+        return {"model": ident(self.model), "calib": ident(self.calib), "text": ident(self.text),
+                "samples": self.samples, "seqlen": self.seqlen, "score_samples": self.score_samples,
+                "score_seqlen": self.score_seqlen, "batch_size": self.batch_size, "seed": self.seed,
+                "eval_seqlen": self.eval_seqlen, "eval_windows": self.eval_windows, "dtype": self.dtype,
+                "llmc_batch_size": self.llmc_batch_size, "ecoflap": __version__}
+
+    def score_fingerprint(self) -> dict[str, Any]:
+        """What scores depend on: the model and the scoring calibration (not the eval text)."""
+        keys = ("model", "calib", "score_samples", "score_seqlen", "seqlen", "batch_size", "seed", "dtype", "ecoflap")
+        return {k: v for k, v in self.fingerprint().items() if k in keys}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_key(cfg: SweepConfig, method: str, sparsity: float) -> str:
+    return _hash({"cfg": cfg.fingerprint(), "method": method, "sparsity": round(sparsity, 6)})
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
+
+
+def peak_rss_mib() -> float:
+    """This process's resident-set high-water mark (ru_maxrss; KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+# --- the runner -----------------------------------------------------------------------------
+
+
+class SweepRunner:
+    """Runs (method, sparsity) pairs against one loaded model, reusing every stage it can."""
+
+    def __init__(self, cfg: SweepConfig, log: Log | None = None) -> None:
+        self.cfg = cfg
+        self.log = log or (lambda message: None)
+        self.out = Path(cfg.output)
+        self.counters: Counter[str] = Counter()  # how often each reusable stage was computed
+        self._loaded: LoadedModel | None = None
+        self._adapter: Any = None
+        self._dense: dict[str, torch.Tensor] | None = None
+        self._dirty = False
+        self._prune_data: tuple[list[Any], dict[str, Any]] | None = None
+        self._score_data: tuple[list[Any], dict[str, Any]] | None = None
+        self._eval_windows: torch.Tensor | None = None
+        self._scores: dict[str, tuple[dict[str, Any], float]] = {}
+        self._structure: dict[str, Any] | None = None
+        self._peer_model: Path | None = None
+        self._peer_windows: Path | None = None
+        self._last_cpu_s = 0.0
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+
+    # -- reusable stages --
+    @property
+    def loaded(self) -> LoadedModel:
+        if self._loaded is None:
+            self.log(f"loading {self.cfg.model}")
+            self._loaded = load_model(self.cfg.model, LoadOptions(dtype=self.cfg.dtype, device=self.cfg.device))
+            self.counters["load"] += 1
+            self._adapter = load_adapter(self._loaded)
+            # the dense weights, once, on the CPU: restored by load_state_dict before every run
+            self._dense = {k: v.detach().to("cpu", copy=True) for k, v in self._loaded.model.state_dict().items()}
+        return self._loaded
+
+    @property
+    def adapter(self) -> Any:
+        _ = self.loaded
+        return self._adapter
+
+    def restore(self) -> None:
+        """Put the dense weights back (no reload from disk)."""
+        if self._dirty:
+            assert self._dense is not None
+            self.loaded.model.load_state_dict(self._dense)
+            self.counters["restore"] += 1
+            self._dirty = False
+
+    def prune_data(self) -> tuple[list[Any], dict[str, Any]]:
+        if self._prune_data is None:
+            opts = CalibrationOptions(self.cfg.calib, self.cfg.samples, self.cfg.seqlen, self.cfg.batch_size,
+                                      self.cfg.seed, self.cfg.text_field)
+            self._prune_data = calibration_batches(self.loaded, self.adapter, opts)
+            self.counters["calibration"] += 1
+        return self._prune_data
+
+    def score_data(self) -> tuple[list[Any], dict[str, Any]]:
+        if self._score_data is None:
+            opts = CalibrationOptions(self.cfg.calib, self.cfg.score_samples,
+                                      self.cfg.score_seqlen or self.cfg.seqlen, self.cfg.batch_size,
+                                      self.cfg.seed, self.cfg.text_field)
+            self._score_data = calibration_batches(self.loaded, self.adapter, opts)
+            self.counters["score_calibration"] += 1
+        return self._score_data
+
+    def eval_windows(self) -> torch.Tensor:
+        if self._eval_windows is None:
+            tokens = tokenize_documents(self.loaded.tokenizer, read_text(self.cfg.text, self.cfg.text_field))
+            self._eval_windows = windows_for_eval(tokens, self.cfg.eval_seqlen, self.cfg.eval_windows)
+            self.counters["eval_windows"] += 1
+        return self._eval_windows
+
+    def structure(self) -> dict[str, Any]:
+        if self._structure is None:
+            self._structure = structure_document(self.loaded, self.adapter)
+        return self._structure
+
+    def scores(self, spec: MethodSpec) -> tuple[dict[str, Any], float, bool]:
+        """(scores doc, seconds it took to compute, reused?) for a method's scoring; once per key."""
+        key = spec.score_key()
+        if key is None:
+            return self.structure(), 0.0, True
+        if key in self._scores:
+            doc, seconds = self._scores[key]
+            return doc, seconds, True
+        path = self.out / "scores" / f"{_safe(key)}-{_hash(self.cfg.score_fingerprint())}.json"
+        if self.cfg.resume and path.is_file():
+            cached = json.loads(path.read_text())
+            self._scores[key] = (cached["doc"], cached["seconds"])
+            self.log(f"scores {key}: reused from {path}")
+            return cached["doc"], cached["seconds"], True
+        self.restore()
+        batches, prov = self.score_data()
+        p = spec.param
+        opts = ScoreOptions(
+            method=spec.scoring or "zeroth",
+            zeroth=ZerothOrderSettings(eps=float(p.get("eps", 1e-3)), seed=self.cfg.seed,
+                                       perturbations=int(p.get("perturbations", 1)),
+                                       direction=str(p.get("direction", "gaussian"))),
+            first_metric=str(p.get("metric", "taylor")),
+            owl_threshold=float(p.get("m", 5.0)),
+        )
+        self.log(f"scoring: {key} ({len(batches)} batches)")
+        start = time.perf_counter()
+        doc = run_score(self.loaded, self.adapter, batches, prov, opts)
+        seconds = time.perf_counter() - start
+        self.counters[f"score:{key}"] += 1
+        self._scores[key] = (doc, seconds)
+        artifacts.write_atomic(path, json.dumps({"key": key, "seconds": seconds, "doc": doc}).encode())
+        return doc, seconds, False
+
+    def plan(self, spec: MethodSpec, sparsity: float, scores_doc: dict[str, Any]) -> dict[str, Any]:
+        p = spec.param
+        settings: dict[str, Any] = {}
+        if spec.allocator == "ecoflap":
+            settings["max_sparsity"] = round(min(sparsity + float(p["max"]), 1.0), 10) if "max" in p else None
+        elif spec.allocator == "owl":
+            settings["lam"] = float(p["lam"])
+        elif spec.allocator == "depth":
+            settings["step"] = float(p.get("step", 0.01))
+        return artifacts.build_plan(scores_doc, spec.allocator, sparsity, settings)
+
+    # -- runs --
+    def dense(self) -> dict[str, Any]:
+        cached = self._cached("dense", 0.0)
+        if cached is not None:
+            return cached
+        self.restore()
+        windows = self.eval_windows()
+        self.log(f"dense perplexity on {windows.shape[0]} x {windows.shape[1]} tokens")
+        start = time.perf_counter()
+        ppl = perplexity(self.loaded.model, windows, self.cfg.eval_batch_size)
+        record = {"method": "dense", "sparsity": 0.0, "achieved_sparsity": 0.0, "ppl": ppl,
+                  "times": {"eval_s": round(time.perf_counter() - start, 3)}}
+        return self._save("dense", 0.0, record)
+
+    def run(self, spec: MethodSpec, sparsity: float) -> dict[str, Any]:
+        """Score (once per scoring method), allocate, prune, evaluate one (method, sparsity)."""
+        cached = self._cached(spec.name, sparsity)
+        if cached is not None:
+            return cached
+        if spec.peer:
+            return self._run_peer(spec, sparsity)
+        record: dict[str, Any] = self._record(spec, sparsity)
+        try:
+            scores_doc, score_s, reused = self.scores(spec)
+            start = time.perf_counter()
+            plan = self.plan(spec, sparsity, scores_doc)
+            allocate_s = time.perf_counter() - start
+            prune_s = self._prune(spec, plan)
+            windows = self.eval_windows()
+            start = time.perf_counter()
+            ppl = perplexity(self.loaded.model, windows, self.cfg.eval_batch_size)
+            eval_s = time.perf_counter() - start
+            rows = sparsity_report(self.adapter, plan)
+            zeros, total = sum(r.zeros for r in rows), sum(r.numel for r in rows)
+            record.update(
+                ppl=ppl, achieved_sparsity=zeros / total, planned_sparsity=plan["achieved_sparsity"],
+                plan_matches=all(r.matches_plan for r in rows),
+                block_sparsity=[round(g["sparsity"], 5) for g in plan["groups"]],
+                times={"score_s": round(score_s, 3), "score_reused": reused, "allocate_s": round(allocate_s, 4),
+                       "prune_s": [round(prune_s, 3)], "prune_cpu_s": [self._last_cpu_s],
+                       "eval_s": round(eval_s, 3)},
+            )
+        except EcoflapError as exc:
+            record["error"] = str(exc)
+        record["peak_rss_mib"] = peak_rss_mib()
+        return self._save(spec.name, sparsity, record)
+
+    def retime(self, spec: MethodSpec, sparsity: float, record: dict[str, Any]) -> dict[str, Any]:
+        """One more measurement of the prune stage alone (for medians over repeats)."""
+        if "error" in record:
+            return record
+        if spec.peer:
+            result = self._call_peer(spec, sparsity, time_only=True)
+            entry = result["runs"][0]
+            if "error" in entry:
+                record.setdefault("retime_errors", []).append(entry["error"])
+            else:
+                record["times"]["prune_s"].extend(entry["oneshot_s"])
+                record["times"].setdefault("prune_cpu_s", []).extend(entry.get("oneshot_cpu_s", []))
+        else:
+            scores_doc, _, _ = self.scores(spec)
+            plan = self.plan(spec, sparsity, scores_doc)
+            record["times"]["prune_s"].append(round(self._prune(spec, plan), 3))
+            record["times"].setdefault("prune_cpu_s", []).append(self._last_cpu_s)
+        record["peak_rss_mib"] = max(record.get("peak_rss_mib", 0.0), peak_rss_mib())
+        return self._save(spec.name, sparsity, record)
+
+    def _prune(self, spec: MethodSpec, plan: dict[str, Any]) -> float:
+        self.restore()
+        batches, prov = self.prune_data() if spec.solver != "magnitude" else ([], None)
+        self._dirty = True
+        start, cpu = time.perf_counter(), time.process_time()
+        run_prune(self.loaded, self.adapter, plan, batches, prov, PruneSettings(spec.solver))
+        self._last_cpu_s = round(time.process_time() - cpu, 3)
+        return time.perf_counter() - start
+
+    def _record(self, spec: MethodSpec, sparsity: float) -> dict[str, Any]:
+        return {"method": spec.name, "library": "llm-compressor" if spec.peer else "ecoflap",
+                "allocator": spec.allocator, "scoring": spec.scoring, "solver": spec.solver,
+                "params": spec.param, "sparsity": sparsity, "isolated": self.cfg.isolate,
+                "threads": torch.get_num_threads()}
+
+    # -- the peer --
+    def _peer_inputs(self) -> tuple[Path, Path]:
+        if self._peer_model is None or self._peer_windows is None:
+            root = self.out / "peer"
+            model_dir = root / f"model-{_hash(self.cfg.fingerprint())}"
+            windows_file = root / f"calib-windows-{_hash(self.cfg.fingerprint())}.pt"
+            batches, _ = self.prune_data()
+            windows = torch.cat([b["input_ids"] for b in batches])
+            if not windows_file.is_file():
+                tmp = windows_file.with_suffix(f".{os.getpid()}.part")
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(windows, tmp)
+                tmp.replace(windows_file)
+            if not (model_dir / "config.json").is_file():
+                self.restore()
+                self.log(f"exporting the dense model for llm-compressor -> {model_dir}")
+                tmp_dir = model_dir.with_name(f"{model_dir.name}.{os.getpid()}.part")
+                self.loaded.model.save_pretrained(tmp_dir)
+                if self.loaded.tokenizer is not None:
+                    self.loaded.tokenizer.save_pretrained(tmp_dir)
+                try:
+                    tmp_dir.replace(model_dir)
+                except OSError:  # another sweep process exported it first
+                    shutil.rmtree(tmp_dir, ignore_errors=True)
+            self._peer_model, self._peer_windows = model_dir, windows_file
+        return self._peer_model, self._peer_windows
+
+    def _call_peer(self, spec: MethodSpec, sparsity: float, time_only: bool = False) -> dict[str, Any]:
+        model_dir, windows_file = self._peer_inputs()
+        runner = Path(__file__).parent / "bench" / "llmc_runner.py"
+        work = self.out / "peer" / _safe(spec.name)
+        result_file = work / f"result-{sparsity:g}.json"
+        cmd = [str(self.cfg.llmc_python), str(runner), "--model", str(model_dir), "--windows", str(windows_file),
+               "--modifier", spec.solver, "--sparsity", f"{sparsity}", "--out", str(work),
+               "--result", str(result_file),
+               "--batch-size", str(self.cfg.llmc_batch_size or self.cfg.batch_size),
+               "--threads", str(torch.get_num_threads())]
+        if spec.allocator == "llmc-owl":
+            cmd += ["--owl-m", str(int(spec.param["m"])), "--owl-lmbda", str(spec.param["lam"])]
+        if time_only:
+            cmd += ["--time-only"]
+        work.mkdir(parents=True, exist_ok=True)
+        self.log(f"llm-compressor: {spec.name} at {sparsity}{' (timing)' if time_only else ''}")
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        (work / f"log-{sparsity:g}.txt").write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + proc.stderr[-200000:])
+        if not result_file.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            return {"runs": [{"error": f"runner exited {proc.returncode}: {tail[0][:300]}"}], "wall_s": wall}
+        result = json.loads(result_file.read_text())
+        result["wall_s"] = round(wall, 3)
+        return result
+
+    def _run_peer(self, spec: MethodSpec, sparsity: float) -> dict[str, Any]:
+        record = self._record(spec, sparsity)
+        result = self._call_peer(spec, sparsity)
+        entry = result["runs"][0]
+        record.update(peer={k: v for k, v in result.items() if k != "runs"},
+                      peer_settings=entry.get("settings"), peer_peak_rss_mib=entry.get("peak_rss_mib"))
+        if "error" in entry:
+            record["error"] = entry["error"]
+            record["peak_rss_mib"] = entry.get("peak_rss_mib")
+            return self._save(spec.name, sparsity, record)
+        from safetensors.torch import load_file
+
+        self.restore()
+        state = load_file(entry["weights"])
+        self._dirty = True
+        missing, unexpected = self.loaded.model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise EcoflapError(f"llm-compressor returned weights this model does not have: {unexpected[:3]}")
+        Path(entry["weights"]).unlink(missing_ok=True)
+        windows = self.eval_windows()
+        start = time.perf_counter()
+        ppl = perplexity(self.loaded.model, windows, self.cfg.eval_batch_size)
+        eval_s = time.perf_counter() - start
+        rows = sparsity_report(self.adapter)
+        zeros, total = sum(r.zeros for r in rows), sum(r.numel for r in rows)
+        blocks = {}
+        for r in rows:
+            block = r.name.split(".mlp.")[0].split(".self_attn.")[0]
+            z, n = blocks.get(block, (0, 0))
+            blocks[block] = (z + r.zeros, n + r.numel)
+        record.update(
+            ppl=ppl, achieved_sparsity=zeros / total,
+            block_sparsity=[round(z / n, 5) for z, n in blocks.values()],
+            times={"score_s": 0.0, "score_reused": True, "allocate_s": 0.0,
+                   "prune_s": list(entry["oneshot_s"]), "prune_cpu_s": list(entry.get("oneshot_cpu_s", [])),
+                   "eval_s": round(eval_s, 3)},
+            # the runner's own process: what llm-compressor used
+            peak_rss_mib=entry.get("peak_rss_mib"),
+        )
+        return self._save(spec.name, sparsity, record)
+
+    # -- the run cache --
+    def _path(self, method: str, sparsity: float) -> Path:
+        return self.out / "runs" / f"{_safe(method)}-{sparsity:g}-{run_key(self.cfg, method, sparsity)}.json"
+
+    def _cached(self, method: str, sparsity: float) -> dict[str, Any] | None:
+        path = self._path(method, sparsity)
+        if self.cfg.resume and path.is_file():
+            record = json.loads(path.read_text())
+            if "error" not in record:
+                self.log(f"{method} at {sparsity:g}: reused from {path.name}")
+                return record
+        return None
+
+    def load_record(self, method: str, sparsity: float) -> dict[str, Any] | None:
+        path = self._path(method, sparsity)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _save(self, method: str, sparsity: float, record: dict[str, Any]) -> dict[str, Any]:
+        record["key"] = run_key(self.cfg, method, sparsity)
+        artifacts.write_atomic(self._path(method, sparsity), json.dumps(record, indent=1).encode())
+        return record
+
+    # -- passes --
+    def _timing_names(self) -> set[str]:
+        return {parse_method(m).name for m in self.cfg.timing_methods or []}
+
+    def run_pass(self, specs: Sequence[MethodSpec], repeat: int, include_dense: bool = True) -> None:
+        """Pass 0 runs everything; pass r >= 1 re-times the prune stage of each run once more.
+
+        Sparsity is the outer loop and methods the inner one, so methods interleave in time and
+        machine noise spreads over all of them alike.
+        """
+        if repeat == 0 and include_dense:
+            self.dense()
+        for sparsity in self.cfg.sparsities:
+            for spec in specs:
+                if repeat == 0:
+                    record = self.run(spec, sparsity)
+                    ppl = record.get("ppl")
+                    self.log(f"{spec.name} at {sparsity:g}: " + (f"ppl {ppl:.2f}" if ppl else f"error: {record.get('error')}"))
+                    continue
+                if self.cfg.timing_methods is not None and spec.name not in self._timing_names():
+                    continue
+                if self.cfg.timing_sparsities is not None and sparsity not in self.cfg.timing_sparsities:
+                    continue
+                record = self.load_record(spec.name, sparsity)
+                if record is None or "error" in record or len(record["times"]["prune_s"]) > repeat:
+                    continue
+                self.retime(spec, sparsity, record)
+
+
+# --- orchestration --------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "torch": torch.__version__}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_gib"] = round(int(line.split()[1]) / 1024 / 1024, 1)
+                break
+    except OSError:
+        pass
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        pass
+    return info
+
+
+def run_sweep(cfg: SweepConfig, log: Log | None = None) -> dict[str, Any]:
+    """Run every (method, sparsity), write OUT/sweep.json, OUT/sweep.md (and OUT/sweep.png)."""
+    cfg.check()
+    log = log or (lambda message: None)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = cfg.specs()
+    started = time.time()
+    load_before = machine_info().get("load_average")
+    if cfg.isolate:
+        _run_isolated(cfg, specs, log)
+        runner = SweepRunner(cfg, log)
+    else:
+        runner = SweepRunner(cfg, log)
+        for repeat in range(cfg.repeats):
+            runner.run_pass(specs, repeat)
+    summary = collect(cfg, runner, specs)
+    summary["machine"] = machine_info()
+    summary["machine"]["load_average_at_start"] = load_before
+    summary["wall_s"] = round(time.time() - started, 1)
+    summary["counters"] = dict(runner.counters)
+    write_outputs(summary, out, cfg.plot, log)
+    return summary
+
+
+def report(cfg: SweepConfig, log: Log | None = None) -> dict[str, Any]:
+    """Write the tables and plot from the runs cached so far, running nothing (partial results)."""
+    runner = SweepRunner(cfg, log)
+    summary = collect(cfg, runner, cfg.specs())
+    summary["machine"] = machine_info()
+    summary["partial"] = any("error" in r for r in summary["runs"])
+    write_outputs(summary, Path(cfg.output), cfg.plot, log)
+    return summary
+
+
+def _run_isolated(cfg: SweepConfig, specs: Sequence[MethodSpec], log: Log) -> None:
+    """Every method (all sparsities) in its own subprocess, so its peak RSS is its own."""
+    out = Path(cfg.output)
+    config_file = out / "sweep-config.json"
+    artifacts.write_atomic(config_file, json.dumps(cfg.to_dict(), indent=2).encode())
+    names = ["dense"] + [s.name for s in specs]
+    timed = None if cfg.timing_methods is None else {parse_method(m).name for m in cfg.timing_methods}
+    for repeat in range(cfg.repeats):
+        for name in names:
+            if repeat > 0 and (name == "dense" or (timed is not None and name not in timed)):
+                continue
+            log(f"worker: {name} (pass {repeat + 1}/{cfg.repeats})")
+            cmd = [sys.executable, "-m", "ecoflap_cli.sweep", "--worker", str(config_file), name, str(repeat)]
+            proc = subprocess.run(cmd, stderr=None if os.environ.get("ECOFLAP_SWEEP_VERBOSE") else subprocess.PIPE,
+                                  text=True)
+            if proc.returncode != 0:
+                tail = (proc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
+                log(f"worker {name} failed (exit {proc.returncode}): {tail[0][:300]}")
+
+
+def worker_main(config_file: str, method: str, repeat: int) -> int:
+    cfg = SweepConfig.from_dict(json.loads(Path(config_file).read_text()))
+    runner = SweepRunner(cfg, lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True))
+    if method == "dense":
+        runner.dense()
+    else:
+        runner.run_pass([parse_method(method)], repeat, include_dense=False)
+    return 0
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+def collect(cfg: SweepConfig, runner: SweepRunner, specs: Sequence[MethodSpec]) -> dict[str, Any]:
+    """Gather the cached run records into one summary document (with ours/peer time ratios)."""
+    dense = runner.load_record("dense", 0.0)
+    runs = []
+    for spec in specs:
+        for p in cfg.sparsities:
+            record = runner.load_record(spec.name, p)
+            if record is None:
+                record = {"method": spec.name, "sparsity": p, "error": "not run"}
+            times = record.get("times", {})
+            if times.get("prune_s"):
+                times["prune_median_s"] = _median(times["prune_s"])
+                times["prune_n"] = len(times["prune_s"])
+            if times.get("prune_cpu_s"):
+                times["prune_cpu_median_s"] = _median(times["prune_cpu_s"])
+            runs.append(record)
+    by = {(r["method"], r["sparsity"]): r for r in runs}
+    ratios = []
+    for solver in PEER_SOLVERS:
+        for p in cfg.sparsities:
+            ours, peer = by.get((f"uniform:{solver}", p)), by.get((f"llmc:{solver}", p))
+            if not ours or not peer:
+                continue
+            a = ours.get("times", {}).get("prune_median_s")
+            b = peer.get("times", {}).get("prune_median_s")
+            ca = ours.get("times", {}).get("prune_cpu_median_s")
+            cb = peer.get("times", {}).get("prune_cpu_median_s")
+            ratios.append({"solver": solver, "sparsity": p, "ours_s": a, "peer_s": b,
+                           "ours_cpu_s": ca, "peer_cpu_s": cb,
+                           "cpu_ratio": round(ca / cb, 3) if ca and cb else None,
+                           "threads": [ours.get("threads"), peer.get("threads")],
+                           "ours_n": ours.get("times", {}).get("prune_n"),
+                           "peer_n": peer.get("times", {}).get("prune_n"),
+                           "ratio": round(a / b, 3) if a and b else None,
+                           "ours_ppl": ours.get("ppl"), "peer_ppl": peer.get("ppl")})
+    return {"format": "ecoflap.sweep", "version": 1, "ecoflap_version": __version__,
+            "config": cfg.to_dict(), "dense": dense, "runs": runs, "ratios": ratios}
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    cfg = summary["config"]
+    sparsities = cfg["sparsities"]
+    runs = summary["runs"]
+    by = {(r["method"], r["sparsity"]): r for r in runs}
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    lines = [f"# {cfg.get('title') or 'ecoflap sweep'}", ""]
+    lines.append(f"Model `{cfg['model']}`; calibration `{cfg['calib']}` ({cfg['samples']} x "
+                 f"{cfg['seqlen'] or 'context'} tokens for pruning, {cfg['score_samples']} x "
+                 f"{cfg['score_seqlen'] or cfg['seqlen'] or 'context'} for scoring); perplexity on `{cfg['text']}` "
+                 f"({summary['dense'].get('windows', '') if summary.get('dense') else ''}"
+                 f"{cfg['eval_windows'] or 'all'} x {cfg['eval_seqlen']} tokens).")
+    lines.append("")
+    dense = summary.get("dense") or {}
+    lines += ["## Perplexity (lower is better)", "",
+              "| method | " + " | ".join(f"{p:g}" for p in sparsities) + " |",
+              "|---|" + "---:|" * len(sparsities)]
+    if dense.get("ppl") is not None:
+        lines.append(f"| dense | {_fmt(dense['ppl'])} |" + " |" * (len(sparsities) - 1))
+    for m in methods:
+        cells = []
+        for p in sparsities:
+            r = by.get((m, p), {})
+            cells.append(_fmt(r.get("ppl")) if r.get("ppl") is not None else ("error" if r.get("error") else "-"))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "## Every run", "",
+              "| method | sparsity | achieved | perplexity | score s | allocate s | prune s (median, n) | eval s | peak RSS MiB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        t = r.get("times", {})
+        score = "-" if not t.get("score_s") else f"{t['score_s']:.1f}" + (" (reused)" if t.get("score_reused") else "")
+        prune = "-" if t.get("prune_median_s") is None else f"{t['prune_median_s']:.1f} ({t['prune_n']})"
+        ppl = _fmt(r.get("ppl")) if r.get("ppl") is not None else f"error: {str(r.get('error', ''))[:80]}"
+        lines.append(
+            f"| {r['method']} | {r['sparsity']:g} | {_fmt(r.get('achieved_sparsity'), 4)} | {ppl} | {score} | "
+            f"{_fmt(t.get('allocate_s'), 3)} | {prune} | {_fmt(t.get('eval_s'), 1)} | {_fmt(r.get('peak_rss_mib'), 0)} |")
+    if summary.get("ratios"):
+        lines += ["", "## Prune time, ecoflap / llm-compressor (same calibration windows)", "",
+                  "| solver | sparsity | ecoflap wall s (n) | llm-compressor wall s (n) | wall ratio | "
+                  "ecoflap CPU s | llm-compressor CPU s | CPU ratio | ecoflap ppl | llm-compressor ppl |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for q in summary["ratios"]:
+            lines.append(f"| {q['solver']} | {q['sparsity']:g} | {_fmt(q['ours_s'], 1)} ({q['ours_n']}) | "
+                         f"{_fmt(q['peer_s'], 1)} ({q['peer_n']}) | {_fmt(q['ratio'], 2)} | "
+                         f"{_fmt(q.get('ours_cpu_s'), 1)} | {_fmt(q.get('peer_cpu_s'), 1)} | "
+                         f"{_fmt(q.get('cpu_ratio'), 2)} | {_fmt(q['ours_ppl'])} | {_fmt(q['peer_ppl'])} |")
+    machine = summary.get("machine", {})
+    lines += ["", f"Machine: {machine.get('cpu', '?')}, {machine.get('cpus', '?')} CPUs, "
+                  f"{machine.get('memory_gib', '?')} GiB, torch {machine.get('torch', '?')} with "
+                  f"{machine.get('torch_threads', '?')} threads. Times are medians over n runs. Peak RSS is the "
+                  + ("method's own process (isolated)." if cfg.get("isolate") else
+                     "process high-water mark so far (one process: it only grows; use --isolate for per-method peaks)."),
+              ""]
+    return "\n".join(lines)
+
+
+def write_plot(summary: dict[str, Any], path: Path) -> bool:
+    """Perplexity (log scale) against sparsity, one line per method; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    runs = [r for r in summary["runs"] if r.get("ppl") is not None]
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for m in methods:
+        pts = sorted((r["sparsity"], r["ppl"]) for r in runs if r["method"] == m)
+        style = "--" if m.startswith("llmc") else "-"
+        ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", label=m)
+    dense = (summary.get("dense") or {}).get("ppl")
+    if dense:
+        ax.axhline(dense, color="grey", linestyle=":", label=f"dense ({dense:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(summary["config"].get("title") or "ecoflap sweep")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(summary: dict[str, Any], out: Path, plot: bool = True, log: Log | None = None) -> None:
+    log = log or (lambda message: None)
+    artifacts.write_atomic(out / "sweep.json", (json.dumps(summary, indent=2) + "\n").encode())
+    artifacts.write_atomic(out / "sweep.md", render_markdown(summary).encode())
+    log(f"tables -> {out / 'sweep.md'}, {out / 'sweep.json'}")
+    if plot:
+        if write_plot(summary, out / "sweep.png"):
+            log(f"plot -> {out / 'sweep.png'}")
+        else:
+            log("plot skipped: matplotlib is not installed (pip install 'ecoflap[plot]')")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        sys.exit(worker_main(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    print("usage: python -m ecoflap_cli.sweep --worker CONFIG METHOD PASS (internal; use `ecoflap sweep`)",
+          file=sys.stderr)
+    sys.exit(2)
