@@ -7,8 +7,7 @@ from pathlib import Path
 
 import torch
 
-WORDS = ("the cat dog sat on a mat and ran to big small red blue house tree river stone "
-         "walks eats sleeps sings under over near far bright dark quick slow").split()
+WORDS = ["the", "cat", "dog", "sat", "on", "a", "mat", "and", "ran", "to", "big", "small", "red", "blue", "house", "tree", "river", "stone", "walks", "eats", "sleeps", "sings", "under", "over", "near", "far", "bright", "dark", "quick", "slow"]
 
 
 def make_tokenizer(vocab_size: int = 128):

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-
 from typer.testing import CliRunner
 
 from ecoflap_cli.cli import app

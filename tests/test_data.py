@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import make_text, make_tokenizer
 
 from ecoflap_cli.data import read_text, sample_windows, to_batches, tokenize_documents
 from ecoflap_cli.errors import DataError
-from tiny import make_text, make_tokenizer
 
 
 def test_chunked_tokenisation_equals_whole_text():

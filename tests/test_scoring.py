@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_config
 from transformers import AutoModelForCausalLM
 
 from ecoflap_cli.models import get_adapter
@@ -15,7 +16,6 @@ from ecoflap_cli.scoring import (
     owl_outlier_ratios,
     zeroth_order_scores,
 )
-from tiny import tiny_config
 
 
 def _model(family: str = "llama", seed: int = 0, dtype=torch.float32):

@@ -30,6 +30,7 @@ import time
 import traceback
 from pathlib import Path
 
+
 def _modifier(kind: str, sparsity: float, owl_m: int | None, owl_lmbda: float | None):
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
@@ -60,12 +61,11 @@ def _targeted_state(model) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    import llmcompressor
     import torch
     import transformers
-    from safetensors.torch import save_file
-
-    import llmcompressor
     from llmcompressor import oneshot
+    from safetensors.torch import save_file
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -108,7 +108,8 @@ MODES: dict[str, Callable[[Adapter, list, int], dict[str, float]]] = {
 }
 
 
-def run(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks: int) -> dict[str, Any]:
+def run(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks: int,
+        zeroth_repeats: int = 1) -> dict[str, Any]:
     torch.manual_seed(0)
     splits = wikipedia_splits()
     loaded = load_model(str(smollm2()))
@@ -121,11 +122,20 @@ def run(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks: int) -> 
     timings: dict[str, list[float]] = {"plain forward": []}
     memory: dict[str, list[int]] = {"plain forward": []}
     scores: dict[str, dict[str, float]] = {}
-    for r in range(repeats):
+    first = 0
+    if out.is_file():  # resume: keep the runs already measured
+        done = json.loads(out.read_text())
+        timings = {k: list(done.get("time_lists", {}).get(k, [v])) for k, v in done["time_s"].items()}
+        memory = {k: [v * 2**20] for k, v in done["peak_mib_above_model"].items()}
+        scores = done["scores"]
+        first = min(len(v) for k, v in timings.items() if not k.startswith(("zeroth", "reference")))
+    for r in range(first, repeats):
         _, t, m = measure(lambda: plain_forward(adapter, batches))
         timings["plain forward"].append(t)
         memory["plain forward"].append(m)
         for name, fn in MODES.items():
+            if r >= zeroth_repeats and name.startswith("zeroth"):
+                continue  # the expensive modes run fewer times; cheap ones give the unit's median
             result, t, m = measure(lambda fn=fn: fn(adapter, batches, 0))
             timings.setdefault(name, []).append(t)
             memory.setdefault(name, []).append(m)
@@ -139,26 +149,24 @@ def run(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks: int) -> 
     tensors_sub = sum(len(b.linears) for b in sub.blocks())
     tensors_all = sum(len(b.linears) for b in adapter.blocks())
     ref_times = []
-    for _ in range(max(1, repeats // 2)):
+    for _ in range(zeroth_repeats):
         _, t, m = measure(lambda: zeroth_order_scores(
             sub, batches, ZerothOrderSettings(granularity="tensor", reuse_activations=False)))
         ref_times.append(t * tensors_all / tensors_sub)
         memory.setdefault("reference (per tensor, no reuse)", []).append(m)
     timings["reference (per tensor, no reuse), extrapolated"] = ref_times
     block_times = []
-    for _ in range(max(1, repeats // 2)):
+    for _ in range(zeroth_repeats):
         _, t, m = measure(lambda: zeroth_order_scores(
             sub, batches, ZerothOrderSettings(reuse_activations=False)))
         block_times.append(t * len(names) / len(subset))
         memory.setdefault("zeroth block, no reuse", []).append(m)
     timings["zeroth block, no reuse, extrapolated"] = block_times
     results["reference_subset"] = {"blocks": sorted(subset), "tensors": tensors_sub, "of": tensors_all}
-    # seeds and reference-granularity scores (tensor + reuse gives the reference's numbers exactly)
-    for seed in (1, 2):
-        scores[f"zeroth block+reuse central seed {seed}"] = zeroth_order_scores(
-            adapter, batches, ZerothOrderSettings(seed=seed))
-    scores["reference estimator (per tensor; computed with reuse)"] = zeroth_order_scores(
-        adapter, batches, ZerothOrderSettings(granularity="tensor"))
+    # another seed: how stable is the ranking of a four-batch estimate?
+    if "zeroth block+reuse central seed 1" not in scores:
+        scores["zeroth block+reuse central seed 1"] = zeroth_order_scores(
+            adapter, batches, ZerothOrderSettings(seed=1))
     _save(out, results, timings, memory, scores)
     return json.loads(out.read_text())
 
@@ -167,6 +175,7 @@ def _save(out: Path, results: dict, timings: dict, memory: dict, scores: dict) -
     unit = statistics.median(timings["plain forward"])
     results["time_s"] = {k: statistics.median(v) for k, v in timings.items()}
     results["time_runs"] = {k: len(v) for k, v in timings.items()}
+    results["time_lists"] = timings
     results["time_in_forwards"] = {k: statistics.median(v) / unit for k, v in timings.items()}
     results["peak_mib_above_model"] = {k: statistics.median(v) / 2**20 for k, v in memory.items()}
     results["scores"] = scores
@@ -242,7 +251,8 @@ def memory(out: Path, seqlen: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("scoring_cost.json"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the plain forward and first-order modes")
+    parser.add_argument("--zeroth-repeats", type=int, default=1, help="runs of each zeroth-order mode")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--ref-blocks", type=int, default=2)
@@ -255,13 +265,12 @@ def main() -> None:
         memory_child(args.memory_child, args.seqlen)
         return
     if not args.skip_cost:
-        run(args.out, args.repeats, args.samples, args.seqlen, args.ref_blocks)
+        run(args.out, args.repeats, args.samples, args.seqlen, args.ref_blocks, args.zeroth_repeats)
     memory(args.out, args.seqlen)
     if args.skip_quality:
         return
-    quality(args.out, ["zeroth block+reuse central (default)", "zeroth block+reuse forward-diff",
-                       "reference estimator (per tensor; computed with reuse)",
-                       "first-order taylor, checkpointed", "first-order gradnorm, checkpointed"],
+    quality(args.out, ["zeroth block+reuse central (default)", "first-order gradnorm, checkpointed",
+                       "first-order taylor, checkpointed", "zeroth block+reuse forward-diff"],
             0.6, 16, args.quality_windows)
 
 
