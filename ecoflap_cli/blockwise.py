@@ -76,6 +76,26 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _forward_until(
+    adapter: Adapter,
+    batches: Sequence[Batch],
+    handle: Any,
+    before_each: Callable[[int], None] | None,
+) -> None:
+    """Run the model on every batch until a hook raises _StopForward; then remove the hook."""
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if before_each is not None:
+                    before_each(i)
+                try:
+                    adapter.forward(batch)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+
+
 def capture_inputs(
     adapter: Adapter,
     block: Block,
@@ -90,18 +110,7 @@ def capture_inputs(
         captured.append(to_device(detach((args, kwargs)), store))
         raise _StopForward
 
-    handle = block.module.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                if before_each is not None:
-                    before_each(i)
-                try:
-                    adapter.forward(batch)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
+    _forward_until(adapter, batches, block.module.register_forward_pre_hook(grab, with_kwargs=True), before_each)
     if len(captured) != len(batches):
         raise RuntimeError(f"block {block.name} was not reached by the model's forward pass")
     return captured
@@ -121,18 +130,7 @@ def capture_outputs(
         captured.append(to_device(detach(output), store))
         raise _StopForward
 
-    handle = block.module.register_forward_hook(grab)
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                if before_each is not None:
-                    before_each(i)
-                try:
-                    adapter.forward(batch)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
+    _forward_until(adapter, batches, block.module.register_forward_hook(grab), before_each)
     return captured
 
 
