@@ -153,7 +153,7 @@ def _check_sparsity(value: float, name: str = "--sparsity") -> None:
 def score(
     model: ModelOpt,
     output: Annotated[str, typer.Option("--output", "-o", help="Scores JSON path, or - for stdout.")] = "scores.json",
-    method: Annotated[str, typer.Option(help="zeroth (forward only), first (backprop), auto (first when backprop fits in memory, else zeroth) or owl (outlier ratios).")] = "zeroth",
+    method: Annotated[str, typer.Option(help="auto (exact first-order gradient norms when backprop fits in memory, else zeroth), zeroth (forward only, the paper's), first (backprop) or owl (outlier ratios).")] = "auto",
     calib: CalibOpt = None,
     samples: Annotated[int, typer.Option(help="Calibration samples.")] = 32,
     seqlen: SeqlenOpt = None,
@@ -225,7 +225,7 @@ def prune(
     plan: Annotated[Optional[str], typer.Option(help="Plan JSON from `ecoflap allocate` (or - for stdin).")] = None,
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", "-s", help="One-shot: score and allocate to this target.")] = None,
     allocator: Annotated[str, typer.Option(help="One-shot allocator: ecoflap, uniform, owl or depth.")] = "ecoflap",
-    score_method: Annotated[str, typer.Option(help="One-shot scoring: zeroth, first, auto or owl.")] = "zeroth",
+    score_method: Annotated[str, typer.Option(help="One-shot scoring: auto (first-order when it fits, else zeroth), zeroth, first or owl.")] = "auto",
     score_samples: Annotated[int, typer.Option(help="One-shot: calibration samples for scoring.")] = 32,
     score_seqlen: Annotated[Optional[int], typer.Option(help="One-shot: tokens per scoring sample (default: --seqlen).")] = None,
     max_sparsity: Annotated[Optional[float], typer.Option(help="One-shot ecoflap cap (default target + 0.1).")] = None,

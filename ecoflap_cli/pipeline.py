@@ -37,7 +37,7 @@ class CalibrationOptions:
 
 @dataclass
 class ScoreOptions:
-    method: str = "zeroth"  # zeroth | first | owl
+    method: str = "auto"  # auto | zeroth | first | owl
     zeroth: ZerothOrderSettings = field(default_factory=ZerothOrderSettings)
     first_metric: str = "taylor"
     checkpointing: bool = True
