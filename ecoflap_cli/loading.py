@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,7 +165,8 @@ def _placement(opts: LoadOptions) -> dict[str, Any]:
         for device in device_map.values():
             check_device_name(device)
     elif device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        raise ModelError(f"--device-map takes auto, balanced, balanced_low_0, sequential or a JSON map, got {device_map!r}")
+        raise ModelError("--device-map takes auto, balanced, balanced_low_0, sequential or a JSON map, "
+                         f"got {device_map!r}")
     placement: dict[str, Any] = {"device_map": device_map}
     if opts.max_memory:
         placement["max_memory"] = {(int(k) if k.isdigit() else k): v for k, v in opts.max_memory.items()}
@@ -266,8 +266,12 @@ def _load_gguf(path: Path, opts: LoadOptions) -> LoadedModel:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     dtype = resolve_dtype(opts.dtype)
     dtype = torch.float32 if dtype == "auto" else dtype
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # the GGUF converter draws its own bar on stderr
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    previous = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(previous, disable=True)  # its own bar would clutter stderr
     try:
         loaded = transformers.AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=dtype
@@ -276,10 +280,7 @@ def _load_gguf(path: Path, opts: LoadOptions) -> LoadedModel:
     except Exception as exc:
         raise ModelError(f"cannot load GGUF model {str(path)!r}: {_first_line(exc)}") from None
     finally:
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = previous
+        gguf_utils.tqdm = previous
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config = type(loaded.config).from_dict(config_dict)
