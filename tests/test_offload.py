@@ -67,7 +67,9 @@ def test_zeroth_order_scores_identical_when_offloaded(tiny_llama, tmp_path):
 def test_cli_prune_with_disk_offload_matches_whole(tiny_llama, tmp_path, calib_text, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    base = f"prune -m {tiny_llama} --sparsity 0.5 --calib {calib_text} --samples 4 --seqlen 16 --score-samples 2"
+    # zeroth-order for both: auto would pick first-order in memory and zeroth-order when offloaded
+    base = (f"prune -m {tiny_llama} --sparsity 0.5 --calib {calib_text} --samples 4 --seqlen 16 --score-samples 2 "
+            "--score-method zeroth")
     assert runner.invoke(app, shlex.split(base + " -o whole")).exit_code == 0
     res = runner.invoke(app, shlex.split(base + " --offload disk --offload-folder off -o seq"))
     assert res.exit_code == 0, res.stderr
