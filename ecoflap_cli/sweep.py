@@ -15,7 +15,8 @@ computed once per scoring method (and cached on disk under ``OUT/scores/``), the
 sparsity and solver that needs them. Every finished run is written to ``OUT/runs/`` at once, so
 an interrupted sweep resumes where it stopped.
 
-Peak memory is ``ru_maxrss``: the *process's* high-water mark. In one process it only grows, so a
+Peak memory is the *process's* resident-set high-water mark (``VmHWM`` on Linux, else
+``ru_maxrss`` from ``resource.getrusage``). In one process it only grows, so a
 run's value is the peak of everything so far; with ``isolate=True`` every method (all its
 sparsities) runs in a fresh subprocess and its value is that method's own peak (model load
 included).
@@ -269,7 +270,18 @@ def _safe(name: str) -> str:
 
 
 def peak_rss_mib() -> float:
-    """This process's resident-set high-water mark (ru_maxrss; KiB on Linux, bytes on macOS)."""
+    """This process's resident-set high-water mark in MiB.
+
+    Linux: ``VmHWM`` from /proc/self/status, which starts afresh at exec. ``ru_maxrss`` does not:
+    a child inherits its parent's high-water mark across fork and exec, so a subprocess would
+    report at least its parent's peak. Elsewhere: ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
@@ -463,7 +475,8 @@ class SweepRunner:
             plan = self.plan(spec, sparsity, scores_doc)
             record["times"]["prune_s"].append(round(self._prune(spec, plan), 3))
             record["times"].setdefault("prune_cpu_s", []).append(self._last_cpu_s)
-        record["peak_rss_mib"] = max(record.get("peak_rss_mib", 0.0), peak_rss_mib())
+        if not spec.peer:  # a peer record keeps the runner's own peak
+            record["peak_rss_mib"] = max(record.get("peak_rss_mib") or 0.0, peak_rss_mib())
         return self._save(spec.name, sparsity, record)
 
     def _prune(self, spec: MethodSpec, plan: dict[str, Any]) -> float:

@@ -112,9 +112,20 @@ def run(args: argparse.Namespace) -> dict:
         except Exception as exc:  # noqa: BLE001 - report any failure of the peer to the caller
             entry["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             entry["traceback"] = traceback.format_exc()[-3000:]
-        entry["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        entry["peak_rss_mib"] = _peak_rss_mib()
         result["runs"].append(entry)
     return result
+
+
+def _peak_rss_mib() -> float:
+    """VmHWM (fresh at exec); ru_maxrss would include the parent's peak inherited across fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _jsonable(value: object) -> bool:
