@@ -140,7 +140,8 @@ def parse_method(text: str) -> MethodSpec:
     head, _, tail = raw.partition("@")
     left, sep, solver = head.partition(":")
     if not sep or not left or not solver:
-        raise PlanError(f"method {text!r}: write ALLOCATOR[-SCORING]:SOLVER, e.g. uniform:wanda or ecoflap-zeroth:wanda")
+        raise PlanError(f"method {text!r}: write ALLOCATOR[-SCORING]:SOLVER, "
+                        "e.g. uniform:wanda or ecoflap-zeroth:wanda")
     params: dict[str, Any] = {}
     for item in filter(None, tail.split(",")):
         key, eq, value = item.partition("=")
@@ -154,7 +155,8 @@ def parse_method(text: str) -> MethodSpec:
     else:
         allocator, _, scoring_text = left.partition("-")
         if allocator not in ALLOCATORS:
-            raise PlanError(f"method {text!r}: unknown allocator {allocator!r} (choose from {', '.join(ALLOCATORS)}, llmc, llmc-owl)")
+            raise PlanError(f"method {text!r}: unknown allocator {allocator!r} "
+                            f"(choose from {', '.join(ALLOCATORS)}, llmc, llmc-owl)")
         default, accepted = ALLOCATOR_SCORING[allocator]
         scoring = scoring_text or default
         if scoring not in accepted:
@@ -628,7 +630,8 @@ class SweepRunner:
                 if repeat == 0:
                     record = self.run(spec, sparsity)
                     ppl = record.get("ppl")
-                    self.log(f"{spec.name} at {sparsity:g}: " + (f"ppl {ppl:.2f}" if ppl else f"error: {record.get('error')}"))
+                    outcome = f"ppl {ppl:.2f}" if ppl else f"error: {record.get('error')}"
+                    self.log(f"{spec.name} at {sparsity:g}: {outcome}")
                     continue
                 if self.cfg.timing_methods is not None and spec.name not in self._timing_names():
                     continue
@@ -818,7 +821,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
             cells.append(_fmt(r.get("ppl")) if r.get("ppl") is not None else ("error" if r.get("error") else "-"))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "## Every run", "",
-              "| method | sparsity | achieved | perplexity | score s | allocate s | prune s (median, n) | eval s | peak RSS MiB |",
+              "| method | sparsity | achieved | perplexity | score s | allocate s | prune s (median, n) | eval s "
+              "| peak RSS MiB |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         t = r.get("times", {})
@@ -827,7 +831,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         ppl = _fmt(r.get("ppl")) if r.get("ppl") is not None else f"error: {str(r.get('error', ''))[:80]}"
         lines.append(
             f"| {r['method']} | {r['sparsity']:g} | {_fmt(r.get('achieved_sparsity'), 4)} | {ppl} | {score} | "
-            f"{_fmt(t.get('allocate_s'), 3)} | {prune} | {_fmt(t.get('eval_s'), 1)} | {_fmt(r.get('peak_rss_mib'), 0)} |")
+            f"{_fmt(t.get('allocate_s'), 3)} | {prune} | {_fmt(t.get('eval_s'), 1)} | "
+            f"{_fmt(r.get('peak_rss_mib'), 0)} |")
     if summary.get("ratios"):
         lines += ["", "## Prune time, ecoflap / llm-compressor (same calibration windows)", "",
                   "| solver | sparsity | ecoflap wall s (n) | llm-compressor wall s (n) | wall ratio | "
@@ -843,7 +848,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
                   f"{machine.get('memory_gib', '?')} GiB, torch {machine.get('torch', '?')} with "
                   f"{machine.get('torch_threads', '?')} threads. Times are medians over n runs. Peak RSS is the "
                   + ("method's own process (isolated)." if cfg.get("isolate") else
-                     "process high-water mark so far (one process: it only grows; use --isolate for per-method peaks)."),
+                     "process high-water mark so far (one process: it only grows; "
+                     "use --isolate for per-method peaks)."),
               ""]
     return "\n".join(lines)
 

@@ -21,7 +21,8 @@ METHODS = ["uniform:magnitude", "uniform:wanda", "uniform:sparsegpt", "owl:wanda
            "ecoflap-zeroth:wanda", "ecoflap-first:wanda", "ecoflap-zeroth:sparsegpt", "depth:wanda@step=0.02"]
 
 
-def _config(model: Path, calib: Path, text: Path, out: Path, methods=METHODS, sparsities=(0.5, 0.7), **kw) -> SweepConfig:
+def _config(model: Path, calib: Path, text: Path, out: Path, methods=METHODS, sparsities=(0.5, 0.7),
+            **kw) -> SweepConfig:
     values = dict(samples=4, seqlen=32, score_samples=4, score_seqlen=16, batch_size=2,
                   eval_seqlen=32, eval_windows=4, eval_batch_size=2)
     values.update(kw)

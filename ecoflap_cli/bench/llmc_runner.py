@@ -13,7 +13,8 @@ standard library - never ecoflap. The calling process gives it:
 For each sparsity it reloads the dense model, runs ``oneshot`` (timed alone: wall time of the
 ``oneshot`` call, nothing else), and writes the pruned weights of the targeted linears to
 ``OUT/<sparsity>/pruned.safetensors``; the caller loads them into its own model and evaluates.
-``--time-only`` skips writing weights (extra timing runs). ``--repeats N`` re-runs ``oneshot`` N times per sparsity (reloading the model each time, untimed)
+``--time-only`` skips writing weights (extra timing runs). ``--repeats N`` re-runs ``oneshot`` N
+times per sparsity (reloading the model each time, untimed)
 and keeps the weights of the last run. A JSON result (times, the modifier's resolved settings,
 versions, peak RSS of this process) goes to ``--result``.
 """
@@ -97,18 +98,16 @@ def run(args: argparse.Namespace) -> dict:
                 entry["oneshot_s"].append(round(time.perf_counter() - start, 3))
                 entry["oneshot_cpu_s"].append(round(time.process_time() - cpu, 3))
             entry["settings"] = {k: v for k, v in settings.items() if _jsonable(v)}
-            if args.time_only:
-                del model
-                continue
             state = _targeted_state(model)
             zeros = sum(int((w == 0).sum()) for w in state.values())
             total = sum(w.numel() for w in state.values())
             entry.update(achieved_sparsity=zeros / total, tensors=len(state))
-            target = out_root / f"{sparsity:g}"
-            target.mkdir(parents=True, exist_ok=True)
-            save_file(state, str(target / "pruned.safetensors"))
-            entry["weights"] = str(target / "pruned.safetensors")
-            del model
+            if not args.time_only:
+                target = out_root / f"{sparsity:g}"
+                target.mkdir(parents=True, exist_ok=True)
+                save_file(state, str(target / "pruned.safetensors"))
+                entry["weights"] = str(target / "pruned.safetensors")
+            del model, state
         except Exception as exc:  # noqa: BLE001 - report any failure of the peer to the caller
             entry["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             entry["traceback"] = traceback.format_exc()[-3000:]
