@@ -46,15 +46,6 @@ ALL_CASES = list(CASES)
 T5_CASES = [c for c in BLIP_CASES if c.endswith("-t5")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and steadiest on a busy machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vlm_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return write_data(tmp_path_factory.mktemp("vlm-data"))

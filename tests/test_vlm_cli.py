@@ -35,14 +35,6 @@ PROCESSOR_CLASS = {"blip-2": "Blip2Processor", "instructblip": "InstructBlipProc
                    "clip": "CLIPProcessor"}  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return write_data(tmp_path_factory.mktemp("vlm-cli-data"))
