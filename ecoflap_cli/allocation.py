@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .errors import PlanError
 
-ALLOCATORS = ("ecoflap", "uniform", "owl", "depth")
+ALLOCATORS = ("ecoflap", "uniform", "owl", "depth", "rank", "mix")
 
 
 @dataclass(frozen=True)
@@ -112,19 +112,33 @@ def water_fill(weights: Sequence[float], capacities: Sequence[int], total: float
     return shares
 
 
+def _check_scores(scores: Sequence[float], sizes: Sequence[int]) -> None:
+    if len(scores) != len(sizes):
+        raise PlanError(f"{len(scores)} scores for {len(sizes)} groups")
+    if any(not math.isfinite(s) or s < 0 for s in scores):
+        raise PlanError("scores must be finite and non-negative")
+
+
 def ecoflap(
     sizes: Sequence[int],
     scores: Sequence[float],
     target: float,
     max_sparsity: float | None = None,
+    temperature: float = 1.0,
 ) -> Allocation:
-    """ECoFLaP's rule: a floor from the cap, the rest of the budget water-filled by score."""
+    """ECoFLaP's rule: a floor from the cap, the rest of the budget water-filled by score.
+
+    ``temperature`` T water-fills by score^(1/T) instead of the score itself: T = 1 is the paper's
+    rule, T > 1 flattens the allocation towards equal shares, T < 1 sharpens it.
+    """
     cap = min(target + 0.1, 1.0) if max_sparsity is None else max_sparsity
     check_request(sizes, target, cap)
-    if len(scores) != len(sizes):
-        raise PlanError(f"{len(scores)} scores for {len(sizes)} groups")
-    if any(not math.isfinite(s) or s < 0 for s in scores):
-        raise PlanError("scores must be finite and non-negative")
+    _check_scores(scores, sizes)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise PlanError(f"temperature must be positive, got {temperature}")
+    if temperature != 1.0:
+        top = max(scores) or 1.0  # normalise first so that s^(1/T) cannot overflow
+        scores = [(s / top) ** (1.0 / temperature) for s in scores]
     budget = keep_budget(sizes, target)
     floors = [min(n, math.ceil(n * (1.0 - cap) - 1e-9)) for n in sizes]
     if sum(floors) > budget:
@@ -203,4 +217,67 @@ def owl(
         raw = [target] * len(sizes)
     else:
         raw = [target + lam - 2 * lam * (r - low) / spread for r in outlier_ratios]
+    return from_sparsities(sizes, raw, target)
+
+
+def centered_ranks(values: Sequence[float]) -> list[float]:
+    """Ranks mapped linearly onto [-1, 1]: the largest value gets +1, the smallest -1.
+
+    Tied values share the mean of their ranks, so equal scores always get equal sparsity.
+    """
+    n = len(values)
+    if n == 1:
+        return [0.0]
+    order = sorted(range(n), key=lambda i: values[i])
+    ranks = [0.0] * n
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return [2.0 * r / (n - 1) - 1.0 for r in ranks]
+
+
+def rank(sizes: Sequence[int], scores: Sequence[float], target: float, lam: float = 0.1) -> Allocation:
+    """Sparsity linear in the *rank* of the global score, within [target - lam, target + lam].
+
+    The most important block is pruned least (target - lam), the least important most. Only the
+    order of the scores matters, so a noisy estimate can only move a block by the ranks it swaps,
+    and one outlier score cannot starve every other block (the proportional rule's weakness).
+    With scores that fall steadily with depth this is the depth schedule with step 2 lam / (n - 1).
+    The parameter-weighted mean is corrected to the target exactly.
+    """
+    check_request(sizes, target)
+    _check_scores(scores, sizes)
+    if lam < 0:
+        raise PlanError(f"rank lambda must be non-negative, got {lam}")
+    return from_sparsities(sizes, [target - lam * r for r in centered_ranks(scores)], target)
+
+
+def mix(
+    sizes: Sequence[int],
+    scores: Sequence[float],
+    positions: Sequence[float],
+    target: float,
+    lam: float = 0.15,
+    alpha: float = 0.5,
+) -> Allocation:
+    """A blend of the depth schedule and the score-rank rule.
+
+    ``positions`` are each block's depth in [0, 1] (0 the first block of its tower). Sparsity is
+    target + lam * (alpha * (2 position - 1) - (1 - alpha) * rank), with rank in [-1, 1] as in
+    :func:`rank`: alpha = 1 is a depth schedule of half-range lam, alpha = 0 the rank rule.
+    The parameter-weighted mean is corrected to the target exactly.
+    """
+    check_request(sizes, target)
+    _check_scores(scores, sizes)
+    if len(positions) != len(sizes) or any(not 0.0 <= x <= 1.0 for x in positions):
+        raise PlanError("mix needs one depth position in [0, 1] per group")
+    if lam < 0 or not 0.0 <= alpha <= 1.0:
+        raise PlanError(f"mix needs lam >= 0 and alpha in [0, 1], got lam={lam}, alpha={alpha}")
+    ranks = centered_ranks(scores)
+    raw = [target + lam * (alpha * (2 * x - 1) - (1 - alpha) * r) for x, r in zip(positions, ranks)]
     return from_sparsities(sizes, raw, target)

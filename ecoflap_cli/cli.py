@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__, artifacts
+from .artifacts import allocator_settings
 from .errors import EcoflapError
 from .loading import LoadedModel, LoadOptions, load_model
 from .pipeline import (
@@ -97,6 +98,15 @@ SeqlenOpt = Annotated[Optional[int], typer.Option(help="Tokens per calibration s
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling calibration windows and perturbations.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field holding the text in .jsonl records.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+DEFAULT_ALLOCATOR = "ecoflap"
+AllocatorOpt = Annotated[str, typer.Option(help=(
+    "ecoflap (the paper's capped proportional rule), rank (sparsity linear in score rank), mix (depth "
+    "schedule + score rank), depth, owl (needs --method owl scores) or uniform."))]
+MaxSparsityOpt = Annotated[Optional[float], typer.Option(help="ecoflap: cap on any block's sparsity (default target + 0.1).")]
+TemperatureOpt = Annotated[float, typer.Option(help="ecoflap: allocate by score^(1/T); 1 is the paper's rule.")]
+DepthStepOpt = Annotated[float, typer.Option(help="depth: sparsity added per block of depth.")]
+LamOpt = Annotated[Optional[float], typer.Option(help="owl/rank/mix: half-range of block sparsities around the target (defaults 0.08 / 0.1 / 0.15).")]
+AlphaOpt = Annotated[float, typer.Option(help="mix: weight of depth against score rank, in [0, 1].")]
 
 
 def _load(model: str, dtype: str, device: str, trust_remote_code: bool, device_map: str | None,
@@ -192,10 +202,12 @@ def allocate(
     scores: Annotated[str, typer.Argument(help="Scores JSON from `ecoflap score`, or - for stdin.")],
     sparsity: Annotated[float, typer.Option("--sparsity", "-s", help="Target global sparsity in [0, 1).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Plan JSON path, or - for stdout.")] = "plan.json",
-    allocator: Annotated[str, typer.Option(help="ecoflap, uniform, owl (needs --method owl scores) or depth.")] = "ecoflap",
-    max_sparsity: Annotated[Optional[float], typer.Option(help="Cap on any block's sparsity (ecoflap; default target + 0.1).")] = None,
-    depth_step: Annotated[float, typer.Option(help="Sparsity added per block of depth (depth allocator).")] = 0.01,
-    owl_lambda: Annotated[float, typer.Option(help="OWL's half-range of sparsities around the target.")] = 0.08,
+    allocator: AllocatorOpt = DEFAULT_ALLOCATOR,
+    max_sparsity: MaxSparsityOpt = None,
+    temperature: TemperatureOpt = 1.0,
+    depth_step: DepthStepOpt = 0.01,
+    lam: LamOpt = None,
+    alpha: AlphaOpt = 0.5,
     per_tower: Annotated[bool, typer.Option(help="Hold each tower at the target instead of one joint budget.")] = False,
     show: Annotated[bool, typer.Option(help="Print the plan table on stderr.")] = True,
     overwrite: OverwriteOpt = False,
@@ -203,13 +215,7 @@ def allocate(
     """Scores -> per-block sparsity plan (exact global budget). Shows the plan before any pruning."""
     _check_sparsity(sparsity)
     doc = artifacts.validate_scores(artifacts.read_json(scores), "stdin" if scores == "-" else scores)
-    settings: dict[str, Any] = {}
-    if allocator == "ecoflap":
-        settings["max_sparsity"] = max_sparsity
-    elif allocator == "depth":
-        settings["step"] = depth_step
-    elif allocator == "owl":
-        settings["lam"] = owl_lambda
+    settings = allocator_settings(allocator, max_sparsity, temperature, depth_step, lam, alpha)
     plan = artifacts.build_plan(doc, allocator, sparsity, settings, per_tower)
     _check_output(output, overwrite)
     if show:
@@ -224,11 +230,15 @@ def prune(
     output: Annotated[str, typer.Option("--output", "-o", help="Directory for the pruned checkpoint.")] = "pruned",
     plan: Annotated[Optional[str], typer.Option(help="Plan JSON from `ecoflap allocate` (or - for stdin).")] = None,
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", "-s", help="One-shot: score and allocate to this target.")] = None,
-    allocator: Annotated[str, typer.Option(help="One-shot allocator: ecoflap, uniform, owl or depth.")] = "ecoflap",
+    allocator: AllocatorOpt = DEFAULT_ALLOCATOR,
     score_method: Annotated[str, typer.Option(help="One-shot scoring: auto (first-order when it fits, else zeroth), zeroth, first or owl.")] = "auto",
     score_samples: Annotated[int, typer.Option(help="One-shot: calibration samples for scoring.")] = 32,
     score_seqlen: Annotated[Optional[int], typer.Option(help="One-shot: tokens per scoring sample (default: --seqlen).")] = None,
-    max_sparsity: Annotated[Optional[float], typer.Option(help="One-shot ecoflap cap (default target + 0.1).")] = None,
+    max_sparsity: MaxSparsityOpt = None,
+    temperature: TemperatureOpt = 1.0,
+    depth_step: DepthStepOpt = 0.01,
+    lam: LamOpt = None,
+    alpha: AlphaOpt = 0.5,
     solver: Annotated[str, typer.Option(help="Layer-wise solver: wanda, sparsegpt or magnitude.")] = "wanda",
     nm: Annotated[Optional[str], typer.Option(help="N:M structured sparsity, e.g. 2:4 (uniform plans only).")] = None,
     compare_group: Annotated[Optional[list[str]], typer.Option(help="Wanda comparison group per tower: TOWER=row|matrix.")] = None,
@@ -271,8 +281,9 @@ def prune(
     batches, prov = calibration_batches(loaded, adapter, calib_opts) if solver != "magnitude" else ([], None)
     if plan_doc is None:
         assert sparsity is not None
+        alloc_settings = allocator_settings(allocator, max_sparsity, temperature, depth_step, lam, alpha)
         plan_doc, scores_doc = _one_shot_plan(loaded, adapter, calib_opts, sparsity, allocator,
-                                              score_method, score_samples, score_seqlen, max_sparsity)
+                                              score_method, score_samples, score_seqlen, alloc_settings)
         documents["scores.json"] = scores_doc
         render_plan(console, plan_doc)
     documents["plan.json"] = plan_doc
@@ -288,7 +299,7 @@ def prune(
 
 def _one_shot_plan(loaded: LoadedModel, adapter: Any, calib_opts: CalibrationOptions, sparsity: float,
                    allocator: str, score_method: str, score_samples: int, score_seqlen: int | None,
-                   max_sparsity: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+                   settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     if allocator in ("uniform", "depth"):
         scores_doc = structure_document(loaded, adapter)
     else:
@@ -299,7 +310,6 @@ def _one_shot_plan(loaded: LoadedModel, adapter: Any, calib_opts: CalibrationOpt
         with progress_bar(len(adapter.blocks()), f"scoring ({method})") as step:
             scores_doc = run_score(loaded, adapter, batches, prov,
                                    ScoreOptions(method, ZerothOrderSettings(seed=calib_opts.seed)), step)
-    settings: dict[str, Any] = {"max_sparsity": max_sparsity} if allocator == "ecoflap" else {}
     return artifacts.build_plan(scores_doc, allocator, sparsity, settings), scores_doc
 
 
@@ -406,6 +416,7 @@ def sweep(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, local model directory or .gguf file.")] = None,
     calib: Annotated[Optional[str], typer.Option(help="Calibration text (.txt/.jsonl).")] = None,
     text: Annotated[Optional[str], typer.Option(help="Text (.txt/.jsonl) to measure perplexity on.")] = None,
+    extra_text: Annotated[Optional[list[str]], typer.Option(help="Another text every pruned model is also evaluated on (repeat; e.g. another domain).")] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="Directory for sweep.md, sweep.json, sweep.png and the run cache.")] = "sweep",
     preset: Annotated[Optional[str], typer.Option(help="smollm2: the SmolLM2 + Wikipedia benchmark (assets fetched and cached).")] = None,
     split: Annotated[str, typer.Option(help="With --preset: evaluate on the test or valid split.")] = "test",
@@ -458,6 +469,8 @@ def sweep(
         cfg = SweepConfig(model=model, calib=calib, text=text, methods=list(method), sparsities=list(sparsity),
                           output=output, llmc_python=llmc_python, seed=seed, **values)
     cfg.repeats, cfg.isolate, cfg.threads, cfg.resume, cfg.plot = repeats, isolate, threads, not fresh, plot
+    if extra_text:
+        cfg.extra_texts = list(extra_text)
     cfg.text_field, cfg.dtype, cfg.device = text_field, dtype, device
     summary = run_sweep(cfg, log)
     failed = [f"{r['method']}@{r['sparsity']:g}" for r in summary["runs"] if "error" in r]

@@ -6,6 +6,9 @@ A method is written ``ALLOCATOR[-SCORING]:SOLVER[@key=value,...]``:
     owl:wanda@m=5,lam=0.08                                  OWL outlier ratios -> OWL allocator
     ecoflap-zeroth:wanda  ecoflap-first:sparsegpt@max=0.1   ECoFLaP scores -> ECoFLaP allocator
     depth:wanda@step=0.005                                  depth schedule
+    ecoflap-first:wanda@metric=gradnorm,temp=2              ECoFLaP rule on score^(1/temp)
+    rank-first:wanda@metric=gradnorm,lam=0.15               sparsity linear in the score's rank
+    mix-first:wanda@metric=gradnorm,lam=0.15,alpha=0.5      depth schedule blended with score rank
     llmc:wanda  llmc:sparsegpt  llmc-owl:wanda@m=5,lam=0.08 llm-compressor (the peer; --llmc-python)
 
 Stages that do not change between runs are computed once and reused: the model is loaded once
@@ -70,13 +73,18 @@ ALLOCATOR_SCORING: dict[str, tuple[str | None, tuple[str | None, ...]]] = {
     "depth": (None, (None,)),
     "owl": ("owl", ("owl",)),
     "ecoflap": ("zeroth", ("zeroth", "first")),
+    "rank": ("first", ("zeroth", "first")),
+    "mix": ("first", ("zeroth", "first")),
 }
+SCORING_PARAMS = {"eps", "perturbations", "direction", "metric"}
 #: accepted @key=value parameters per allocator (and the scoring parameters they carry)
 PARAMS = {
     "uniform": set(),
     "depth": {"step"},
     "owl": {"m", "lam"},
-    "ecoflap": {"max", "eps", "perturbations", "direction", "metric"},
+    "ecoflap": {"max", "temp", *SCORING_PARAMS},
+    "rank": {"lam", *SCORING_PARAMS},
+    "mix": {"lam", "alpha", *SCORING_PARAMS},
     "llmc": set(),
     "llmc-owl": {"m", "lam"},
 }
@@ -105,7 +113,7 @@ class MethodSpec:
     @property
     def name(self) -> str:
         head = self.allocator
-        if self.scoring is not None and self.allocator == "ecoflap":
+        if self.scoring is not None and self.allocator in ("ecoflap", "rank", "mix"):
             head = f"{head}-{self.scoring}"
         text = f"{head}:{self.solver}"
         if self.params:
@@ -206,6 +214,8 @@ class SweepConfig:
     plot: bool = True
     title: str | None = None
     text_field: str = "text"
+    #: further texts every pruned model is also evaluated on (perplexity; same windows settings)
+    extra_texts: list[str] | None = None
 
     def specs(self) -> list[MethodSpec]:
         return [parse_method(m) for m in self.methods]
@@ -226,7 +236,8 @@ class SweepConfig:
         if any(s.peer for s in specs) and not self.llmc_python:
             raise PlanError("llmc:* methods need llm-compressor's Python: pass --llmc-python PATH "
                             "(or --llmc-venv to create one)")
-        for path, what in ((self.calib, "--calib"), (self.text, "--text")):
+        for path, what in ((self.calib, "--calib"), (self.text, "--text"),
+                           *((t, "--extra-text") for t in self.extra_texts or [])):
             if not Path(path).is_file():
                 raise PlanError(f"{what} file not found: {path}")
 
@@ -243,7 +254,11 @@ class SweepConfig:
                 "samples": self.samples, "seqlen": self.seqlen, "score_samples": self.score_samples,
                 "score_seqlen": self.score_seqlen, "batch_size": self.batch_size, "seed": self.seed,
                 "eval_seqlen": self.eval_seqlen, "eval_windows": self.eval_windows, "dtype": self.dtype,
-                "llmc_batch_size": self.llmc_batch_size, "ecoflap": __version__}
+                "llmc_batch_size": self.llmc_batch_size, "ecoflap": __version__,
+                **({"extra_texts": [ident(t) for t in self.extra_texts]} if self.extra_texts else {})}
+
+    def extra_names(self) -> list[str]:
+        return [Path(t).stem for t in self.extra_texts or []]
 
     def score_fingerprint(self) -> dict[str, Any]:
         """What scores depend on: the model and the scoring calibration (not the eval text)."""
@@ -306,6 +321,7 @@ class SweepRunner:
         self._prune_data: tuple[list[Any], dict[str, Any]] | None = None
         self._score_data: tuple[list[Any], dict[str, Any]] | None = None
         self._eval_windows: torch.Tensor | None = None
+        self._extra_windows: dict[str, torch.Tensor] = {}
         self._scores: dict[str, tuple[dict[str, Any], float]] = {}
         self._structure: dict[str, Any] | None = None
         self._peer_model: Path | None = None
@@ -363,6 +379,17 @@ class SweepRunner:
             self.counters["eval_windows"] += 1
         return self._eval_windows
 
+    def extra_perplexities(self) -> dict[str, float]:
+        """Perplexity of the current model on each extra text (windows built once)."""
+        result = {}
+        for name, path in zip(self.cfg.extra_names(), self.cfg.extra_texts or []):
+            if name not in self._extra_windows:
+                tokens = tokenize_documents(self.loaded.tokenizer, read_text(path, self.cfg.text_field))
+                self._extra_windows[name] = windows_for_eval(tokens, self.cfg.eval_seqlen, self.cfg.eval_windows)
+                self.counters["eval_windows"] += 1
+            result[name] = perplexity(self.loaded.model, self._extra_windows[name], self.cfg.eval_batch_size)
+        return result
+
     def structure(self) -> dict[str, Any]:
         if self._structure is None:
             self._structure = structure_document(self.loaded, self.adapter)
@@ -407,6 +434,13 @@ class SweepRunner:
         settings: dict[str, Any] = {}
         if spec.allocator == "ecoflap":
             settings["max_sparsity"] = round(min(sparsity + float(p["max"]), 1.0), 10) if "max" in p else None
+            if "temp" in p:
+                settings["temperature"] = float(p["temp"])
+        elif spec.allocator == "rank":
+            settings["lam"] = float(p.get("lam", 0.1))
+        elif spec.allocator == "mix":
+            settings["lam"] = float(p.get("lam", 0.15))
+            settings["alpha"] = float(p.get("alpha", 0.5))
         elif spec.allocator == "owl":
             settings["lam"] = float(p["lam"])
         elif spec.allocator == "depth":
@@ -425,6 +459,8 @@ class SweepRunner:
         ppl = perplexity(self.loaded.model, windows, self.cfg.eval_batch_size)
         record = {"method": "dense", "sparsity": 0.0, "achieved_sparsity": 0.0, "ppl": ppl,
                   "times": {"eval_s": round(time.perf_counter() - start, 3)}}
+        if self.cfg.extra_texts:
+            record["ppl_extra"] = self.extra_perplexities()
         return self._save("dense", 0.0, record)
 
     def run(self, spec: MethodSpec, sparsity: float) -> dict[str, Any]:
@@ -445,6 +481,8 @@ class SweepRunner:
             start = time.perf_counter()
             ppl = perplexity(self.loaded.model, windows, self.cfg.eval_batch_size)
             eval_s = time.perf_counter() - start
+            if self.cfg.extra_texts:
+                record["ppl_extra"] = self.extra_perplexities()
             rows = sparsity_report(self.adapter, plan)
             zeros, total = sum(r.zeros for r in rows), sum(r.numel for r in rows)
             record.update(
@@ -820,6 +858,15 @@ def render_markdown(summary: dict[str, Any]) -> str:
             r = by.get((m, p), {})
             cells.append(_fmt(r.get("ppl")) if r.get("ppl") is not None else ("error" if r.get("error") else "-"))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for name, path in zip([Path(t).stem for t in cfg.get("extra_texts") or []], cfg.get("extra_texts") or []):
+        lines += ["", f"## Perplexity on `{path}` (same pruned models)", "",
+                  "| method | " + " | ".join(f"{p:g}" for p in sparsities) + " |",
+                  "|---|" + "---:|" * len(sparsities)]
+        if (dense.get("ppl_extra") or {}).get(name) is not None:
+            lines.append(f"| dense | {_fmt(dense['ppl_extra'][name])} |" + " |" * (len(sparsities) - 1))
+        for m in methods:
+            cells = [_fmt((by.get((m, p), {}).get("ppl_extra") or {}).get(name)) for p in sparsities]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "## Every run", "",
               "| method | sparsity | achieved | perplexity | score s | allocate s | prune s (median, n) | eval s "
               "| peak RSS MiB |",

@@ -129,3 +129,90 @@ def test_owl_prunes_outlier_rich_blocks_less():
     sp = alloc.sparsities
     assert sp[0] > sp[1] > sp[2] > sp[3]
     assert abs(sp[0] - sp[3] - 0.16) < 0.01
+
+
+# --- rules beyond the paper: temperature, score rank, depth + rank ------------------------------
+
+
+@given(request(), st.floats(0.1, 10.0))
+@settings(max_examples=200, deadline=None)
+def test_temperature_keeps_budget_and_cap(req, temperature):
+    sizes, scores, target, cap = req
+    alloc = allocation.ecoflap(sizes, scores, target, cap, temperature)
+    assert sum(alloc.keep_counts) == allocation.keep_budget(sizes, target)
+    for keep, n in zip(alloc.keep_counts, sizes):
+        assert 0 <= keep <= n and 1 - keep / n <= cap + 1.0 / n + 1e-12
+
+
+def test_temperature_one_is_the_paper_rule_and_higher_flattens():
+    sizes, scores = [10_000] * 6, [9.0, 5.0, 3.0, 2.0, 1.5, 1.0]
+    paper = allocation.ecoflap(sizes, scores, 0.6)
+    assert allocation.ecoflap(sizes, scores, 0.6, temperature=1.0) == paper
+    spreads = [max(a.sparsities) - min(a.sparsities)
+               for a in (allocation.ecoflap(sizes, scores, 0.6, temperature=t) for t in (0.5, 1.0, 2.0, 8.0))]
+    assert spreads == sorted(spreads, reverse=True) and spreads[0] > spreads[-1]
+    with pytest.raises(PlanError, match="temperature"):
+        allocation.ecoflap(sizes, scores, 0.6, temperature=0.0)
+
+
+def test_centered_ranks_span_and_ties():
+    assert allocation.centered_ranks([3.0, 1.0, 2.0]) == [1.0, -1.0, 0.0]
+    assert allocation.centered_ranks([5.0]) == [0.0]
+    tied = allocation.centered_ranks([1.0, 2.0, 2.0, 3.0])
+    assert tied[1] == tied[2] and tied[0] == -1.0 and tied[3] == 1.0
+
+
+@given(request(), st.floats(0.0, 0.3))
+@settings(max_examples=200, deadline=None)
+def test_rank_exact_budget(req, lam):
+    sizes, scores, target, _ = req
+    alloc = allocation.rank(sizes, scores, target, lam)
+    assert sum(alloc.keep_counts) == allocation.keep_budget(sizes, target)
+    assert all(0 <= k <= n for k, n in zip(alloc.keep_counts, sizes))
+
+
+@given(st.lists(st.floats(0.0, 1e3, allow_nan=False), min_size=2, max_size=24, unique=True),
+       st.floats(0.2, 0.8), st.floats(0.0, 0.15))
+@settings(max_examples=200, deadline=None)
+def test_rank_more_important_is_pruned_less_within_range(scores, target, lam):
+    n = 10_000
+    alloc = allocation.rank([n] * len(scores), scores, target, lam)
+    sp = alloc.sparsities
+    by_score = sorted(range(len(scores)), key=lambda i: scores[i])
+    for lo, hi in zip(by_score, by_score[1:]):  # higher score: never sparser (one weight of rounding)
+        assert sp[hi] <= sp[lo] + 1.0 / n + 1e-12
+    assert max(sp) <= target + lam + 1e-3 and min(sp) >= target - lam - 1e-3
+    # only the order of the scores matters
+    squashed = allocation.rank([n] * len(scores), [math.log1p(s) for s in scores], target, lam)
+    assert squashed == alloc
+
+
+@given(request(), st.floats(0.0, 0.3), st.floats(0.0, 1.0))
+@settings(max_examples=200, deadline=None)
+def test_mix_exact_budget(req, lam, alpha):
+    sizes, scores, target, _ = req
+    positions = [i / max(len(sizes) - 1, 1) for i in range(len(sizes))]
+    alloc = allocation.mix(sizes, scores, positions, target, lam, alpha)
+    assert sum(alloc.keep_counts) == allocation.keep_budget(sizes, target)
+
+
+def test_mix_ends_are_depth_and_rank():
+    sizes = [4000, 4000, 4000, 4000, 4000]
+    scores = [1.0, 5.0, 2.0, 4.0, 3.0]
+    positions = [i / 4 for i in range(5)]
+    assert allocation.mix(sizes, scores, positions, 0.6, 0.1, 1.0) == allocation.depth(sizes, 0.6, 0.1 * 2 / 4)
+    assert allocation.mix(sizes, scores, positions, 0.6, 0.1, 0.0) == allocation.rank(sizes, scores, 0.6, 0.1)
+    with pytest.raises(PlanError, match="alpha"):
+        allocation.mix(sizes, scores, positions, 0.6, 0.1, 1.5)
+
+
+def test_plan_records_allocator_settings():
+    from ecoflap_cli import artifacts
+    groups = [{"name": f"b{i}", "tower": "lm", "index": i, "params": 100, "score": float(s),
+               "tensors": [{"name": f"b{i}.w", "numel": 100}]} for i, s in enumerate([3, 1, 2, 5])]
+    doc = {"model": {"id": "m"}, "groups": groups, "method": {"name": "first"}}
+    plan = artifacts.build_plan(doc, "mix", 0.5, {"lam": 0.2, "alpha": 0.25})
+    assert plan["allocator"] == {"name": "mix", "per_tower": False, "lam": 0.2, "alpha": 0.25}
+    assert sum(g["zeros"] for g in plan["groups"]) == 200
+    plan = artifacts.build_plan(doc, "ecoflap", 0.5, {"temperature": 2.0})
+    assert plan["allocator"]["temperature"] == 2.0 and plan["allocator"]["max_sparsity"] == 0.6

@@ -114,6 +114,27 @@ def test_inspecting_a_plan_before_pruning(tiny_opt, tmp_path, calib_text, monkey
     assert sp == sorted(sp) and plan["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4)
 
 
+def test_allocate_rank_mix_and_temperature_record_their_settings(tiny_opt, tmp_path, calib_text, monkeypatch):
+    code, _, err = run_cli(shlex.split(
+        f"score -m {tiny_opt} --calib {calib_text} --samples 4 --seqlen 32 --method first -o scores.json"),
+        tmp_path, monkeypatch)
+    assert code == 0, err
+    cases = {"rank --lam 0.2": {"name": "rank", "lam": 0.2},
+             "mix --lam 0.1 --alpha 0.25": {"name": "mix", "lam": 0.1, "alpha": 0.25},
+             "mix": {"name": "mix", "lam": 0.15, "alpha": 0.5},
+             "ecoflap --temperature 2": {"name": "ecoflap", "temperature": 2.0, "max_sparsity": 0.6}}
+    for i, (args, expected) in enumerate(cases.items()):
+        code, _, err = run_cli(shlex.split(f"allocate scores.json -s 0.5 --allocator {args} -o p{i}.json --no-show"),
+                               tmp_path, monkeypatch)
+        assert code == 0, err
+        plan = json.loads((tmp_path / f"p{i}.json").read_text())
+        assert {k: plan["allocator"][k] for k in expected} == expected
+        assert plan["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4)
+    code, _, err = run_cli(shlex.split("allocate scores.json -s 0.5 --allocator mix --alpha 2 -o bad.json"),
+                           tmp_path, monkeypatch)
+    assert code != 0 and "alpha" in err and not (tmp_path / "bad.json").exists()
+
+
 def run_cli(args: list[str], cwd: Path, monkeypatch) -> tuple[int, str, str]:
     """Run the CLI in-process (fast); returns exit code, stdout and stderr."""
     monkeypatch.chdir(cwd)

@@ -66,8 +66,13 @@ def test_parse_method_forms():
     # methods sharing a scoring method share one score key, whatever the solver
     assert parse_method("ecoflap-zeroth:wanda").score_key() == parse_method("ecoflap-zeroth:sparsegpt").score_key()
     assert parse_method("uniform:wanda").score_key() is None
+    rank = parse_method("rank-first:wanda@metric=gradnorm,lam=0.15")
+    assert (rank.allocator, rank.scoring) == ("rank", "first") and rank.score_key() == "first@metric=gradnorm"
+    assert parse_method("mix:wanda@lam=0.2,alpha=0.25").param == {"lam": 0.2, "alpha": 0.25}
+    assert parse_method("ecoflap-first:wanda@temp=2").name == "ecoflap-first:wanda@temp=2"
     for bad in ("wanda:uniform", "uniform", "uniform-zeroth:wanda", "ecoflap-owl:wanda", "owl:wanda@x=1",
-                "llmc:magnitude", "ecoflap-zeroth:obs"):
+                "llmc:magnitude", "ecoflap-zeroth:obs", "rank-owl:wanda", "mix:wanda@step=0.01",
+                "depth:wanda@temp=2"):
         with pytest.raises(PlanError):
             parse_method(bad)
 
@@ -173,3 +178,26 @@ def test_cli_sweep(tiny_llama, calib_text, eval_text, tmp_path):
     bad = subprocess.run(cmd[:6] + ["--method", "nope:wanda", "-s", "0.5", "--calib", str(calib_text),
                                     "--text", str(eval_text), "-o", str(out)], capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown allocator" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sweep_new_allocators_and_extra_text(tiny_llama, calib_text, eval_text, tmp_path, counted):
+    """rank / mix / temperature runs keep the exact budget and record their settings in the plan;
+    every pruned model is also evaluated on the extra text, tokenised once."""
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(f"Enter the {w} and {v}, with drums and colours." for w in
+                                  ("king", "queen", "ghost", "fool") for v in ("lords", "soldiers", "players")) * 8)
+    methods = ["uniform:wanda", "rank-first:wanda@metric=gradnorm,lam=0.15",
+               "mix-first:wanda@metric=gradnorm,lam=0.2,alpha=0.5", "ecoflap-first:wanda@metric=gradnorm,temp=3"]
+    summary = run_sweep(_config(tiny_llama, calib_text, eval_text, tmp_path / "s", methods, [0.6],
+                                extra_texts=[str(other)]))
+    assert counted["first_order_scores"] == 1  # one score doc for three allocators
+    assert counted["tokenize_documents"] == 2
+    assert summary["dense"]["ppl_extra"]["other"] > 1
+    by = {r["method"]: r for r in summary["runs"]}
+    for r in by.values():
+        assert "error" not in r, r.get("error")
+        assert abs(r["achieved_sparsity"] - 0.6) < 0.01 and r["plan_matches"]
+        assert r["ppl_extra"]["other"] > 1 and r["ppl_extra"]["other"] != r["ppl"]
+    assert len(set(by["rank-first:wanda@lam=0.15,metric=gradnorm"]["block_sparsity"])) > 1
+    table = (tmp_path / "s" / "sweep.md").read_text()
+    assert "## Perplexity on `" in table and "other.txt" in table

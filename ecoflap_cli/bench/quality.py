@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="Sparsities that get the extra timing passes (default: 0.5).")
     parser.add_argument("--isolate", action="store_true", help="One subprocess per method (per-method peak RSS).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own).")
+    parser.add_argument("--eval-windows", type=int, default=None,
+                        help="512-token windows of the split to evaluate (default 20).")
     parser.add_argument("--fresh", action="store_true", help="Ignore cached runs and scores.")
     parser.add_argument("--report-only", action="store_true",
                         help="Only write the tables and plot from the runs cached so far.")
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = smollm2_config(args.output, args.split, args.method, args.sparsity, not args.no_peer, log=log,
                          repeats=args.repeats, isolate=args.isolate, threads=args.threads,
-                         timing_sparsities=args.timing_sparsity or [0.5])
+                         timing_sparsities=args.timing_sparsity or [0.5],
+                         eval_windows=args.eval_windows)
     cfg.resume = not args.fresh
     if args.report_only:
         from ..sweep import report

@@ -171,6 +171,85 @@ def run(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks: int,
     return json.loads(out.read_text())
 
 
+def side_by_side(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks: int) -> dict[str, Any]:
+    """Reference vs default zeroth-order, interleaved in one process, repeated; plus score agreement.
+
+    Each repeat times, back to back: one plain no-grad forward over the samples (the unit), the
+    default mode over every block, and the reference mode over ``ref_blocks`` evenly spread blocks
+    (extrapolated linearly in the number of tensors: every reference pass is a full forward, so its
+    cost per tensor does not depend on depth). The ratio is taken within each repeat, so machine
+    load that drifts between repeats hits both sides of a ratio alike; the medians are reported.
+
+    Then the reference mode's *scores* for every block, computed with the earlier blocks replayed
+    (the estimates equal the full-forward ones to floating-point tolerance, a tested property; only
+    the cost differs), are compared by rank correlation with the default's scores for three seeds,
+    with each other, and with the exact per-block gradient norm on the same batches.
+    """
+    torch.manual_seed(0)
+    splits = wikipedia_splits()
+    loaded = load_model(str(smollm2()))
+    adapter = get_adapter(loaded.model)
+    tokens = tokenize_documents(loaded.tokenizer, read_text(splits["calib"]))
+    batches = to_batches(sample_windows(tokens, samples, seqlen, seed=0), 8)
+    names = [b.name for b in adapter.blocks()]
+    subset = set(names[:: max(1, len(names) // ref_blocks)][:ref_blocks])
+    sub = SubsetAdapter(adapter, subset)
+    tensors_sub = sum(len(b.linears) for b in sub.blocks())
+    tensors_all = sum(len(b.linears) for b in adapter.blocks())
+    res: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    res["setup"] = {"samples": samples, "seqlen": seqlen, "batch_size": 8, "threads": torch.get_num_threads(),
+                    "reference_blocks": sorted(subset), "reference_tensors": tensors_sub, "tensors": tensors_all}
+    runs: list[dict[str, float]] = res.setdefault("repeats", [])
+    for r in range(len(runs), repeats):
+        _, unit, _ = measure(lambda: plain_forward(adapter, batches))
+        default, t_default, _ = measure(lambda: zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=0)))
+        _, t_ref, _ = measure(lambda: zeroth_order_scores(
+            sub, batches, ZerothOrderSettings(granularity="tensor", reuse_activations=False)))
+        t_ref_all = t_ref * tensors_all / tensors_sub
+        runs.append({"plain_forward_s": unit, "default_s": t_default, "reference_extrapolated_s": t_ref_all,
+                     "ratio": t_ref_all / t_default})
+        res.setdefault("scores", {})["default seed 0"] = default
+        print(f"repeat {r}: forward {unit:.2f}s, default {t_default:.1f}s, reference (extrapolated) "
+              f"{t_ref_all:.1f}s, ratio {t_ref_all / t_default:.2f}", flush=True)
+        _summarise(res)
+        artifacts.write_atomic(out, (json.dumps(res, indent=2) + "\n").encode())
+    scores = res.setdefault("scores", {})
+    jobs = {
+        "default seed 1": lambda: zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=1)),
+        "default seed 2": lambda: zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=2)),
+        "exact gradient norm": lambda: first_order_scores(adapter, batches, "gradnorm", True),
+        "reference seed 0": lambda: zeroth_order_scores(adapter, batches, ZerothOrderSettings(granularity="tensor")),
+    }
+    for key, job in jobs.items():
+        if key not in scores:
+            scores[key], seconds, _ = measure(job)
+            print(f"{key}: {seconds:.1f}s", flush=True)
+            _summarise(res)
+            artifacts.write_atomic(out, (json.dumps(res, indent=2) + "\n").encode())
+    return res
+
+
+def _summarise(res: dict[str, Any]) -> None:
+    runs = res.get("repeats", [])
+    if runs:
+        unit = statistics.median(r["plain_forward_s"] for r in runs)
+        res["median"] = {
+            "plain_forward_s": unit,
+            "default_s": statistics.median(r["default_s"] for r in runs),
+            "reference_extrapolated_s": statistics.median(r["reference_extrapolated_s"] for r in runs),
+            "ratio_reference_over_default": statistics.median(r["ratio"] for r in runs),
+            "default_in_forwards": statistics.median(r["default_s"] / r["plain_forward_s"] for r in runs),
+            "reference_in_forwards": statistics.median(r["reference_extrapolated_s"] / r["plain_forward_s"]
+                                                       for r in runs),
+        }
+    scores = res.get("scores", {})
+    keys = sorted(scores)
+    if len(keys) > 1:
+        names = list(scores[keys[0]])
+        res["spearman"] = {f"{a} ~ {b}": spearman([scores[a][n] for n in names], [scores[b][n] for n in names])
+                           for i, a in enumerate(keys) for b in keys[i + 1:]}
+
+
 def _save(out: Path, results: dict, timings: dict, memory: dict, scores: dict) -> None:
     unit = statistics.median(timings["plain forward"])
     results["time_s"] = {k: statistics.median(v) for k, v in timings.items()}
@@ -260,7 +339,12 @@ def main() -> None:
     parser.add_argument("--quality-windows", type=int, default=20)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="only the interleaved reference-vs-default timing and score agreement")
     args = parser.parse_args()
+    if args.side_by_side:
+        side_by_side(args.out, args.repeats, args.samples, args.seqlen, args.ref_blocks)
+        return
     if args.memory_child:
         memory_child(args.memory_child, args.seqlen)
         return
