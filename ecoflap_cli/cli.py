@@ -175,6 +175,7 @@ def score(
     perturbations: Annotated[int, typer.Option(help="Random directions per block and batch.")] = 1,
     direction: Annotated[str, typer.Option(help="Direction distribution: gaussian or rademacher.")] = "gaussian",
     difference: Annotated[str, typer.Option(help="central (L+ - L-)/2eps, or forward (L+ - L0)/eps: half the passes.")] = "central",
+    head: Annotated[str, typer.Option(help="auto, linearized (stop each pass at the last block; dL/dh there computed once) or exact (loss every pass: the reference).")] = "auto",
     first_metric: Annotated[str, typer.Option(help="First-order score: taylor (|w*g|) or gradnorm.")] = "taylor",
     include_qformer: Annotated[bool, typer.Option(help="Prune (and score) the BLIP-2 Q-Former too.")] = False,
     text_field: TextFieldOpt = "text",
@@ -188,7 +189,7 @@ def score(
     loaded = _load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder, offload)
     adapter = load_adapter(loaded, include_qformer)
     batches, prov = calibration_batches(loaded, adapter, CalibrationOptions(calib, samples, seqlen, batch_size, seed, text_field))
-    opts = ScoreOptions(method, ZerothOrderSettings(eps, seed, granularity, reuse_activations, perturbations, direction, difference), first_metric)
+    opts = ScoreOptions(method, ZerothOrderSettings(eps, seed, granularity, reuse_activations, perturbations, direction, difference, head), first_metric)
     with progress_bar(len(adapter.blocks()), "scoring") as step:
         doc = run_score(loaded, adapter, batches, prov, opts, step)
     artifacts.emit_json(doc, output, overwrite)

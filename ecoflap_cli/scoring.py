@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .blockwise import capture_inputs, capture_outputs, replaying, run_block, trim_host_memory
+from .blockwise import _StopForward, capture_inputs, capture_outputs, replaying, run_block, trim_host_memory
 from .errors import PlanError
 from .models.base import Adapter, Batch, Block
 from .pruning import propagate
@@ -45,6 +45,14 @@ class ZerothOrderSettings:
     #: "central": (L+ - L-) / 2eps, two passes; "forward": (L+ - L0) / eps with L0 shared by
     #: every block of a batch, so about half the passes at an O(eps) bias
     difference: str = "central"
+    #: "linearized": the part of the model after the last block (final norm, LM head, loss) is
+    #: replaced by its first-order expansion at the unperturbed point, so a perturbed pass stops at
+    #: the last block's output h and measures G . h, with G = dL/dh computed once per batch; the
+    #: difference quotient is the same directional derivative to the same O(eps^2), without the
+    #: head (a third of a SmolLM2 pass). "exact": every pass computes the loss itself (the
+    #: reference). "auto": linearized where the adapter's loss depends on the weights only through
+    #: the last block's output (causal LMs, T5, BLIP-2, InstructBLIP), exact otherwise (CLIP).
+    head: str = "auto"
 
 
 def _direction(shape: torch.Size, key: tuple[int, ...], kind: str) -> torch.Tensor:
@@ -99,31 +107,122 @@ def _loss(adapter: Adapter, batch: Batch) -> float:
         return float(adapter.loss(batch).detach().to(PRECISION))
 
 
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _final_hidden(adapter: Adapter, batch: Batch, final: Block) -> torch.Tensor:
+    """The last block's output for a batch; the forward pass stops there (no head, no loss)."""
+    box: list[torch.Tensor] = []
+
+    def grab(_m: nn.Module, _args: tuple, output: Any) -> None:
+        box.append(_hidden(output).detach())
+        raise _StopForward
+
+    handle = final.module.register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            adapter.forward(batch)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return box[0]
+
+
+def _head_gradient(adapter: Adapter, batch: Batch, final: Block) -> torch.Tensor:
+    """G = dL/dh at the unperturbed point, h the last block's output (fp32, same device).
+
+    One forward without autograd up to the last block, then autograd through the head and the
+    loss only: no weight gradients, no block activations kept.
+    """
+    box: list[torch.Tensor] = []
+
+    def swap(_m: nn.Module, _args: tuple, output: Any) -> Any:
+        hidden = _hidden(output)
+        leaf = hidden.detach().to(PRECISION).requires_grad_(True)
+        box.append(leaf)
+        torch.set_grad_enabled(True)  # the head and the loss below are differentiated
+        new = leaf.to(hidden.dtype)
+        if isinstance(output, tuple):
+            return (new, *output[1:])
+        if isinstance(output, list):
+            return [new, *output[1:]]
+        return new
+
+    params = list(adapter.model.parameters())
+    flags = [p.requires_grad for p in params]
+    handle = final.module.register_forward_hook(swap)
+    grad_was = torch.is_grad_enabled()
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        torch.set_grad_enabled(False)
+        loss = adapter.loss(batch)
+        loss.backward()
+    finally:
+        torch.set_grad_enabled(grad_was)
+        handle.remove()
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return box[0].grad.detach()
+
+
+class _Objective:
+    """The scalar a perturbed pass measures: the loss, or its linearization at the last block.
+
+    ``value(batch, i)`` differs between two perturbed passes by the same amount as the loss does
+    (to first order in the head, exactly in the blocks), so every finite difference is unchanged.
+    """
+
+    def __init__(self, adapter: Adapter, batches: Sequence[Batch], settings: ZerothOrderSettings) -> None:
+        if settings.head not in ("auto", "linearized", "exact"):
+            raise PlanError(f"unknown head mode {settings.head!r} (auto, linearized or exact)")
+        self.adapter = adapter
+        self.final: Block | None = None
+        linear_ok = adapter.loss_through_last_block
+        if settings.head == "linearized" and not linear_ok:
+            raise PlanError(f"a {adapter.family} loss does not depend on the weights through the last block "
+                            "alone: use the exact head")
+        if settings.head == "linearized" or (settings.head == "auto" and linear_ok):
+            self.final = adapter.blocks(adapter.towers()[-1])[-1]
+        self.grads = [_head_gradient(adapter, b, self.final) for b in batches] if self.final else []
+        self.mode = "linearized" if self.final else "exact"
+
+    def value(self, batch: Batch, index: int) -> float:
+        if self.final is None:
+            return _loss(adapter=self.adapter, batch=batch)
+        hidden = _final_hidden(self.adapter, batch, self.final)
+        grad = self.grads[index]
+        return float((grad.to(device=hidden.device, dtype=torch.float64) * hidden.to(torch.float64)).sum())
+
+
 def _directional_derivative(
-    adapter: Adapter,
+    objective: _Objective,
     batch: Batch,
+    index: int,
     weights: dict[str, nn.Linear],
     deltas: dict[str, torch.Tensor],
     eps: float,
-    base_loss: float | None,
+    base_value: float | None,
 ) -> float:
-    """(L+ - L-) / 2eps, or (L+ - L0) / eps when the unperturbed loss L0 is given."""
+    """(L+ - L-) / 2eps, or (L+ - L0) / eps when the unperturbed value L0 is given."""
     with perturbed(weights, deltas):
-        plus = _loss(adapter, batch)
-    if base_loss is not None:
-        return (plus - base_loss) / eps
+        plus = objective.value(batch, index)
+    if base_value is not None:
+        return (plus - base_value) / eps
     with perturbed(weights, {k: -v for k, v in deltas.items()}):
-        minus = _loss(adapter, batch)
+        minus = objective.value(batch, index)
     return (plus - minus) / (2 * eps)
 
 
 def _block_estimate(
-    adapter: Adapter,
+    objective: _Objective,
     block: Block,
     batch: Batch,
     batch_index: int,
     s: ZerothOrderSettings,
-    base_loss: float | None = None,
+    base_value: float | None = None,
 ) -> float:
     """Sum over directions (and tensors, per-tensor mode) of |d| for one block and batch."""
     weights = _block_linears(block)
@@ -136,7 +235,7 @@ def _block_estimate(
                 for n in names
             }
             sub = {n: weights[n] for n in names}
-            total += abs(_directional_derivative(adapter, batch, sub, deltas, s.eps, base_loss))
+            total += abs(_directional_derivative(objective, batch, batch_index, sub, deltas, s.eps, base_value))
     return total / s.perturbations
 
 
@@ -153,7 +252,8 @@ def zeroth_order_scores(
         raise PlanError("eps must be positive and perturbations at least 1")
     if settings.difference not in ("central", "forward"):
         raise PlanError(f"unknown finite difference {settings.difference!r} (central or forward)")
-    base = [_loss(adapter, b) for b in batches] if settings.difference == "forward" else None
+    objective = _Objective(adapter, batches, settings)
+    base = [objective.value(b, i) for i, b in enumerate(batches)] if settings.difference == "forward" else None
     scores: dict[str, float] = {}
     earlier: list[tuple[list[nn.Module], list[Any]]] = []  # replays for finished towers
     for tower in adapter.towers():
@@ -167,7 +267,7 @@ def zeroth_order_scores(
                 total = 0.0
                 for i, batch in enumerate(batches):
                     select(i)
-                    total += _block_estimate(adapter, block, batch, i, settings, base[i] if base else None)
+                    total += _block_estimate(objective, block, batch, i, settings, base[i] if base else None)
                 scores[block.name] = total
                 trim_host_memory()
                 if settings.reuse_activations:

@@ -128,3 +128,38 @@ def test_forward_difference_tracks_central_difference():
                                                                         difference="forward"))
     for name in central:
         assert forward[name] == pytest.approx(central[name], rel=0.05)
+
+
+@pytest.mark.parametrize("difference", ["central", "forward"])
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_linearized_head_gives_the_same_estimates_as_the_exact_loss(family, difference):
+    """Stopping at the last block and projecting on dL/dh there changes nothing but the cost."""
+    model = _model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter = get_adapter(model)
+    batches = _batches()
+    common = dict(seed=4, difference=difference)
+    fast = zeroth_order_scores(adapter, batches, ZerothOrderSettings(head="linearized", **common))
+    exact = zeroth_order_scores(adapter, batches, ZerothOrderSettings(head="exact", **common))
+    assert zeroth_order_scores(adapter, batches, ZerothOrderSettings(**common)) == fast  # auto: linearized
+    # central: both are the directional derivative to O(eps^2); forward: each carries its own O(eps)
+    # curvature bias (the linearized one only the blocks', not the head's)
+    rel = 2e-3 if difference == "central" else 0.1
+    for name in exact:
+        assert fast[name] == pytest.approx(exact[name], rel=rel, abs=1e-5), name
+    assert all(torch.equal(before[k], model.state_dict()[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # flags put back
+
+
+def test_linearized_head_refused_where_the_loss_reads_several_towers():
+    from ecoflap_cli.errors import PlanError
+
+    adapter = get_adapter(_model())
+    adapter.loss_through_last_block = False  # as for CLIP's contrastive loss
+    with pytest.raises(PlanError, match="exact head"):
+        zeroth_order_scores(adapter, _batches(1), ZerothOrderSettings(head="linearized"))
+    # auto falls back to the exact loss
+    auto = zeroth_order_scores(adapter, _batches(1), ZerothOrderSettings(seed=1))
+    exact = zeroth_order_scores(adapter, _batches(1), ZerothOrderSettings(seed=1, head="exact"))
+    assert auto == exact

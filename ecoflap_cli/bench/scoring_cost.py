@@ -151,7 +151,7 @@ def run(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks: int,
     ref_times = []
     for _ in range(zeroth_repeats):
         _, t, m = measure(lambda: zeroth_order_scores(
-            sub, batches, ZerothOrderSettings(granularity="tensor", reuse_activations=False)))
+            sub, batches, ZerothOrderSettings(granularity="tensor", reuse_activations=False, head="exact")))
         ref_times.append(t * tensors_all / tensors_sub)
         memory.setdefault("reference (per tensor, no reuse)", []).append(m)
     timings["reference (per tensor, no reuse), extrapolated"] = ref_times
@@ -204,7 +204,7 @@ def side_by_side(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks:
         _, unit, _ = measure(lambda: plain_forward(adapter, batches))
         default, t_default, _ = measure(lambda: zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=0)))
         _, t_ref, _ = measure(lambda: zeroth_order_scores(
-            sub, batches, ZerothOrderSettings(granularity="tensor", reuse_activations=False)))
+            sub, batches, ZerothOrderSettings(granularity="tensor", reuse_activations=False, head="exact")))
         t_ref_all = t_ref * tensors_all / tensors_sub
         runs.append({"plain_forward_s": unit, "default_s": t_default, "reference_extrapolated_s": t_ref_all,
                      "ratio": t_ref_all / t_default})
@@ -218,7 +218,9 @@ def side_by_side(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks:
         "default seed 1": lambda: zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=1)),
         "default seed 2": lambda: zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=2)),
         "exact gradient norm": lambda: first_order_scores(adapter, batches, "gradnorm", True),
-        "reference seed 0": lambda: zeroth_order_scores(adapter, batches, ZerothOrderSettings(granularity="tensor")),
+        "reference seed 0": lambda: zeroth_order_scores(adapter, batches, ZerothOrderSettings(granularity="tensor",
+                                                                                            head="exact")),
+        "default, exact head, seed 0": lambda: zeroth_order_scores(adapter, batches, ZerothOrderSettings(head="exact")),
     }
     for key, job in jobs.items():
         if key not in scores:
@@ -304,7 +306,7 @@ def memory_child(mode: str, seqlen: int) -> None:
         k: (lambda fn=fn: fn(adapter, batches, 0)) for k, fn in MODES.items()}}
     fns["reference (per tensor, no reuse)"] = lambda: zeroth_order_scores(
         SubsetAdapter(adapter, {adapter.blocks()[0].name}), batches,
-        ZerothOrderSettings(granularity="tensor", reuse_activations=False))
+        ZerothOrderSettings(granularity="tensor", reuse_activations=False, head="exact"))
     _, _, peak = measure(fns[mode])
     print(json.dumps({"mode": mode, "peak_bytes": peak}))
 

@@ -78,6 +78,9 @@ class Adapter:
     family = "base"
     #: what calibration records this family needs: "text" or "image-text"
     data_kind = "text"
+    #: True when the loss depends on the prunable weights only through the output of the last
+    #: block of the last tower (then zeroth-order scoring may linearize the head after it)
+    loss_through_last_block = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -24,6 +24,7 @@ from .t5 import join
 class CLIPAdapter(Adapter):
     family = "clip"
     data_kind = "image-text"
+    loss_through_last_block = False  # the contrastive loss reads both towers' outputs
     input_keys = ("pixel_values", "input_ids", "attention_mask", "position_ids")
 
     def __init__(self, model: nn.Module) -> None:
