@@ -130,12 +130,32 @@ def _final_hidden(adapter: Adapter, batch: Batch, final: Block) -> torch.Tensor:
     return box[0]
 
 
-def _head_gradient(adapter: Adapter, batch: Batch, final: Block) -> torch.Tensor:
+def _head_gradient(adapter: Adapter, batch: Batch, final: Block, split: bool = True) -> torch.Tensor:
     """G = dL/dh at the unperturbed point, h the last block's output (fp32, same device).
 
-    One forward without autograd up to the last block, then autograd through the head and the
-    loss only: no weight gradients, no block activations kept.
+    Autograd runs through the head and the loss only: no weight gradients, no block activations.
+    The head's backward holds a few logits-sized tensors, so where the adapter says how the batch
+    loss weighs its samples (``loss_sample_weights``), G is built one sample at a time: the rows
+    of sample k are w_k times the gradient of sample k's own loss, exactly, at 1/batch of the
+    memory. Otherwise the whole batch goes at once.
     """
+    weights = adapter.loss_sample_weights(batch) if split else None
+    if weights is None or len(weights) < 2:
+        return _head_gradient_whole(adapter, batch, final)
+    size = len(weights)
+    parts = []
+    for k, w in enumerate(weights):
+        sub = {key: (v[k:k + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v)
+               for key, v in batch.items()}
+        if w == 0.0:
+            parts.append(torch.zeros_like(_final_hidden(adapter, sub, final), dtype=PRECISION))
+        else:
+            parts.append(_head_gradient_whole(adapter, sub, final).mul_(w))
+    return torch.cat(parts)
+
+
+def _head_gradient_whole(adapter: Adapter, batch: Batch, final: Block) -> torch.Tensor:
+    """G for a whole batch in one forward (without autograd up to the last block) and backward."""
     box: list[torch.Tensor] = []
 
     def swap(_m: nn.Module, _args: tuple, output: Any) -> Any:

@@ -163,3 +163,17 @@ def test_linearized_head_refused_where_the_loss_reads_several_towers():
     auto = zeroth_order_scores(adapter, _batches(1), ZerothOrderSettings(seed=1))
     exact = zeroth_order_scores(adapter, _batches(1), ZerothOrderSettings(seed=1, head="exact"))
     assert auto == exact
+
+
+def test_head_gradient_one_sample_at_a_time_equals_the_whole_batch():
+    from ecoflap_cli.scoring import _head_gradient
+
+    adapter = get_adapter(_model())
+    final = adapter.blocks()[-1]
+    batch = _batches(1)[0]
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][0, 5:] = -100  # unequal token counts: the samples weigh differently
+    whole = _head_gradient(adapter, batch, final, split=False)
+    split = _head_gradient(adapter, batch, final, split=True)
+    assert adapter.loss_sample_weights(batch)[0] < 0.5
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-8)

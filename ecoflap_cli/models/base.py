@@ -135,6 +135,13 @@ class Adapter:
         """The model's own training loss on a calibration batch (a scalar)."""
         raise NotImplementedError
 
+    def loss_sample_weights(self, batch: Batch) -> list[float] | None:
+        """w_k with loss(batch) == sum_k w_k loss(sample k), or None when unknown.
+
+        Lets a computation that needs the loss's gradient run one sample at a time (less memory).
+        """
+        return None
+
     def model_inputs(self, batch: Batch) -> Batch:
         return {k: v for k, v in batch.items() if k != "labels"}
 

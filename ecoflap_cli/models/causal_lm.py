@@ -42,3 +42,11 @@ class CausalLMAdapter(Adapter):
         inputs = self.model_inputs(batch)
         labels = batch.get("labels", batch["input_ids"])
         return self.model(**inputs, labels=labels, **self.no_cache()).loss
+
+    def loss_sample_weights(self, batch: Batch) -> list[float] | None:
+        # the causal-LM loss is the mean over every predicted token of the batch: labels shifted
+        # by one, -100 ignored; so sample k weighs (its predicted tokens) / (the batch's)
+        labels = batch.get("labels", batch["input_ids"])
+        counts = (labels[:, 1:] != -100).sum(dim=1).tolist()
+        total = sum(counts)
+        return [c / total for c in counts] if total else None
