@@ -7,6 +7,7 @@ A method is written ``ALLOCATOR[-SCORING]:SOLVER[@key=value,...]``:
     ecoflap-zeroth:wanda  ecoflap-first:sparsegpt@max=0.1   ECoFLaP scores -> ECoFLaP allocator
     depth:wanda@step=0.005                                  depth schedule
     ecoflap-first:wanda@metric=gradnorm,temp=2              ECoFLaP rule on score^(1/temp)
+    ecoflap-zeroth:wanda@zseed=1                            zeroth-order directions from seed 1
     rank-first:wanda@metric=gradnorm,lam=0.15               sparsity linear in the score's rank
     mix-first:wanda@metric=gradnorm,lam=0.15,alpha=0.5      depth schedule blended with score rank
     llmc:wanda  llmc:sparsegpt  llmc-owl:wanda@m=5,lam=0.08 llm-compressor (the peer; --llmc-python)
@@ -76,7 +77,7 @@ ALLOCATOR_SCORING: dict[str, tuple[str | None, tuple[str | None, ...]]] = {
     "rank": ("first", ("zeroth", "first")),
     "mix": ("first", ("zeroth", "first")),
 }
-SCORING_PARAMS = {"eps", "perturbations", "direction", "metric"}
+SCORING_PARAMS = {"eps", "perturbations", "direction", "metric", "zseed"}
 #: accepted @key=value parameters per allocator (and the scoring parameters they carry)
 PARAMS = {
     "uniform": set(),
@@ -129,8 +130,9 @@ class MethodSpec:
             return f"owl@m={p.get('m', 5):g}"
         if self.scoring == "first":
             return f"first@metric={p.get('metric', 'taylor')}"
-        return (f"zeroth@eps={p.get('eps', 1e-3):g},perturbations={int(p.get('perturbations', 1))},"
-                f"direction={p.get('direction', 'gaussian')}")
+        key = (f"zeroth@eps={p.get('eps', 1e-3):g},perturbations={int(p.get('perturbations', 1))},"
+               f"direction={p.get('direction', 'gaussian')}")
+        return key + (f",zseed={int(p['zseed'])}" if "zseed" in p else "")
 
 
 def _value(text: str) -> Any:
@@ -414,7 +416,7 @@ class SweepRunner:
         p = spec.param
         opts = ScoreOptions(
             method=spec.scoring or "zeroth",
-            zeroth=ZerothOrderSettings(eps=float(p.get("eps", 1e-3)), seed=self.cfg.seed,
+            zeroth=ZerothOrderSettings(eps=float(p.get("eps", 1e-3)), seed=int(p.get("zseed", self.cfg.seed)),
                                        perturbations=int(p.get("perturbations", 1)),
                                        direction=str(p.get("direction", "gaussian"))),
             first_metric=str(p.get("metric", "taylor")),
