@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own).")
     parser.add_argument("--eval-windows", type=int, default=None,
                         help="512-token windows of the split to evaluate (default 20).")
+    parser.add_argument("--extra-text", action="append",
+                        help="Also evaluate every pruned model on this text (repeat); 'shakespeare' = the "
+                             "other-domain text from ecoflap_cli.assets.")
     parser.add_argument("--fresh", action="store_true", help="Ignore cached runs and scores.")
     parser.add_argument("--report-only", action="store_true",
                         help="Only write the tables and plot from the runs cached so far.")
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                          timing_sparsities=args.timing_sparsity or [0.5],
                          eval_windows=args.eval_windows)
     cfg.resume = not args.fresh
+    if args.extra_text:
+        cfg.extra_texts = [str(assets.shakespeare()) if t == "shakespeare" else t for t in args.extra_text]
     if args.report_only:
         from ..sweep import report
 
