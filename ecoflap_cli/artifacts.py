@@ -202,11 +202,27 @@ ALLOCATOR_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def allocator_settings(allocator: str, max_sparsity: float | None = None, temperature: float = 1.0,
                        depth_step: float = 0.01, lam: float | None = None, alpha: float = 0.5) -> dict[str, Any]:
-    """The settings an allocator uses, from command-line style options (others are ignored)."""
-    if allocator not in ALLOCATOR_DEFAULTS:
-        raise PlanError(f"unknown allocator {allocator!r} (choose from {', '.join(allocation.ALLOCATORS)})")
+    """The settings an allocator uses, from command-line style options (others are ignored).
+
+    For ``auto`` every given option is kept; :func:`build_plan` picks the allocator and keeps the
+    options that allocator takes.
+    """
     given = {"max_sparsity": max_sparsity, "temperature": temperature, "step": depth_step, "lam": lam, "alpha": alpha}
+    if allocator == "auto":
+        return {k: v for k, v in given.items() if v is not None}
+    if allocator not in ALLOCATOR_DEFAULTS:
+        raise PlanError(f"unknown allocator {allocator!r} (choose from auto, {', '.join(allocation.ALLOCATORS)})")
     return {k: (given[k] if given[k] is not None else v) for k, v in ALLOCATOR_DEFAULTS[allocator].items()}
+
+
+def auto_allocator(scores_doc: dict[str, Any]) -> tuple[str, str]:
+    """The default allocator for a scores file, and why (recorded in the plan)."""
+    towers = {g["tower"] for g in scores_doc["groups"]}
+    if len(towers) == 1:
+        return "mix", ("one tower: mix (depth schedule + score rank, lam 0.15, alpha 0.5), the best rule on "
+                       "the validation split in docs/allocation.md")
+    return "ecoflap", (f"{len(towers)} towers: the paper's rule, which balances towers by score; mix is "
+                       "measured on language models only (docs/allocation.md)")
 
 
 def depth_positions(groups: list[dict[str, Any]]) -> list[float]:
@@ -231,6 +247,14 @@ def build_plan(
 ) -> dict[str, Any]:
     """Allocate a sparsity plan from a score document; exact budget, per tensor zero counts."""
     settings = dict(settings or {})
+    reason = None
+    if allocator == "auto":
+        allocator, reason = auto_allocator(scores_doc)
+        if settings.get("max_sparsity") is not None and allocator != "ecoflap":
+            raise PlanError(f"--max-sparsity applies to the ecoflap allocator; the default for this model is "
+                            f"{allocator}: add --allocator ecoflap")
+        settings = {k: (settings[k] if settings.get(k) is not None else v)
+                    for k, v in ALLOCATOR_DEFAULTS[allocator].items()}
     if allocator == "ecoflap" and settings.get("max_sparsity") is None:
         settings["max_sparsity"] = round(min(target + 0.1, 1.0), 10)
     if allocator == "owl" and scores_doc.get("method", {}).get("name") != "owl":
@@ -263,7 +287,8 @@ def build_plan(
         "model": scores_doc["model"],
         "scores_hash": doc_hash(scores_doc),
         "score_method": scores_doc.get("method"),
-        "allocator": {"name": allocator, "per_tower": per_tower, **settings},
+        "allocator": {"name": allocator, "per_tower": per_tower, **settings,
+                      **({"chosen": f"auto: {reason}"} if reason else {})},
         "target_sparsity": target,
         "achieved_sparsity": sum(g["zeros"] for g in plan_groups) / total,
         "towers": tower_summary(plan_groups),

@@ -98,10 +98,11 @@ SeqlenOpt = Annotated[Optional[int], typer.Option(help="Tokens per calibration s
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling calibration windows and perturbations.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field holding the text in .jsonl records.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
-DEFAULT_ALLOCATOR = "ecoflap"
+DEFAULT_ALLOCATOR = "auto"
 AllocatorOpt = Annotated[str, typer.Option(help=(
-    "ecoflap (the paper's capped proportional rule), rank (sparsity linear in score rank), mix (depth "
-    "schedule + score rank), depth, owl (needs --method owl scores) or uniform."))]
+    "auto (mix for one-tower language models, ecoflap for multi-tower models), ecoflap (the paper's "
+    "capped proportional rule), rank (sparsity linear in score rank), mix (depth schedule + score rank), "
+    "depth, owl (needs --method owl scores) or uniform."))]
 MaxSparsityOpt = Annotated[Optional[float], typer.Option(help="ecoflap: cap on any block's sparsity (default target + 0.1).")]
 TemperatureOpt = Annotated[float, typer.Option(help="ecoflap: allocate by score^(1/T); 1 is the paper's rule.")]
 DepthStepOpt = Annotated[float, typer.Option(help="depth: sparsity added per block of depth.")]

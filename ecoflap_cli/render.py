@@ -38,6 +38,8 @@ def render_plan(console: Console, plan: dict[str, Any]) -> None:
     for name, t in plan["towers"].items():
         towers.add_row(name, f"{int(t['params']):,}", f"{int(t['zeros']):,}", f"{t['sparsity']:.4f}")
     console.print(towers)
+    if alloc.get("chosen"):
+        console.print(f"allocator {alloc['name']}, chosen by {alloc['chosen']}", highlight=False)
 
 
 def render_sparsity(console: Console, results: dict[str, Any], per_tensor: bool = False) -> None:

@@ -240,6 +240,7 @@ def test_joint_budget_and_per_tower(include_qformer: bool, model_dir, data: dict
     target = 0.6
     cli_ok(f"score -m {model} --calib {captions} --samples 6 --batch-size 3{qformer} -o scores.json",
            tmp_path, monkeypatch)
+    # the default for several towers is the paper's rule (auto), and the plan says so
     _, joint_err = cli_ok(f"allocate scores.json -s {target} -o joint.json", tmp_path, monkeypatch)
     _, tower_err = cli_ok(f"allocate scores.json -s {target} --per-tower -o towers.json",
                           tmp_path, monkeypatch)
@@ -253,6 +254,7 @@ def test_joint_budget_and_per_tower(include_qformer: bool, model_dir, data: dict
     total = sum(g["params"] for g in joint["groups"])
 
     # joint budget: one global count, exact to rounding; towers are free to differ
+    assert joint["allocator"]["name"] == "ecoflap" and "towers" in joint["allocator"]["chosen"]
     assert joint["allocator"]["per_tower"] is False
     assert abs(sum(g["zeros"] for g in joint["groups"]) - round(total * target)) <= groups
     assert joint["achieved_sparsity"] == pytest.approx(target, abs=groups / total)
