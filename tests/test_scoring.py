@@ -54,7 +54,8 @@ def test_zeroth_order_estimates_the_gradient_norm(family):
     for name in names:
         ratio = estimate[name] / exact[name]
         assert abs(ratio - math.sqrt(2 / math.pi)) < 0.25, (name, ratio)
-    assert _spearman([exact[n] for n in names], [estimate[n] for n in names]) >= 0.8 - 1e-9  # at most one swap of two near-equal blocks
+    # at most one swap of two near-equal blocks
+    assert _spearman([exact[n] for n in names], [estimate[n] for n in names]) >= 0.8 - 1e-9
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -333,7 +333,7 @@ def memory(out: Path, seqlen: int) -> None:
         print(f"memory {mode}: +{peaks[mode]:.1f} MiB", flush=True)
     base = peaks["plain forward"]
     results["peak_vs_plain_forward"] = {k: v / base for k, v in peaks.items()}
-    results["memory_setup"] = "one batch of 8 x %d tokens, each mode in a fresh process" % seqlen
+    results["memory_setup"] = f"one batch of 8 x {seqlen} tokens, each mode in a fresh process"
     artifacts.write_atomic(out, (json.dumps(results, indent=2) + "\n").encode())
 
 
