@@ -217,6 +217,8 @@ def allocator_settings(allocator: str, max_sparsity: float | None = None, temper
 
 def auto_allocator(scores_doc: dict[str, Any]) -> tuple[str, str]:
     """The default allocator for a scores file, and why (recorded in the plan)."""
+    if (scores_doc.get("method") or {}).get("name") == "owl":
+        return "owl", "the scores are OWL outlier ratios"
     towers = {g["tower"] for g in scores_doc["groups"]}
     if len(towers) == 1:
         return "mix", ("one tower: mix (depth schedule + score rank, lam 0.15, alpha 0.5), the best rule on "

@@ -216,3 +216,21 @@ def test_plan_records_allocator_settings():
     assert sum(g["zeros"] for g in plan["groups"]) == 200
     plan = artifacts.build_plan(doc, "ecoflap", 0.5, {"temperature": 2.0})
     assert plan["allocator"]["temperature"] == 2.0 and plan["allocator"]["max_sparsity"] == 0.6
+
+
+def test_auto_allocator_follows_towers_and_score_kind():
+    from ecoflap_cli import artifacts
+
+    def doc(towers, method="first"):
+        groups = [{"name": f"{t}{i}", "tower": t, "index": i, "params": 100, "score": float(i + 1),
+                   "tensors": [{"name": f"{t}{i}.w", "numel": 100}]} for t in towers for i in range(3)]
+        return {"model": {"id": "m"}, "groups": groups, "method": {"name": method}}
+
+    one = artifacts.build_plan(doc(["language"]), "auto", 0.5)
+    assert one["allocator"]["name"] == "mix" and one["allocator"]["chosen"].startswith("auto: one tower")
+    two = artifacts.build_plan(doc(["vision", "language"]), "auto", 0.5)
+    assert two["allocator"]["name"] == "ecoflap" and two["allocator"]["max_sparsity"] == 0.6
+    owl = artifacts.build_plan(doc(["language"], "owl"), "auto", 0.5)
+    assert owl["allocator"]["name"] == "owl" and owl["allocator"]["lam"] == 0.08
+    for plan in (one, two, owl):
+        assert sum(g["zeros"] for g in plan["groups"]) == round(0.5 * sum(g["params"] for g in plan["groups"]))
