@@ -115,6 +115,7 @@ def run_score(
         if progress:
             progress(f"auto: {choice}-order scores ({reason})")
     if opts.method == "zeroth":
+        check_zeroth_memory(adapter.model, batches)
         scores = zeroth_order_scores(adapter, batches, opts.zeroth, progress)
         method.update(asdict(opts.zeroth), name="zeroth")
     elif opts.method == "first":
@@ -222,6 +223,23 @@ def check_activation_memory(model: torch.nn.Module, opts: CalibrationOptions, st
     device = torch.device(store) if store else module_device(model)
     memory_budget_check(activation_bytes(model, tokens), device, "holding the calibration activations",
                         "--samples or --seqlen")
+
+
+def zeroth_order_bytes(model: torch.nn.Module, batches: list[Batch]) -> int:
+    """What zeroth-order scoring stores across all batches: the replayed block outputs (one set,
+    plus the next block's while it is recorded) at the model's precision, and dL/dh at the last
+    block in fp32 (one hidden-state set) for the linearized head."""
+    tokens = sum(int(b["input_ids"].numel()) for b in batches if "input_ids" in b)
+    return activation_bytes(model, tokens) + tokens * max(hidden_sizes(model)) * 4
+
+
+def check_zeroth_memory(model: torch.nn.Module, batches: list[Batch]) -> None:
+    """Refuse zeroth-order scoring whose stored activations cannot fit, before any work starts."""
+    from .blockwise import module_device
+    from .offload import memory_budget_check
+
+    memory_budget_check(zeroth_order_bytes(model, batches), module_device(model),
+                        "zeroth-order scoring (replayed activations and head gradients)", "--samples or --seqlen")
 
 
 def first_order_bytes(model: torch.nn.Module, batches: list[Batch]) -> int:

@@ -123,3 +123,17 @@ def test_offloaded_model_saves_in_streamed_shards(tiny_llama, tmp_path):
     original = AutoModelForCausalLM.from_pretrained(tiny_llama)
     for (name, a), (_, b) in zip(original.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_zeroth_order_storage_is_checked_before_work(tiny_llama):
+    """Replayed activations plus dL/dh for every calibration token must fit, or a clear error."""
+    from ecoflap_cli.pipeline import check_zeroth_memory, zeroth_order_bytes
+
+    model = load_model(str(tiny_llama)).model
+    hidden = model.config.hidden_size
+    small = [{"input_ids": torch.zeros(2, 16, dtype=torch.long)}]
+    assert zeroth_order_bytes(model, small) == 32 * hidden * (2 * 4 + 4)  # fp32 model: 2 sets + G
+    check_zeroth_memory(model, small)  # fits
+    huge = [{"input_ids": torch.empty(10**6, 10**6, device="meta")}]  # counted, never allocated
+    with pytest.raises(ModelError, match="lower --samples or --seqlen"):
+        check_zeroth_memory(model, huge)
