@@ -379,6 +379,26 @@ def test_zeroth_order_linearized_head_agrees_with_exact_loss(
         assert auto[name] == pytest.approx(score, rel=5e-3, abs=5e-4 * len(batches)), name
 
 
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_head_gradient_per_sample_equals_whole_batch(case: str, processors: dict, records: list[dict]) -> None:
+    """Where the adapter weighs each sample's loss (BLIP-2, InstructBLIP), dL/dh built one sample at
+    a time equals the whole batch's; CLIP has no such weights (its loss couples the samples)."""
+    from ecoflap_cli.scoring import _head_gradient
+
+    adapter = adapter_for(case, include_qformer=True)
+    batch = batches_for(adapter, processors, case, records)[0]
+    weights = adapter.loss_sample_weights(batch)
+    if not adapter.loss_through_last_block:
+        assert weights is None
+        return
+    assert weights is not None and sum(weights) == pytest.approx(1.0)
+    assert len(weights) > 1  # the split path is taken
+    final = adapter.blocks(adapter.towers()[-1])[-1]
+    whole = _head_gradient(adapter, batch, final, split=False)
+    split = _head_gradient(adapter, batch, final, split=True)
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-8)
+
+
 # --------------------------------------------------------------------------------------------
 # Reading data
 # --------------------------------------------------------------------------------------------

@@ -150,6 +150,16 @@ class Blip2Adapter(Adapter):
         labels = to_model_device(self.model, {"labels": batch["labels"]})["labels"]
         return self.model(**inputs, labels=labels, **self.no_cache()).loss
 
+    def loss_sample_weights(self, batch: Batch) -> list[float] | None:
+        # the caption loss is the mean over every labelled token of the batch (-100 ignored):
+        # shifted by one for a decoder-only LM, unshifted for T5's decoder
+        labels = batch.get("labels")
+        if labels is None or labels.dim() != 2:
+            return None
+        counts = ((labels if self.seq2seq else labels[:, 1:]) != -100).sum(dim=1).tolist()
+        total = sum(counts)
+        return [c / total for c in counts] if total else None
+
     def next_inputs(self, block: Block, output: Any, inputs: BlockInputs) -> BlockInputs:
         if block.tower.startswith("language-"):
             return t5_next_inputs(output, inputs)
