@@ -237,6 +237,32 @@ def side_by_side(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks:
     return res
 
 
+def batch_sizes(out: Path, repeats: int, samples: int, seqlen: int, sizes: list[int]) -> dict[str, Any]:
+    """Default zeroth-order time on the same samples in batches of each size, interleaved.
+
+    A larger batch means fewer, larger passes (better matmul efficiency) but also fewer directions
+    per block (one per batch), so it buys speed with variance; this measures the speed side.
+    """
+    loaded = load_model(str(smollm2()))
+    adapter = get_adapter(loaded.model)
+    tokens = tokenize_documents(loaded.tokenizer, read_text(wikipedia_splits()["calib"]))
+    windows = sample_windows(tokens, samples, seqlen, seed=0)
+    runs: dict[str, list[float]] = {}
+    for r in range(repeats):
+        for size in sizes:
+            batches = to_batches(windows, size)
+            _, t, _ = measure(lambda b=batches: zeroth_order_scores(adapter, b, ZerothOrderSettings(seed=0)))
+            runs.setdefault(str(size), []).append(t)
+            print(f"repeat {r}: batch {size}: {t:.1f}s", flush=True)
+    base = str(sizes[0])
+    res = {"setup": {"samples": samples, "seqlen": seqlen, "threads": torch.get_num_threads()},
+           "seconds": runs, "median_s": {k: statistics.median(v) for k, v in runs.items()},
+           "ratio_to_first_size": {k: statistics.median(a / b for a, b in zip(v, runs[base]))
+                                   for k, v in runs.items()}}
+    artifacts.write_atomic(out, (json.dumps(res, indent=2) + "\n").encode())
+    return res
+
+
 def _summarise(res: dict[str, Any]) -> None:
     runs = res.get("repeats", [])
     if runs:
@@ -353,7 +379,12 @@ def main() -> None:
                         help="only the interleaved reference-vs-default timing and score agreement")
     parser.add_argument("--corr-samples", type=int, default=None,
                         help="samples for the score-agreement part of --side-by-side (default: --samples)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                        help="only time the default mode on the same samples in batches of these sizes")
     args = parser.parse_args()
+    if args.batch_sizes:
+        batch_sizes(args.out, args.repeats, args.samples, args.seqlen, args.batch_sizes)
+        return
     if args.side_by_side:
         side_by_side(args.out, args.repeats, args.samples, args.seqlen, args.ref_blocks, args.corr_samples)
         return
