@@ -322,8 +322,7 @@ class SweepRunner:
         self._dirty = False
         self._prune_data: tuple[list[Any], dict[str, Any]] | None = None
         self._score_data: tuple[list[Any], dict[str, Any]] | None = None
-        self._eval_windows: torch.Tensor | None = None
-        self._extra_windows: dict[str, torch.Tensor] = {}
+        self._windows: dict[str, torch.Tensor] = {}  # text path -> evaluation windows
         self._scores: dict[str, tuple[dict[str, Any], float]] = {}
         self._structure: dict[str, Any] | None = None
         self._peer_model: Path | None = None
@@ -374,23 +373,19 @@ class SweepRunner:
             self.counters["score_calibration"] += 1
         return self._score_data
 
-    def eval_windows(self) -> torch.Tensor:
-        if self._eval_windows is None:
-            tokens = tokenize_documents(self.loaded.tokenizer, read_text(self.cfg.text, self.cfg.text_field))
-            self._eval_windows = windows_for_eval(tokens, self.cfg.eval_seqlen, self.cfg.eval_windows)
+    def eval_windows(self, path: str | None = None) -> torch.Tensor:
+        """Evaluation windows of a text (default: the main one), tokenised once per text."""
+        path = path or self.cfg.text
+        if path not in self._windows:
+            tokens = tokenize_documents(self.loaded.tokenizer, read_text(path, self.cfg.text_field))
+            self._windows[path] = windows_for_eval(tokens, self.cfg.eval_seqlen, self.cfg.eval_windows)
             self.counters["eval_windows"] += 1
-        return self._eval_windows
+        return self._windows[path]
 
     def extra_perplexities(self) -> dict[str, float]:
-        """Perplexity of the current model on each extra text (windows built once)."""
-        result = {}
-        for name, path in zip(self.cfg.extra_names(), self.cfg.extra_texts or []):
-            if name not in self._extra_windows:
-                tokens = tokenize_documents(self.loaded.tokenizer, read_text(path, self.cfg.text_field))
-                self._extra_windows[name] = windows_for_eval(tokens, self.cfg.eval_seqlen, self.cfg.eval_windows)
-                self.counters["eval_windows"] += 1
-            result[name] = perplexity(self.loaded.model, self._extra_windows[name], self.cfg.eval_batch_size)
-        return result
+        """Perplexity of the current model on each extra text."""
+        return {name: perplexity(self.loaded.model, self.eval_windows(path), self.cfg.eval_batch_size)
+                for name, path in zip(self.cfg.extra_names(), self.cfg.extra_texts or [])}
 
     def structure(self) -> dict[str, Any]:
         if self._structure is None:

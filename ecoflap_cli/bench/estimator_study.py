@@ -8,7 +8,8 @@ On SmolLM2-135M and one calibration batch (8 x 128 Wikipedia tokens, seed 0), fo
   for each seeded direction z the exact directional derivative g . z;
 - for ``--directions`` Gaussian and as many Rademacher directions, the losses L+ = L(W + eps z),
   L- = L(W - eps z) and the unperturbed L0 (shared), computed the way ``ecoflap score`` does
-  (block perturbed through output hooks, earlier blocks replayed from stored activations).
+  (block perturbed through output hooks, earlier blocks replayed from stored activations), with
+  the exact loss in every pass (``--head exact``; the linearized head agrees to 2e-3).
 
 From these, without further passes: the finite-difference error of the central and the forward
 difference against the exact g . z; the spread of single-direction estimates of ||g|| (the paper's
@@ -34,13 +35,9 @@ from typing import Any
 import torch
 
 from .. import artifacts
-from ..assets import smollm2, wikipedia_splits
 from ..blockwise import capture_outputs
-from ..data import read_text, sample_windows, to_batches, tokenize_documents
-from ..loading import load_model
-from ..models import get_adapter
 from ..scoring import PRECISION, _block_linears, _direction, _loss, _replays, perturbed
-from .scoring_cost import spearman
+from .scoring_cost import smollm2_batches, spearman
 
 KINDS = ("gaussian", "rademacher")
 
@@ -68,14 +65,11 @@ def exact_gradients(adapter, batch) -> dict[str, dict[str, torch.Tensor]]:
 
 def run(out: Path, directions: int, eps: float, seqlen: int) -> dict[str, Any]:
     torch.manual_seed(0)
-    loaded = load_model(str(smollm2()))
-    adapter = get_adapter(loaded.model)
-    tokens = tokenize_documents(loaded.tokenizer, read_text(wikipedia_splits()["calib"]))
-    batch = to_batches(sample_windows(tokens, 8, seqlen, seed=0), 8)[0]
+    _, adapter, (batch,) = smollm2_batches("calib", 8, seqlen)
     blocks = adapter.blocks()
     grads = exact_gradients(adapter, batch)
     start = time.perf_counter()
-    base = _loss(adapter, [batch][0])
+    base = _loss(adapter, batch)
     forward_s = time.perf_counter() - start
     rows: dict[str, Any] = {}
     previous = None

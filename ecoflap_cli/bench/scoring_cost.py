@@ -85,6 +85,15 @@ class SubsetAdapter(Adapter):
         return self.inner.loss(batch)
 
 
+def smollm2_batches(split: str, samples: int, seqlen: int, batch_size: int = 8, seed: int = 0
+                    ) -> tuple[Any, Adapter, list]:
+    """SmolLM2, its adapter, and seeded windows of a Wikipedia split in batches (every study's setup)."""
+    loaded = load_model(str(smollm2()))
+    adapter = get_adapter(loaded.model)
+    tokens = tokenize_documents(loaded.tokenizer, read_text(wikipedia_splits()[split]))
+    return loaded, adapter, to_batches(sample_windows(tokens, samples, seqlen, seed=seed), batch_size)
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     ra = torch.tensor(a).argsort().argsort().double()
     rb = torch.tensor(b).argsort().argsort().double()
@@ -111,11 +120,7 @@ MODES: dict[str, Callable[[Adapter, list, int], dict[str, float]]] = {
 def run(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks: int,
         zeroth_repeats: int = 1) -> dict[str, Any]:
     torch.manual_seed(0)
-    splits = wikipedia_splits()
-    loaded = load_model(str(smollm2()))
-    adapter = get_adapter(loaded.model)
-    tokens = tokenize_documents(loaded.tokenizer, read_text(splits["calib"]))
-    batches = to_batches(sample_windows(tokens, samples, seqlen, seed=0), 8)
+    _, adapter, batches = smollm2_batches("calib", samples, seqlen)
     results: dict[str, Any] = {"setup": {"samples": samples, "seqlen": seqlen, "batch_size": 8,
                                          "repeats": repeats, "threads": torch.get_num_threads(),
                                          "blocks": len(adapter.blocks())}}
@@ -187,11 +192,7 @@ def side_by_side(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks:
     with each other, and with the exact per-block gradient norm on the same batches.
     """
     torch.manual_seed(0)
-    splits = wikipedia_splits()
-    loaded = load_model(str(smollm2()))
-    adapter = get_adapter(loaded.model)
-    tokens = tokenize_documents(loaded.tokenizer, read_text(splits["calib"]))
-    batches = to_batches(sample_windows(tokens, samples, seqlen, seed=0), 8)
+    _, adapter, batches = smollm2_batches("calib", samples, seqlen)
     names = [b.name for b in adapter.blocks()]
     subset = set(names[:: max(1, len(names) // ref_blocks)][:ref_blocks])
     sub = SubsetAdapter(adapter, subset)
@@ -243,10 +244,8 @@ def batch_sizes(out: Path, repeats: int, samples: int, seqlen: int, sizes: list[
     A larger batch means fewer, larger passes (better matmul efficiency) but also fewer directions
     per block (one per batch), so it buys speed with variance; this measures the speed side.
     """
-    loaded = load_model(str(smollm2()))
-    adapter = get_adapter(loaded.model)
-    tokens = tokenize_documents(loaded.tokenizer, read_text(wikipedia_splits()["calib"]))
-    windows = sample_windows(tokens, samples, seqlen, seed=0)
+    _, adapter, batches = smollm2_batches("calib", samples, seqlen)
+    windows = torch.cat([b["input_ids"] for b in batches])
     runs: dict[str, list[float]] = {}
     for r in range(repeats):
         for size in sizes:
@@ -306,11 +305,8 @@ def quality(out: Path, modes: list[str], sparsity: float, calib_samples: int, ev
     """Perplexity on the validation split after ECoFLaP + Wanda with each mode's scores."""
     results = json.loads(out.read_text())
     splits = wikipedia_splits()
-    loaded = load_model(str(smollm2()))
-    adapter = get_adapter(loaded.model)
+    loaded, adapter, batches = smollm2_batches("calib", calib_samples, 512, seed=1)
     dense = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    tokens = tokenize_documents(loaded.tokenizer, read_text(splits["calib"]))
-    batches = to_batches(sample_windows(tokens, calib_samples, 512, seed=1), 8)
     valid = windows_for_eval(tokenize_documents(loaded.tokenizer, read_text(splits["valid"])), 512, eval_windows)
     info = model_info(loaded, adapter)
     ppl = results.setdefault("valid_ppl_ecoflap_wanda", {})
@@ -331,11 +327,7 @@ def quality(out: Path, modes: list[str], sparsity: float, calib_samples: int, ev
 
 def memory_child(mode: str, seqlen: int) -> None:
     """In a fresh process: load, run one mode on one batch of 8 x seqlen, print peak RSS growth."""
-    splits = wikipedia_splits()
-    loaded = load_model(str(smollm2()))
-    adapter = get_adapter(loaded.model)
-    tokens = tokenize_documents(loaded.tokenizer, read_text(splits["valid"]))
-    batches = to_batches(sample_windows(tokens, 8, seqlen, seed=0), 8)
+    _, adapter, batches = smollm2_batches("valid", 8, seqlen)
     fns = {"plain forward": lambda: plain_forward(adapter, batches), **{
         k: (lambda fn=fn: fn(adapter, batches, 0)) for k, fn in MODES.items()}}
     fns["reference (per tensor, no reuse)"] = lambda: zeroth_order_scores(
