@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from ecoflap_cli import allocation
+from ecoflap_cli.core import allocation
 from ecoflap_cli.errors import PlanError
 
 sizes_st = st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=24)
@@ -175,6 +175,8 @@ def test_rank_exact_budget(req, lam):
        st.floats(0.2, 0.8), st.floats(0.0, 0.15))
 @settings(max_examples=200, deadline=None)
 def test_rank_more_important_is_pruned_less_within_range(scores, target, lam):
+    # ranks are only defined for scores that stay distinct after the monotone squash below
+    assume(len({math.log1p(s) for s in scores}) == len(scores))
     n = 10_000
     alloc = allocation.rank([n] * len(scores), scores, target, lam)
     sp = alloc.sparsities
@@ -207,7 +209,7 @@ def test_mix_ends_are_depth_and_rank():
 
 
 def test_plan_records_allocator_settings():
-    from ecoflap_cli import artifacts
+    from ecoflap_cli.io import artifacts
     groups = [{"name": f"b{i}", "tower": "lm", "index": i, "params": 100, "score": float(s),
                "tensors": [{"name": f"b{i}.w", "numel": 100}]} for i, s in enumerate([3, 1, 2, 5])]
     doc = {"model": {"id": "m"}, "groups": groups, "method": {"name": "first"}}
@@ -219,7 +221,7 @@ def test_plan_records_allocator_settings():
 
 
 def test_auto_allocator_follows_towers_and_score_kind():
-    from ecoflap_cli import artifacts
+    from ecoflap_cli.io import artifacts
 
     def doc(towers, method="first"):
         groups = [{"name": f"{t}{i}", "tower": t, "index": i, "params": 100, "score": float(i + 1),

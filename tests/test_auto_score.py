@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ecoflap_cli import pipeline
-from ecoflap_cli.loading import LoadOptions, load_model
+from ecoflap_cli.stages import driver as pipeline
+from ecoflap_cli.io.loading import LoadOptions, load_model
 from ecoflap_cli.models import get_adapter
 
 

@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from ecoflap_cli.api import load_pruned
-from ecoflap_cli.checkpoint import (
+from ecoflap_cli.io.pruned import load_pruned
+from ecoflap_cli.io.checkpoint import (
     checkpoint_layout,
     convert_checkpoint,
     is_packed_checkpoint,
@@ -25,10 +25,10 @@ from ecoflap_cli.checkpoint import (
     weight_bytes,
     weight_files,
 )
-from ecoflap_cli.cli import app
+from ecoflap_cli.cli.app import app
 from ecoflap_cli.errors import ArtifactError, EcoflapError
-from ecoflap_cli.loading import LoadOptions, load_model
-from ecoflap_cli.packed import INDEX_FILE, INDEX_KEY, PART_SEPARATOR, SINGLE_FILE, load_sharded, save_sharded
+from ecoflap_cli.io.loading import LoadOptions, load_model
+from ecoflap_cli.io.packed import INDEX_FILE, INDEX_KEY, PART_SEPARATOR, SINGLE_FILE, load_sharded, save_sharded
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 runner = CliRunner(env={"HF_HUB_OFFLINE": "1"})

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from ecoflap_cli.cli import app
+from ecoflap_cli.cli.app import app
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 ECOFLAP = f"{shlex.quote(sys.executable)} -m ecoflap_cli"

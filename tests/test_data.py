@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import make_text, make_tokenizer
 
-from ecoflap_cli.data import read_text, sample_windows, to_batches, tokenize_documents
+from ecoflap_cli.data.text import read_text, sample_windows, to_batches, tokenize_documents
 from ecoflap_cli.errors import DataError
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ecoflap_cli import artifacts
-from ecoflap_cli.cli import app
+from ecoflap_cli.io import artifacts
+from ecoflap_cli.cli.app import app
 from ecoflap_cli.errors import ArtifactError
-from ecoflap_cli.inspect_cmd import inspect_artifact
+from ecoflap_cli.io.inspect import inspect_artifact
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 runner = CliRunner(env={"HF_HUB_OFFLINE": "1"})

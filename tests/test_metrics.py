@@ -1,4 +1,4 @@
-"""Tests for ecoflap_cli.metrics against hand-computed values."""
+"""Tests for ecoflap_cli.evaluation.metrics against hand-computed values."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ecoflap_cli.metrics import (
+from ecoflap_cli.evaluation.metrics import (
     cider_d,
     normalize_vqa_answer,
     recall_at_k,

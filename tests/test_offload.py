@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ecoflap_cli.cli import app
+from ecoflap_cli.cli.app import app
 from ecoflap_cli.errors import ModelError
-from ecoflap_cli.loading import LoadOptions, load_model
+from ecoflap_cli.io.loading import LoadOptions, load_model
 from ecoflap_cli.models import get_adapter
-from ecoflap_cli.offload import any_offloaded
-from ecoflap_cli.pruning import PruneSettings, prune_model
-from ecoflap_cli.scoring import ZerothOrderSettings, zeroth_order_scores
+from ecoflap_cli.engine.offload import any_offloaded
+from ecoflap_cli.engine.pruning import PruneSettings, prune_model
+from ecoflap_cli.engine.scoring import ZerothOrderSettings, zeroth_order_scores
 
 SPLIT_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
              "model.layers.2": "disk", "model.layers.3": "disk", "model.norm": "cpu",
@@ -111,7 +111,7 @@ def test_activation_budget_error_names_the_option(tiny_llama, tmp_path, calib_te
 def test_offloaded_model_saves_in_streamed_shards(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from ecoflap_cli.checkpoint import save_offloaded
+    from ecoflap_cli.io.checkpoint import save_offloaded
 
     loaded = load_model(str(tiny_llama), LoadOptions(offload="disk", offload_folder=str(tmp_path / "off")))
     out = tmp_path / "out"
@@ -127,7 +127,7 @@ def test_offloaded_model_saves_in_streamed_shards(tiny_llama, tmp_path):
 
 def test_zeroth_order_storage_is_checked_before_work(tiny_llama):
     """Replayed activations plus dL/dh for every calibration token must fit, or a clear error."""
-    from ecoflap_cli.pipeline import check_zeroth_memory, zeroth_order_bytes
+    from ecoflap_cli.stages.driver import check_zeroth_memory, zeroth_order_bytes
 
     model = load_model(str(tiny_llama)).model
     hidden = model.config.hidden_size

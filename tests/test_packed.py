@@ -1,4 +1,4 @@
-"""Tests for the packed sparse checkpoint layout (ecoflap_cli.packed)."""
+"""Tests for the packed sparse checkpoint layout (ecoflap_cli.io.packed)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ecoflap_cli.errors import ArtifactError
-from ecoflap_cli.packed import (
+from ecoflap_cli.io.packed import (
     FORMAT_NAME,
     INDEX_FILE,
     INDEX_KEY,

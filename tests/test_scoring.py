@@ -10,7 +10,7 @@ from tiny import tiny_config
 from transformers import AutoModelForCausalLM
 
 from ecoflap_cli.models import get_adapter
-from ecoflap_cli.scoring import (
+from ecoflap_cli.engine.scoring import (
     ZerothOrderSettings,
     first_order_scores,
     owl_outlier_ratios,
@@ -167,7 +167,7 @@ def test_linearized_head_refused_where_the_loss_reads_several_towers():
 
 
 def test_head_gradient_one_sample_at_a_time_equals_the_whole_batch():
-    from ecoflap_cli.scoring import _head_gradient
+    from ecoflap_cli.engine.scoring import _head_gradient
 
     adapter = get_adapter(_model())
     final = adapter.blocks()[-1]

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ecoflap_cli import solvers
+from ecoflap_cli.core import solvers
 
 
 @given(st.integers(1, 12), st.integers(1, 40), st.floats(0.0, 1.0), st.sampled_from(["row", "matrix"]))

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from ecoflap_cli import pipeline, sweep
+from ecoflap_cli.stages import driver as pipeline
+
+from ecoflap_cli.stages import sweep
 from ecoflap_cli.errors import PlanError
-from ecoflap_cli.sweep import SweepConfig, parse_method, run_sweep
+from ecoflap_cli.stages.sweep import SweepConfig, parse_method, run_sweep
 
 METHODS = ["uniform:magnitude", "uniform:wanda", "uniform:sparsegpt", "owl:wanda@m=5,lam=0.08",
            "ecoflap-zeroth:wanda", "ecoflap-first:wanda", "ecoflap-zeroth:sparsegpt", "depth:wanda@step=0.02"]

@@ -24,13 +24,13 @@ from conftest_vlm import (
 )
 from torch import nn
 
-from ecoflap_cli.blockwise import capture_inputs, capture_outputs, run_block
+from ecoflap_cli.engine.blockwise import capture_inputs, capture_outputs, run_block
 from ecoflap_cli.errors import DataError
 from ecoflap_cli.models import REGISTRY, get_adapter
 from ecoflap_cli.models.base import Adapter, hidden_of
 from ecoflap_cli.models.blip2 import Blip2Adapter, InstructBlipAdapter
 from ecoflap_cli.models.clip import CLIPAdapter
-from ecoflap_cli.multimodal import (
+from ecoflap_cli.data.multimodal import (
     caption_eval,
     clip_retrieval,
     clip_zero_shot,
@@ -39,8 +39,8 @@ from ecoflap_cli.multimodal import (
     read_image_text_jsonl,
     vqa_eval,
 )
-from ecoflap_cli.pruning import PruneSettings, prune_model
-from ecoflap_cli.scoring import ZerothOrderSettings, zeroth_order_scores
+from ecoflap_cli.engine.pruning import PruneSettings, prune_model
+from ecoflap_cli.engine.scoring import ZerothOrderSettings, zeroth_order_scores
 
 ALL_CASES = list(CASES)
 T5_CASES = [c for c in BLIP_CASES if c.endswith("-t5")]
@@ -383,7 +383,7 @@ def test_zeroth_order_linearized_head_agrees_with_exact_loss(
 def test_head_gradient_per_sample_equals_whole_batch(case: str, processors: dict, records: list[dict]) -> None:
     """Where the adapter weighs each sample's loss (BLIP-2, InstructBLIP), dL/dh built one sample at
     a time equals the whole batch's; CLIP has no such weights (its loss couples the samples)."""
-    from ecoflap_cli.scoring import _head_gradient
+    from ecoflap_cli.engine.scoring import _head_gradient
 
     adapter = adapter_for(case, include_qformer=True)
     batch = batches_for(adapter, processors, case, records)[0]
@@ -527,8 +527,8 @@ def test_clip_tasks(processors: dict, vlm_data: dict) -> None:
 def test_image_text_calibration_is_a_seeded_sample(vlm_data: dict, processors: dict) -> None:
     import random
 
-    from ecoflap_cli.loading import LoadedModel
-    from ecoflap_cli.pipeline import CalibrationOptions, calibration_batches
+    from ecoflap_cli.io.loading import LoadedModel
+    from ecoflap_cli.stages.driver import CalibrationOptions, calibration_batches
 
     adapter = adapter_for("blip2-opt")
     loaded = LoadedModel(adapter.model, processors["blip-2"], "tiny")

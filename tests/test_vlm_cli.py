@@ -17,9 +17,9 @@ import torch
 from conftest_vlm import CASES, PICTURES, save_model_dir, write_data
 from typer.testing import CliRunner
 
-from ecoflap_cli.cli import app
-from ecoflap_cli.loading import load_model
-from ecoflap_cli.multimodal import (
+from ecoflap_cli.cli.app import app
+from ecoflap_cli.io.loading import load_model
+from ecoflap_cli.data.multimodal import (
     caption_eval,
     clip_retrieval,
     clip_zero_shot,
@@ -365,8 +365,8 @@ def test_eval_refuses_with_one_line(case: str, options: str, message: str, model
 def test_eval_blip2_perplexity_is_its_language_model(model_dir, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """--text on BLIP-2 measures the language model on text alone, the same as the LM by itself."""
-    from ecoflap_cli.data import tokenize_documents
-    from ecoflap_cli.evaluation import perplexity, windows_for_eval
+    from ecoflap_cli.data.text import tokenize_documents
+    from ecoflap_cli.evaluation.measure import perplexity, windows_for_eval
 
     model = model_dir("blip2-llama")
     text = tmp_path / "text.txt"

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smol():
-    from ecoflap_cli.assets import smollm2
-    from ecoflap_cli.loading import LoadOptions, load_model
+    from ecoflap_cli.data.assets import smollm2
+    from ecoflap_cli.io.loading import LoadOptions, load_model
 
     try:
         path = smollm2()
@@ -91,7 +91,7 @@ def test_image_matters_and_text_loss_is_smollm2s(hybrid: dict, smol) -> None:
 def test_one_shot_prune_and_eval_through_the_cli(hybrid: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import Blip2ForConditionalGeneration
 
-    from ecoflap_cli.cli import app
+    from ecoflap_cli.cli.app import app
 
     monkeypatch.chdir(hybrid["root"])
     runner = CliRunner()

@@ -24,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from .. import assets
-from ..sweep import parse_method, run_sweep
-from .quality import smollm2_config
+from ecoflap_cli.data import assets
+from ecoflap_cli.stages.sweep import parse_method, run_sweep
+from ecoflap_cli.bench.quality import smollm2_config
 
 G = "metric=gradnorm"
 VALID_METHODS = [
@@ -70,7 +70,7 @@ def _link_scores(out: Path) -> None:
 
 def tables() -> str:
     """The docs' tables from the cached runs."""
-    from ..sweep import SweepRunner
+    from ecoflap_cli.stages.sweep import SweepRunner
 
     lines = []
     for stage, cfg in configs().items():

@@ -22,15 +22,15 @@ from typing import Any
 
 import torch
 
-from .. import artifacts
-from ..data import sample_windows, to_batches, tokenize_documents
-from ..evaluation import perplexity, windows_for_eval
-from ..loading import LoadOptions, load_model
-from ..models import get_adapter
-from ..pipeline import model_info
-from ..pruning import PruneSettings, prune_model
-from ..scoring import ZerothOrderSettings, zeroth_order_scores
-from ..testing import make_text, save_tiny_model
+from ecoflap_cli.io import artifacts
+from ecoflap_cli.data.text import sample_windows, to_batches, tokenize_documents
+from ecoflap_cli.evaluation.measure import perplexity, windows_for_eval
+from ecoflap_cli.io.loading import LoadOptions, load_model
+from ecoflap_cli.models import get_adapter
+from ecoflap_cli.stages.driver import model_info
+from ecoflap_cli.engine.pruning import PruneSettings, prune_model
+from ecoflap_cli.engine.scoring import ZerothOrderSettings, zeroth_order_scores
+from ecoflap_cli.testing import make_text, save_tiny_model
 
 
 def _run(model_dir: Path, device: str, offload: str | None, plan: dict[str, Any] | None) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def _run(model_dir: Path, device: str, offload: str | None, plan: dict[str, Any]
 
 
 def _materialised(linear: torch.nn.Module) -> torch.Tensor:
-    from ..offload import editable_weight
+    from ecoflap_cli.engine.offload import editable_weight
 
     with editable_weight(linear) as weight:  # type: ignore[arg-type]
         return weight.detach().clone()

@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
-from .. import artifacts
-from ..blockwise import capture_outputs
-from ..scoring import PRECISION, _block_linears, _direction, _loss, _replays, perturbed
-from .scoring_cost import smollm2_batches, spearman
+from ecoflap_cli.io import artifacts
+from ecoflap_cli.engine.blockwise import capture_outputs
+from ecoflap_cli.engine.scoring import PRECISION, _block_linears, _direction, _loss, _replays, perturbed
+from ecoflap_cli.bench.scoring_cost import smollm2_batches, spearman
 
 KINDS = ("gaussian", "rademacher")
 

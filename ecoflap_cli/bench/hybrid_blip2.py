@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..assets import cache_dir
+from ecoflap_cli.data.assets import cache_dir
 
 #: Tiny random towers (ASSETS.md "Tiny model configs"), with 64-pixel images: 64 patches.
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -110,8 +110,8 @@ def build_hybrid(out: Path, gguf: Path | None = None, seed: int = 0, log: Log = 
     """
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
-    from ..assets import smollm2
-    from ..loading import LoadOptions, load_model
+    from ecoflap_cli.data.assets import smollm2
+    from ecoflap_cli.io.loading import LoadOptions, load_model
 
     smol = language
     if smol is None:
@@ -325,9 +325,9 @@ def text_losses(model: Any, tokenizer: Any, pixel_values: torch.Tensor, text: st
 def caption_losses(model_dir: Path, records_file: Path, max_records: int = 16) -> dict[str, float]:
     """Mean caption loss of a saved (hybrid) BLIP-2 on image-caption records with the right
     images, with the images of the neighbouring records (rolled by one) and with blank images."""
-    from ..loading import LoadOptions, load_model
-    from ..models import get_adapter
-    from ..multimodal import make_multimodal_batches, read_image_text_jsonl
+    from ecoflap_cli.io.loading import LoadOptions, load_model
+    from ecoflap_cli.models import get_adapter
+    from ecoflap_cli.data.multimodal import make_multimodal_batches, read_image_text_jsonl
 
     loaded = load_model(str(model_dir), LoadOptions(dtype="float32", device="cpu"))
     adapter = get_adapter(loaded.model)
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.run:
         text = args.text
         if text is None:
-            from ..assets import wikipedia_splits
+            from ecoflap_cli.data.assets import wikipedia_splits
 
             text = wikipedia_splits()["test"]
         summary = run_benchmark(root, args.sparsity, args.samples, args.score_samples, args.threads, text,

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import EcoflapError
+from ecoflap_cli.errors import EcoflapError
 
 LLMC_REQUIREMENTS = ("torch==2.13.0", "llmcompressor==0.14.0.1")
 

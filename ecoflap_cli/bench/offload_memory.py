@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..assets import cache_dir, smollm2, wikipedia_splits
+from ecoflap_cli.data.assets import cache_dir, smollm2, wikipedia_splits
 
 
 def smollm2_checkpoint() -> Path:
@@ -26,7 +26,7 @@ def smollm2_checkpoint() -> Path:
     target = cache_dir() / "SmolLM2-135M-Instruct-fp32"
     if (target / "config.json").is_file():
         return target
-    from ..loading import load_model
+    from ecoflap_cli.io.loading import load_model
 
     loaded = load_model(str(smollm2()))
     tmp = target.with_name(target.name + ".part")
@@ -66,7 +66,7 @@ def child_main(cli_args: list[str], report: Path) -> None:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    from ..cli import app
+    from ecoflap_cli.cli.app import app
 
     code = 0
     try:

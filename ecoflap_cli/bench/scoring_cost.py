@@ -27,16 +27,16 @@ from typing import Any
 
 import torch
 
-from .. import artifacts
-from ..assets import smollm2, wikipedia_splits
-from ..data import read_text, sample_windows, to_batches, tokenize_documents
-from ..evaluation import perplexity, windows_for_eval
-from ..loading import load_model
-from ..models import get_adapter
-from ..models.base import Adapter
-from ..pipeline import model_info
-from ..pruning import PruneSettings, prune_model
-from ..scoring import ZerothOrderSettings, first_order_scores, zeroth_order_scores
+from ecoflap_cli.io import artifacts
+from ecoflap_cli.data.assets import smollm2, wikipedia_splits
+from ecoflap_cli.data.text import read_text, sample_windows, to_batches, tokenize_documents
+from ecoflap_cli.evaluation.measure import perplexity, windows_for_eval
+from ecoflap_cli.io.loading import load_model
+from ecoflap_cli.models import get_adapter
+from ecoflap_cli.models.base import Adapter
+from ecoflap_cli.stages.driver import model_info
+from ecoflap_cli.engine.pruning import PruneSettings, prune_model
+from ecoflap_cli.engine.scoring import ZerothOrderSettings, first_order_scores, zeroth_order_scores
 
 
 def rss_bytes() -> int:

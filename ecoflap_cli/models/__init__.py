@@ -8,9 +8,9 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ModelError
-from .base import Adapter, Batch, Block, BlockInputs
-from .causal_lm import CausalLMAdapter
+from ecoflap_cli.errors import ModelError
+from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs
+from ecoflap_cli.models.causal_lm import CausalLMAdapter
 
 #: config.model_type -> adapter class, for families that need more than the causal-LM default.
 REGISTRY: dict[str, Callable[..., Adapter]] = {}
@@ -57,4 +57,5 @@ def get_adapter(model: nn.Module, **options: Any) -> Adapter:
 __all__ = ["Adapter", "Batch", "Block", "BlockInputs", "REGISTRY", "get_adapter", "register"]
 
 # Family adapters register themselves with @register when imported.
-from . import blip2, clip  # noqa: E402,F401
+from ecoflap_cli.models import blip2  # noqa: E402,F401
+from ecoflap_cli.models import clip  # noqa: E402,F401

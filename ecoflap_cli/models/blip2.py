@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DataError, ModelError
-from . import register
-from .base import Adapter, Batch, Block, BlockInputs
-from .causal_lm import largest_block_list
-from .t5 import join, module_path, t5_next_inputs, t5_tower_paths
+from ecoflap_cli.errors import DataError, ModelError
+from ecoflap_cli.models import register
+from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs
+from ecoflap_cli.models.causal_lm import largest_block_list
+from ecoflap_cli.models.t5 import join, module_path, t5_next_inputs, t5_tower_paths
 
 
 def image_token_id(config: Any) -> int:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from .base import Adapter, Batch
+from ecoflap_cli.errors import ModelError
+from ecoflap_cli.models.base import Adapter, Batch
 
 
 def largest_block_list(model: nn.Module) -> str:

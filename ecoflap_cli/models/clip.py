@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import DataError, ModelError
-from . import register
-from .base import Adapter, Batch, Block
-from .blip2 import to_model_device
-from .causal_lm import largest_block_list
-from .t5 import join
+from ecoflap_cli.errors import DataError, ModelError
+from ecoflap_cli.models import register
+from ecoflap_cli.models.base import Adapter, Batch, Block
+from ecoflap_cli.models.blip2 import to_model_device
+from ecoflap_cli.models.causal_lm import largest_block_list
+from ecoflap_cli.models.t5 import join
 
 
 @register("clip")

@@ -19,9 +19,9 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ModelError
-from .base import BlockInputs
-from .causal_lm import largest_block_list
+from ecoflap_cli.errors import ModelError
+from ecoflap_cli.models.base import BlockInputs
+from ecoflap_cli.models.causal_lm import largest_block_list
 
 #: T5Block.forward's parameters in order (transformers 5.x); T5Stack passes the first six
 #: positionally and ``cache`` by keyword.

@@ -2,7 +2,7 @@
 
 A checkpoint's weights are *dense* (what ``save_pretrained`` writes; any ``from_pretrained``
 reloads them) or *packed* (the same tensors, each pruned weight in a packed sparse layout of
-``packed.py``; smaller on disk, loaded by ``ecoflap_cli.api.load_pruned`` and every ``ecoflap``
+``packed.py``; smaller on disk, loaded by ``ecoflap_cli.io.pruned.load_pruned`` and every ``ecoflap``
 command). Both follow the Hugging Face shard layout; docs/packed-format.md has the details.
 """
 
@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
-from . import __version__, artifacts
-from .errors import ArtifactError, EcoflapError
-from .loading import LoadedModel
-from .packed import FORMAT_NAME, INDEX_FILE, SINGLE_FILE, load_sharded, save_sharded
+from ecoflap_cli import __version__
+from ecoflap_cli.io import artifacts
+from ecoflap_cli.errors import ArtifactError, EcoflapError
+from ecoflap_cli.io.loading import LoadedModel
+from ecoflap_cli.io.packed import FORMAT_NAME, INDEX_FILE, SINGLE_FILE, load_sharded, save_sharded
 
 REPORT_NAME = "ecoflap_report.json"
 PLAN_NAME = "plan.json"
@@ -82,7 +83,7 @@ def save_checkpoint(
     target = check_output_dir(out, overwrite)
     shard_bytes = parse_size(max_shard_size)
     with staging_dir(target) as tmp:
-        from .offload import any_offloaded
+        from ecoflap_cli.engine.offload import any_offloaded
 
         if any_offloaded(loaded.model) and not packed:
             save_offloaded(loaded.model, tmp, shard_bytes)

@@ -17,11 +17,12 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import __version__, artifacts
-from .artifacts import allocator_settings
-from .errors import EcoflapError
-from .loading import LoadedModel, LoadOptions, load_model
-from .pipeline import (
+from ecoflap_cli import __version__
+from ecoflap_cli.io import artifacts
+from ecoflap_cli.io.artifacts import allocator_settings
+from ecoflap_cli.errors import EcoflapError
+from ecoflap_cli.io.loading import LoadedModel, LoadOptions, load_model
+from ecoflap_cli.stages.driver import (
     CalibrationOptions,
     ScoreOptions,
     calibration_batches,
@@ -31,9 +32,9 @@ from .pipeline import (
     run_score,
     structure_document,
 )
-from .pruning import PruneSettings
-from .render import render_plan, render_sparsity
-from .scoring import ZerothOrderSettings
+from ecoflap_cli.engine.pruning import PruneSettings
+from ecoflap_cli.cli.render import render_plan, render_sparsity
+from ecoflap_cli.engine.scoring import ZerothOrderSettings
 
 console = Console(stderr=True)
 if not console.is_terminal:  # logs and pipes: wide enough that tables are not truncated
@@ -259,7 +260,7 @@ def prune(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine stage: layer-wise pruning to a plan; writes a Hugging Face checkpoint directory."""
-    from .checkpoint import check_output_dir, parse_size, save_checkpoint
+    from ecoflap_cli.io.checkpoint import check_output_dir, parse_size, save_checkpoint
 
     if (plan is None) == (sparsity is None):
         raise EcoflapError("give exactly one of --plan PLAN.json or --sparsity P")
@@ -341,8 +342,8 @@ def evaluate(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Achieved sparsity against the plan; perplexity and vision-language tasks, optionally vs the dense model."""
-    from .evalcmd import MultimodalTasks, run_eval
-    from .render import render_tasks
+    from ecoflap_cli.evaluation.tasks import MultimodalTasks, run_eval
+    from ecoflap_cli.cli.render import render_tasks
 
     if output is not None:
         _check_output(output, overwrite)
@@ -377,8 +378,8 @@ def inspect_command(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """What an artifact is, and its sparsity per block and per tower (measured for checkpoints)."""
-    from .inspect_cmd import inspect_artifact, write_chart
-    from .render import render_inspect
+    from ecoflap_cli.io.inspect import inspect_artifact, write_chart
+    from ecoflap_cli.cli.render import render_inspect
 
     if chart is not None:
         _check_output(str(chart), overwrite)
@@ -402,7 +403,7 @@ def convert(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Rewrite a checkpoint's weights packed <-> dense, losslessly; other files are copied."""
-    from .checkpoint import convert_checkpoint
+    from ecoflap_cli.io.checkpoint import convert_checkpoint
 
     with console.status(f"converting {source} to {to}"):
         done = convert_checkpoint(source, output, to, overwrite, max_shard_size)
@@ -441,14 +442,14 @@ def sweep(
     dtype: DtypeOpt = "auto", device: DeviceOpt = "auto",
 ) -> None:
     """Prune and evaluate many methods x sparsities; writes a markdown/JSON table and a plot."""
-    from .sweep import SweepConfig, run_sweep
+    from ecoflap_cli.stages.sweep import SweepConfig, run_sweep
 
     sizes = {"samples": samples, "seqlen": seqlen, "score_samples": score_samples, "score_seqlen": score_seqlen,
              "batch_size": batch_size, "eval_seqlen": eval_seqlen, "eval_windows": eval_windows}
     log = lambda message: console.print(f"[dim]{message}[/]", highlight=False)  # noqa: E731
     if llmc_venv and llmc_python is None:
-        from .assets import cache_dir
-        from .bench.llmc_env import ensure_llmc_venv
+        from ecoflap_cli.data.assets import cache_dir
+        from ecoflap_cli.bench.llmc_env import ensure_llmc_venv
 
         llmc_python = str(ensure_llmc_venv(cache_dir() / "llmc-venv", log))
     if preset is not None:
@@ -456,7 +457,7 @@ def sweep(
             raise EcoflapError(f"unknown preset {preset!r} (smollm2)")
         if split not in ("test", "valid"):
             raise EcoflapError(f"--split is test or valid, got {split!r}")
-        from .bench.quality import smollm2_config
+        from ecoflap_cli.bench.quality import smollm2_config
 
         cfg = smollm2_config(output if output != "sweep" else None, split, method, sparsity,
                              peer=True, llmc_python=llmc_python, log=log, seed=seed, **sizes)

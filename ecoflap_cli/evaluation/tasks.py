@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import artifacts
-from .data import read_text, tokenize_documents
-from .errors import DataError, ModelError
-from .evaluation import perplexity, perplexity_model, sparsity_report, windows_for_eval
-from .loading import LoadedModel
-from .models import get_adapter
+from ecoflap_cli.io import artifacts
+from ecoflap_cli.data.text import read_text, tokenize_documents
+from ecoflap_cli.errors import DataError, ModelError
+from ecoflap_cli.evaluation.measure import perplexity, perplexity_model, sparsity_report, windows_for_eval
+from ecoflap_cli.io.loading import LoadedModel
+from ecoflap_cli.models import get_adapter
 
 
 def _plan_for(checkpoint: str, plan: str | None) -> dict[str, Any] | None:
@@ -91,7 +91,7 @@ class _PreparedTask:
 
 def _prepare_tasks(tasks: MultimodalTasks) -> list[_PreparedTask]:
     """Read and check every task's data and prompts before any model is loaded."""
-    from . import multimodal
+    from ecoflap_cli.data import multimodal
 
     prepared = []
     for name in tasks.requested():
@@ -130,7 +130,7 @@ def _prepare_tasks(tasks: MultimodalTasks) -> list[_PreparedTask]:
 
 def _records_with(path: Path, key: str) -> list[dict[str, Any]]:
     """The records of an image-text JSONL file that have ``key`` ("caption" or "question")."""
-    from .multimodal import read_image_text_jsonl
+    from ecoflap_cli.data.multimodal import read_image_text_jsonl
 
     chosen = [r for r in read_image_text_jsonl(path) if key in r]
     if not chosen:
@@ -142,7 +142,7 @@ def _check_family(loaded: LoadedModel, prepared: list[_PreparedTask], label: str
     """The model must be of the family the tasks need, and ship an image processor."""
     if not prepared:
         return
-    from .multimodal import model_family
+    from ecoflap_cli.data.multimodal import model_family
 
     try:
         family = model_family(loaded.model)
@@ -160,7 +160,7 @@ def _check_family(loaded: LoadedModel, prepared: list[_PreparedTask], label: str
 
 
 def _run_task(loaded: LoadedModel, task: _PreparedTask, batch_size: int) -> dict[str, Any]:
-    from . import multimodal
+    from ecoflap_cli.data import multimodal
 
     model, processor, s = loaded.model, loaded.processor, task.settings
     start = time.perf_counter()
@@ -205,7 +205,7 @@ def run_eval(
     plan_doc = _plan_for(checkpoint, plan)
     loaded = load(checkpoint)
     if plan_doc is not None:
-        from .loading import fingerprint
+        from ecoflap_cli.io.loading import fingerprint
 
         artifacts.check_model_match(plan_doc, fingerprint(loaded.model), checkpoint, "the plan")
     _check_family(loaded, prepared, checkpoint)

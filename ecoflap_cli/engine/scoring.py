@@ -24,11 +24,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .blockwise import _StopForward, capture_inputs, capture_outputs, replaying, run_block, trim_host_memory
-from .errors import PlanError
-from .models.base import Adapter, Batch, Block
-from .pruning import propagate
-from .solvers import PRECISION, accumulate_col_sq, empty_col_sq, wanda_metric
+from ecoflap_cli.engine.blockwise import _StopForward, capture_inputs, capture_outputs, replaying, run_block, trim_host_memory
+from ecoflap_cli.errors import PlanError
+from ecoflap_cli.models.base import Adapter, Batch, Block
+from ecoflap_cli.engine.pruning import propagate
+from ecoflap_cli.core.solvers import PRECISION, accumulate_col_sq, empty_col_sq, wanda_metric
 
 Progress = Callable[[str], None]
 METHODS = ("zeroth", "first", "owl")
@@ -356,7 +356,7 @@ def first_order_scores(
     if metric not in ("taylor", "gradnorm"):
         raise PlanError(f"unknown first-order metric {metric!r} (taylor or gradnorm)")
     model = adapter.model
-    from .offload import any_offloaded
+    from ecoflap_cli.engine.offload import any_offloaded
 
     if any_offloaded(model):
         raise PlanError("first-order scoring needs the weights in memory: use --method zeroth with offloading")

@@ -13,7 +13,7 @@ Pillow and converting to RGB. Text is laid out exactly as each family trains on 
 ``num_query_tokens`` image placeholder tokens, without which transformers ignores the image.
 
 Eval tasks (:func:`clip_zero_shot`, :func:`clip_retrieval`, :func:`vqa_eval`,
-:func:`caption_eval`) return plain dicts of metrics computed with :mod:`ecoflap_cli.metrics`.
+:func:`caption_eval`) return plain dicts of metrics computed with :mod:`ecoflap_cli.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import metrics
-from .errors import DataError, ModelError
-from .models.base import Adapter
+from ecoflap_cli.evaluation import metrics
+from ecoflap_cli.errors import DataError, ModelError
+from ecoflap_cli.models.base import Adapter
 
 Record = dict[str, Any]
 Batch = dict[str, torch.Tensor]
@@ -250,7 +250,7 @@ def _blip_text(
     for generation ``[image]*Q [bos] prompt``, left-padded. FlanT5: encoder
     ``[image]*Q prompt [eos]``, labels ``target [eos]`` (padding -100).
     """
-    from .models.blip2 import check_image_tokens, image_token_id
+    from ecoflap_cli.models.blip2 import check_image_tokens, image_token_id
 
     config = model.config
     image = [image_token_id(config)] * int(config.num_query_tokens)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import MissingDependencyError, ModelError
+from ecoflap_cli.errors import MissingDependencyError, ModelError
 
 #: config.model_type -> transformers class, for families that are not plain causal LMs.
 MODEL_CLASSES = {
@@ -85,8 +85,8 @@ def _sequential_map(source: str, config: Any, cls: Any, opts: LoadOptions) -> di
     """Build the model on the meta device to find its blocks, then map them to the offload target."""
     from accelerate import init_empty_weights
 
-    from .models import get_adapter
-    from .offload import sequential_device_map
+    from ecoflap_cli.models import get_adapter
+    from ecoflap_cli.engine.offload import sequential_device_map
 
     with init_empty_weights():
         skeleton = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
@@ -139,7 +139,7 @@ def check_budget(source: str, config: Any, cls: Any, opts: LoadOptions) -> None:
     budgets = [_parse_size(v) for k, v in opts.max_memory.items() if k != "disk"]
     from accelerate import init_empty_weights
 
-    from .models import get_adapter
+    from ecoflap_cli.models import get_adapter
 
     with init_empty_weights():
         skeleton = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
@@ -194,7 +194,7 @@ def load_model(source: str, opts: LoadOptions | None = None) -> LoadedModel:
     if path.suffix == ".gguf":
         return _load_gguf(path, opts)
     if path.is_dir():
-        from .checkpoint import is_packed_checkpoint
+        from ecoflap_cli.io.checkpoint import is_packed_checkpoint
 
         if is_packed_checkpoint(path):
             return _load_packed(path, source, opts)
@@ -232,7 +232,7 @@ def load_model(source: str, opts: LoadOptions | None = None) -> LoadedModel:
 
 def _load_packed(path: Path, source: str, opts: LoadOptions) -> LoadedModel:
     """A packed checkpoint written by ``ecoflap prune --packed``: transformers cannot read it."""
-    from .api import load_pruned
+    from ecoflap_cli.io.pruned import load_pruned
 
     dtype = resolve_dtype(opts.dtype)
     model = load_pruned(path, None if dtype == "auto" else dtype, opts.device,

@@ -17,10 +17,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__, allocation
-from .errors import ArtifactError, PlanError
-from .models.base import Block
-from .solvers import split_count
+from ecoflap_cli import __version__
+from ecoflap_cli.core import allocation
+from ecoflap_cli.errors import ArtifactError, PlanError
+from ecoflap_cli.models.base import Block
+from ecoflap_cli.core.solvers import split_count
 
 SCORES_FORMAT = "ecoflap.scores"
 PLAN_FORMAT = "ecoflap.plan"

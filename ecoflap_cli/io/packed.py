@@ -49,7 +49,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import ArtifactError
+from ecoflap_cli.errors import ArtifactError
 
 FORMAT_NAME = "ecoflap.packed"
 FORMAT_VERSION = "1"

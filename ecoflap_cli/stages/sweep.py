@@ -47,13 +47,14 @@ from typing import Any
 
 import torch
 
-from . import __version__, artifacts
-from .allocation import ALLOCATORS
-from .data import read_text, tokenize_documents
-from .errors import EcoflapError, PlanError
-from .evaluation import perplexity, sparsity_report, windows_for_eval
-from .loading import LoadedModel, LoadOptions, load_model
-from .pipeline import (
+from ecoflap_cli import __version__
+from ecoflap_cli.io import artifacts
+from ecoflap_cli.core.allocation import ALLOCATORS
+from ecoflap_cli.data.text import read_text, tokenize_documents
+from ecoflap_cli.errors import EcoflapError, PlanError
+from ecoflap_cli.evaluation.measure import perplexity, sparsity_report, windows_for_eval
+from ecoflap_cli.io.loading import LoadedModel, LoadOptions, load_model
+from ecoflap_cli.stages.driver import (
     CalibrationOptions,
     ScoreOptions,
     calibration_batches,
@@ -62,8 +63,8 @@ from .pipeline import (
     run_score,
     structure_document,
 )
-from .pruning import PruneSettings
-from .scoring import ZerothOrderSettings
+from ecoflap_cli.engine.pruning import PruneSettings
+from ecoflap_cli.engine.scoring import ZerothOrderSettings
 
 Log = Callable[[str], None]
 SOLVERS = ("wanda", "sparsegpt", "magnitude")
@@ -560,7 +561,7 @@ class SweepRunner:
 
     def _call_peer(self, spec: MethodSpec, sparsity: float, time_only: bool = False) -> dict[str, Any]:
         model_dir, windows_file = self._peer_inputs()
-        runner = Path(__file__).parent / "bench" / "llmc_runner.py"
+        runner = Path(__file__).parents[1] / "bench" / "llmc_runner.py"
         work = self.out / "peer" / _safe(spec.name)
         result_file = work / f"result-{sparsity:g}.json"
         cmd = [str(self.cfg.llmc_python), str(runner), "--model", str(model_dir), "--windows", str(windows_file),
@@ -756,7 +757,7 @@ def _run_isolated(cfg: SweepConfig, specs: Sequence[MethodSpec], log: Log) -> No
             if repeat > 0 and (name == "dense" or (timed is not None and name not in timed)):
                 continue
             log(f"worker: {name} (pass {repeat + 1}/{cfg.repeats})")
-            cmd = [sys.executable, "-m", "ecoflap_cli.sweep", "--worker", str(config_file), name, str(repeat)]
+            cmd = [sys.executable, "-m", "ecoflap_cli.stages.sweep", "--worker", str(config_file), name, str(repeat)]
             proc = subprocess.run(cmd, stderr=None if os.environ.get("ECOFLAP_SWEEP_VERBOSE") else subprocess.PIPE,
                                   text=True)
             if proc.returncode != 0:
@@ -945,6 +946,6 @@ def write_outputs(summary: dict[str, Any], out: Path, plot: bool = True, log: Lo
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--worker":
         sys.exit(worker_main(sys.argv[2], sys.argv[3], int(sys.argv[4])))
-    print("usage: python -m ecoflap_cli.sweep --worker CONFIG METHOD PASS (internal; use `ecoflap sweep`)",
+    print("usage: python -m ecoflap_cli.stages.sweep --worker CONFIG METHOD PASS (internal; use `ecoflap sweep`)",
           file=sys.stderr)
     sys.exit(2)

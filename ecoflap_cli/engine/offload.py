@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelError
+from ecoflap_cli.errors import ModelError
 
 
 def is_offloaded(module: nn.Module) -> bool:

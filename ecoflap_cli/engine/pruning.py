@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import solvers
-from .blockwise import capture_inputs, module_device, run_block, to_device, trim_host_memory
-from .errors import PlanError
-from .models.base import Adapter, Batch, Block, BlockInputs
-from .offload import editable_weight
+from ecoflap_cli.core import solvers
+from ecoflap_cli.engine.blockwise import capture_inputs, module_device, run_block, to_device, trim_host_memory
+from ecoflap_cli.errors import PlanError
+from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs
+from ecoflap_cli.engine.offload import editable_weight
 
 Progress = Callable[[str], None]
 

@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
-from . import __version__, artifacts
-from .data import Provenance, calibration_windows, to_batches
-from .errors import DataError, PlanError
-from .loading import LoadedModel, fingerprint
-from .models import Adapter, Batch, get_adapter
-from .pruning import PruneSettings, prune_model
-from .scoring import ZerothOrderSettings, first_order_scores, owl_outlier_ratios, zeroth_order_scores
+from ecoflap_cli import __version__
+from ecoflap_cli.io import artifacts
+from ecoflap_cli.data.text import Provenance, calibration_windows, to_batches
+from ecoflap_cli.errors import DataError, PlanError
+from ecoflap_cli.io.loading import LoadedModel, fingerprint
+from ecoflap_cli.models import Adapter, Batch, get_adapter
+from ecoflap_cli.engine.pruning import PruneSettings, prune_model
+from ecoflap_cli.engine.scoring import ZerothOrderSettings, first_order_scores, owl_outlier_ratios, zeroth_order_scores
 
 Progress = Callable[[str], None]
 
@@ -79,7 +80,7 @@ def calibration_batches(
             loaded.tokenizer, opts.calib, opts.samples, seqlen, opts.seed, opts.text_field
         )
         return to_batches(windows, opts.batch_size), prov.to_dict()
-    from . import multimodal
+    from ecoflap_cli.data import multimodal
 
     if opts.calib is None:
         raise DataError(f"{adapter.family} models need image-text calibration data: pass --calib FILE.jsonl")
@@ -216,8 +217,8 @@ def activation_bytes(model: torch.nn.Module, tokens: int) -> int:
 
 def check_activation_memory(model: torch.nn.Module, opts: CalibrationOptions, store: str | None) -> None:
     """Refuse a run whose calibration activations cannot fit, before any work starts."""
-    from .blockwise import module_device
-    from .offload import memory_budget_check
+    from ecoflap_cli.engine.blockwise import module_device
+    from ecoflap_cli.engine.offload import memory_budget_check
 
     tokens = opts.samples * (opts.seqlen or default_seqlen(model))
     device = torch.device(store) if store else module_device(model)
@@ -235,8 +236,8 @@ def zeroth_order_bytes(model: torch.nn.Module, batches: list[Batch]) -> int:
 
 def check_zeroth_memory(model: torch.nn.Module, batches: list[Batch]) -> None:
     """Refuse zeroth-order scoring whose stored activations cannot fit, before any work starts."""
-    from .blockwise import module_device
-    from .offload import memory_budget_check
+    from ecoflap_cli.engine.blockwise import module_device
+    from ecoflap_cli.engine.offload import memory_budget_check
 
     memory_budget_check(zeroth_order_bytes(model, batches), module_device(model),
                         "zeroth-order scoring (replayed activations and head gradients)", "--samples or --seqlen")
@@ -266,8 +267,8 @@ def choose_score_method(adapter: Adapter, batches: list[Batch]) -> tuple[str, st
     four-batch zeroth-order estimate (docs/allocation.md), and costs a few forward passes instead
     of about one per block; zeroth-order remains for models whose backward pass does not fit.
     """
-    from .blockwise import module_device
-    from .offload import any_offloaded
+    from ecoflap_cli.engine.blockwise import module_device
+    from ecoflap_cli.engine.offload import any_offloaded
 
     if any_offloaded(adapter.model):
         return "zeroth", "weights are offloaded: forward-only scoring"

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DataError, ModelError
-from .models.base import Adapter
-from .offload import editable_weight
+from ecoflap_cli.errors import DataError, ModelError
+from ecoflap_cli.models.base import Adapter
+from ecoflap_cli.engine.offload import editable_weight
 
 
 @dataclass

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import PlanError
+from ecoflap_cli.errors import PlanError
 
 ALLOCATORS = ("ecoflap", "uniform", "owl", "depth", "rank", "mix")
 

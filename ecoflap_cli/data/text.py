@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .errors import DataError, MissingDependencyError
+from ecoflap_cli.errors import DataError, MissingDependencyError
 
 #: What the Wanda / SparseGPT / ECoFLaP papers calibrate decoder-only LMs on.
 DEFAULT_TEXT_DATASET = ("allenai/c4", "en/c4-train.00000-of-01024.json.gz")

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import artifacts
-from .checkpoint import REPORT_NAME, checkpoint_layout, read_document, read_plan, weight_bytes, weight_files
-from .errors import ArtifactError, MissingDependencyError
-from .packed import (
+from ecoflap_cli.io import artifacts
+from ecoflap_cli.io.checkpoint import REPORT_NAME, checkpoint_layout, read_document, read_plan, weight_bytes, weight_files
+from ecoflap_cli.errors import ArtifactError, MissingDependencyError
+from ecoflap_cli.io.packed import (
     FORMAT_NAME,
     FORMAT_VERSION,
     NM_PARTS,
