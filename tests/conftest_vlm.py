@@ -41,6 +41,13 @@ T5_TEXT = dict(model_type="t5", vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, n
                pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD)  # fmt: skip
 CLIP_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, max_position_embeddings=32, **SPECIAL_IDS)  # fmt: skip
+#: SigLIP pads every text to its position table: 16 keeps the tiny model's texts short
+SIGLIP_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=16, **SPECIAL_IDS)  # fmt: skip
+#: LLaVA reads the vision hidden states after layer -2: with three layers, the last is unread
+LLAVA_VISION = dict(VISION, model_type="clip_vision_model", num_hidden_layers=3)
+#: image tokens per image: (32 / 8)^2 patches + the class token, which "default" drops
+LLAVA_IMAGE_TOKENS = 16
 
 #: case name -> (model class name, language-model text config or None for CLIP)
 CASES = {
@@ -97,12 +104,29 @@ def _clip_image_processor():
     return cls(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
+def _siglip_image_processor():
+    try:
+        from transformers import SiglipImageProcessorPil as cls
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import SiglipImageProcessor as cls
+    return cls(size={"height": 32, "width": 32})
+
+
 def make_processor(kind: str, folder: Path):
     """The family's real processor class, saved with save_pretrained and reloaded from disk."""
-    from transformers import Blip2Processor, CLIPProcessor, InstructBlipProcessor
+    from transformers import Blip2Processor, CLIPProcessor, InstructBlipProcessor, LlavaProcessor, SiglipProcessor
 
     tokenizer = make_tokenizer()
-    if kind == "blip-2":
+    if kind == "llava":
+        # the processor expands "<image>" in the text, so the tokenizer must keep it whole
+        tokenizer.add_tokens(["<image>"], special_tokens=True)
+        cls = LlavaProcessor
+        processor = cls(image_processor=_clip_image_processor(), tokenizer=tokenizer, patch_size=8,
+                        vision_feature_select_strategy="default", num_additional_image_tokens=1)  # fmt: skip
+    elif kind == "siglip":
+        cls = SiglipProcessor
+        processor = cls(image_processor=_siglip_image_processor(), tokenizer=tokenizer)
+    elif kind == "blip-2":
         cls = Blip2Processor
         processor = cls(image_processor=_blip_image_processor(), tokenizer=tokenizer,
                         num_query_tokens=NUM_QUERY_TOKENS)  # fmt: skip
@@ -135,8 +159,10 @@ def make_model(case: str, seed: int = 0) -> torch.nn.Module:
         InstructBlipForConditionalGeneration,
     )
 
-    kind, text = CASES[case]
+    kind, text = {**CASES, **EXTRA_CASES}[case]
     torch.manual_seed(seed)
+    if kind in ("llava", "siglip"):
+        return (make_llava if kind == "llava" else make_siglip)(seed)
     if kind == "clip":
         config = CLIPConfig(text_config=dict(CLIP_TEXT), vision_config=dict(VISION), projection_dim=16)
         model = CLIPModel(config)
@@ -158,6 +184,32 @@ def make_model(case: str, seed: int = 0) -> torch.nn.Module:
         model.language_model.generation_config.pad_token_id = PAD
         model.language_model.generation_config.eos_token_id = EOS
     return model.float().eval()
+
+
+def make_llava(seed: int = 0, **config: object) -> torch.nn.Module:
+    """A tiny LLaVA: CLIP vision tower (3 layers, the last unread), LLaMA language model."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    settings = dict(vision_config=dict(LLAVA_VISION), text_config=dict(LLAMA_TEXT), image_token_index=IMAGE,
+                    image_seq_length=LLAVA_IMAGE_TOKENS) | config  # fmt: skip
+    model = LlavaForConditionalGeneration(LlavaConfig(**settings))
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = EOS
+    return model.float().eval()
+
+
+def make_siglip(seed: int = 0) -> torch.nn.Module:
+    """A tiny SigLIP: ViT and text towers of two layers each."""
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(seed)
+    config = SiglipConfig(text_config=dict(SIGLIP_TEXT), vision_config=dict(VISION))
+    return SiglipModel(config).float().eval()
+
+
+#: the families that have their own test files (not in CASES: the shared tests branch on CASES)
+EXTRA_CASES = {"llava": ("llava", LLAMA_TEXT), "siglip": ("siglip", None)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,5 +281,5 @@ def save_model_dir(case: str, folder: Path, seed: int = 0) -> Path:
     """A tiny model saved as a Hugging Face directory with its processor (what `ecoflap` loads)."""
     model = make_model(case, seed=seed)
     model.save_pretrained(folder)
-    make_processor(CASES[case][0], folder)
+    make_processor({**CASES, **EXTRA_CASES}[case][0], folder)
     return folder

@@ -209,30 +209,30 @@ def test_mix_ends_are_depth_and_rank():
 
 
 def test_plan_records_allocator_settings():
-    from ecoflap_cli.io import artifacts
+    from ecoflap_cli.stages import driver
     groups = [{"name": f"b{i}", "tower": "lm", "index": i, "params": 100, "score": float(s),
                "tensors": [{"name": f"b{i}.w", "numel": 100}]} for i, s in enumerate([3, 1, 2, 5])]
     doc = {"model": {"id": "m"}, "groups": groups, "method": {"name": "first"}}
-    plan = artifacts.build_plan(doc, "mix", 0.5, {"lam": 0.2, "alpha": 0.25})
+    plan = driver.allocate(doc, 0.5, "mix", {"lam": 0.2, "alpha": 0.25})
     assert plan["allocator"] == {"name": "mix", "per_tower": False, "lam": 0.2, "alpha": 0.25}
     assert sum(g["zeros"] for g in plan["groups"]) == 200
-    plan = artifacts.build_plan(doc, "ecoflap", 0.5, {"temperature": 2.0})
+    plan = driver.allocate(doc, 0.5, "ecoflap", {"temperature": 2.0})
     assert plan["allocator"]["temperature"] == 2.0 and plan["allocator"]["max_sparsity"] == 0.6
 
 
 def test_auto_allocator_follows_towers_and_score_kind():
-    from ecoflap_cli.io import artifacts
+    from ecoflap_cli.stages import driver
 
     def doc(towers, method="first"):
         groups = [{"name": f"{t}{i}", "tower": t, "index": i, "params": 100, "score": float(i + 1),
                    "tensors": [{"name": f"{t}{i}.w", "numel": 100}]} for t in towers for i in range(3)]
         return {"model": {"id": "m"}, "groups": groups, "method": {"name": method}}
 
-    one = artifacts.build_plan(doc(["language"]), "auto", 0.5)
+    one = driver.allocate(doc(["language"]), 0.5, "auto")
     assert one["allocator"]["name"] == "mix" and one["allocator"]["chosen"].startswith("auto: one tower")
-    two = artifacts.build_plan(doc(["vision", "language"]), "auto", 0.5)
+    two = driver.allocate(doc(["vision", "language"]), 0.5, "auto")
     assert two["allocator"]["name"] == "ecoflap" and two["allocator"]["max_sparsity"] == 0.6
-    owl = artifacts.build_plan(doc(["language"], "owl"), "auto", 0.5)
+    owl = driver.allocate(doc(["language"], "owl"), 0.5, "auto")
     assert owl["allocator"]["name"] == "owl" and owl["allocator"]["lam"] == 0.08
     for plan in (one, two, owl):
         assert sum(g["zeros"] for g in plan["groups"]) == round(0.5 * sum(g["params"] for g in plan["groups"]))

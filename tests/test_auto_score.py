@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ecoflap_cli.stages import driver as pipeline
+from ecoflap_cli.engine import score_methods
+from ecoflap_cli.stages import driver
 from ecoflap_cli.io.loading import LoadOptions, load_model
 from ecoflap_cli.models import get_adapter
 
@@ -16,7 +17,7 @@ def _batches():
 
 def _score(loaded):
     adapter = get_adapter(loaded.model)
-    return pipeline.run_score(loaded, adapter, _batches(), {}, pipeline.ScoreOptions("auto"))
+    return driver.score(loaded, adapter, _batches(), {}, "auto")
 
 
 def test_auto_picks_first_order_when_it_fits_and_records_why(tiny_llama):
@@ -27,7 +28,7 @@ def test_auto_picks_first_order_when_it_fits_and_records_why(tiny_llama):
 
 
 def test_auto_falls_back_to_zeroth_order_when_backprop_does_not_fit(tiny_llama, monkeypatch):
-    monkeypatch.setattr(pipeline, "first_order_bytes", lambda model, batches: 1 << 60)
+    monkeypatch.setattr(score_methods, "first_order_bytes", lambda model, batches: 1 << 60)
     doc = _score(load_model(str(tiny_llama)))
     assert doc["method"]["name"] == "zeroth" and "would need" in doc["method"]["reason"]
 

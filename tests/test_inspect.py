@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ecoflap_cli.io import artifacts
+from ecoflap_cli.stages import driver
 from ecoflap_cli.cli.app import app
 from ecoflap_cli.errors import ArtifactError
 from ecoflap_cli.io.inspect import inspect_artifact
@@ -144,7 +145,7 @@ def test_two_towers_and_chart(tmp_path):
     scores = {"format": artifacts.SCORES_FORMAT, "version": artifacts.VERSION,
               "model": {"id": "synthetic", "fingerprint": "0" * 16}, "method": {"name": "zeroth"},
               "groups": groups}
-    plan = artifacts.build_plan(scores, "ecoflap", 0.5)
+    plan = driver.allocate(scores, 0.5, "ecoflap")
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     summary = inspect_artifact(str(tmp_path / "plan.json"))
     towers = {t["name"]: t for t in summary["towers"]}

@@ -127,7 +127,7 @@ def test_offloaded_model_saves_in_streamed_shards(tiny_llama, tmp_path):
 
 def test_zeroth_order_storage_is_checked_before_work(tiny_llama):
     """Replayed activations plus dL/dh for every calibration token must fit, or a clear error."""
-    from ecoflap_cli.stages.driver import check_zeroth_memory, zeroth_order_bytes
+    from ecoflap_cli.engine.estimates import check_zeroth_memory, zeroth_order_bytes
 
     model = load_model(str(tiny_llama)).model
     hidden = model.config.hidden_size

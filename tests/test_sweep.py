@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ecoflap_cli.stages import driver as pipeline
+from ecoflap_cli.engine import score_methods as pipeline
 
 from ecoflap_cli.stages import sweep
 from ecoflap_cli.errors import PlanError
@@ -57,9 +57,12 @@ def counted(monkeypatch):
 def test_parse_method_forms():
     assert parse_method("uniform:wanda").name == "uniform:wanda"
     assert parse_method("magnitude").name == "uniform:magnitude"
+    # a scoring method left out is the allocator's default: what `ecoflap prune --allocator ecoflap`
+    # runs (was zeroth here and auto there; issue "One driver" asks for one behaviour)
     eco = parse_method("ecoflap:wanda")
-    assert (eco.allocator, eco.scoring, eco.solver) == ("ecoflap", "zeroth", "wanda")
-    assert eco.name == "ecoflap-zeroth:wanda"
+    assert (eco.allocator, eco.scoring, eco.solver) == ("ecoflap", "auto", "wanda")
+    assert eco.name == "ecoflap-auto:wanda"
+    assert parse_method("ecoflap-zeroth:wanda").name == "ecoflap-zeroth:wanda"
     owl = parse_method("owl:wanda")
     assert owl.param == {"m": 5, "lam": 0.08} and owl.name == "owl:wanda@lam=0.08,m=5"
     assert parse_method("owl:wanda@m=5,lam=0.08") == owl

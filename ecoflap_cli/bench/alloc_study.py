@@ -24,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+from ecoflap_cli.bench.smollm import smollm2_config
 from ecoflap_cli.data import assets
 from ecoflap_cli.stages.sweep import parse_method, run_sweep
-from ecoflap_cli.bench.quality import smollm2_config
 
 G = "metric=gradnorm"
 VALID_METHODS = [

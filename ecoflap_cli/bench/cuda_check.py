@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
-from ecoflap_cli.io import artifacts
 from ecoflap_cli.data.text import sample_windows, to_batches, tokenize_documents
-from ecoflap_cli.evaluation.measure import perplexity, windows_for_eval
-from ecoflap_cli.io.loading import LoadOptions, load_model
-from ecoflap_cli.models import get_adapter
-from ecoflap_cli.stages.driver import model_info
 from ecoflap_cli.engine.pruning import PruneSettings, prune_model
 from ecoflap_cli.engine.scoring import ZerothOrderSettings, zeroth_order_scores
+from ecoflap_cli.evaluation.measure import perplexity, windows_for_eval
+from ecoflap_cli.io import artifacts
+from ecoflap_cli.io.loading import LoadOptions, load_model
+from ecoflap_cli.models import get_adapter
+from ecoflap_cli.stages.driver import allocate, model_info
 from ecoflap_cli.testing import make_text, save_tiny_model
 
 
@@ -44,7 +44,7 @@ def _run(model_dir: Path, device: str, offload: str | None, plan: dict[str, Any]
     scores = zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=0))
     out: dict[str, Any] = {"score_s": time.perf_counter() - start, "scores": scores}
     doc = artifacts.scores_document(model_info(loaded, adapter), adapter.blocks(), scores, {"name": "zeroth"}, None)
-    out["plan"] = artifacts.build_plan(doc, "ecoflap", 0.6)
+    out["plan"] = allocate(doc, 0.6, "ecoflap")
     target = plan or out["plan"]
     eval_windows = windows_for_eval(tokenize_documents(loaded.tokenizer, [make_text(400, seed=9)]), 64, 16)
     for solver in ("wanda", "sparsegpt"):
@@ -71,11 +71,11 @@ def _materialised(linear: torch.nn.Module) -> torch.Tensor:
         return weight.detach().clone()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("cuda_check.json"))
     parser.add_argument("--device", default="cuda", help="cpu runs the same comparison without a GPU (a dry run)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check needs a GPU machine (or --device cpu for a dry run)")
     with tempfile.TemporaryDirectory() as tmp:

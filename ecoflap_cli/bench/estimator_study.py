@@ -29,17 +29,58 @@ import json
 import math
 import statistics
 import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from ecoflap_cli.bench.scoring_cost import spearman
+from ecoflap_cli.bench.smollm import smollm2_batches
+from ecoflap_cli.core.solvers import PRECISION
+from ecoflap_cli.engine.blockwise import capture_outputs, replaying
+from ecoflap_cli.engine.scoring import perturbed
 from ecoflap_cli.io import artifacts
-from ecoflap_cli.engine.blockwise import capture_outputs
-from ecoflap_cli.engine.scoring import PRECISION, _block_linears, _direction, _loss, _replays, perturbed
-from ecoflap_cli.bench.scoring_cost import smollm2_batches, spearman
 
 KINDS = ("gaussian", "rademacher")
+
+
+# The few lines of `ecoflap score`'s machinery the study needs, written out here so that it uses
+# only the library's public names (perturbed, replaying, capture_outputs, PRECISION).
+
+
+def block_linears(block) -> dict[str, nn.Linear]:
+    """A block's linears keyed by weight name (``path.weight``), as the scores name them."""
+    return {f"{path}.weight": lin for path, lin in block.linears.items()}
+
+
+def direction(shape: torch.Size, key: tuple[int, ...], kind: str) -> torch.Tensor:
+    """A seeded perturbation direction (Gaussian or Rademacher); the same key gives the same tensor."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+    if kind == "gaussian":
+        return torch.randn(shape, generator=gen, dtype=PRECISION)
+    if kind == "rademacher":
+        return torch.randint(0, 2, shape, generator=gen).to(PRECISION).mul_(2).sub_(1)
+    raise ValueError(f"unknown perturbation direction {kind!r} (gaussian or rademacher)")
+
+
+def loss(adapter, batch) -> float:
+    """The adapter's loss on one batch, no gradients, as a float in the scoring precision."""
+    with torch.no_grad():
+        return float(adapter.loss(batch).detach().to(PRECISION))
+
+
+@contextmanager
+def replayed(skipped: list[nn.Module], outputs: list[Any] | None) -> Iterator[Callable[[int], None]]:
+    """Replay the blocks before the perturbed one from their stored outputs (nothing to replay: no-op)."""
+    if skipped and outputs is not None:
+        with replaying(skipped, outputs) as select:
+            yield select
+    else:
+        yield lambda index: None
 
 
 def exact_gradients(adapter, batch) -> dict[str, dict[str, torch.Tensor]]:
@@ -48,7 +89,7 @@ def exact_gradients(adapter, batch) -> dict[str, dict[str, torch.Tensor]]:
     blocks = adapter.blocks()
     for p in model.parameters():
         p.requires_grad_(False)
-    weights = {b.name: _block_linears(b) for b in blocks}
+    weights = {b.name: block_linears(b) for b in blocks}
     for lin_map in weights.values():
         for lin in lin_map.values():
             lin.weight.requires_grad_(True)
@@ -63,34 +104,33 @@ def exact_gradients(adapter, batch) -> dict[str, dict[str, torch.Tensor]]:
     return grads
 
 
-def run(out: Path, directions: int, eps: float, seqlen: int) -> dict[str, Any]:
-    torch.manual_seed(0)
-    _, adapter, (batch,) = smollm2_batches("calib", 8, seqlen)
+def study(adapter, batch, directions: int, eps: float) -> dict[str, Any]:
+    """Exact gradients and perturbed losses of every block on one batch (the raw study, no summary)."""
     blocks = adapter.blocks()
     grads = exact_gradients(adapter, batch)
     start = time.perf_counter()
-    base = _loss(adapter, batch)
+    base = loss(adapter, batch)
     forward_s = time.perf_counter() - start
     rows: dict[str, Any] = {}
     previous = None
     timings = {"plus_minus_s": 0.0, "passes": 0}
     for block in blocks:
-        linears = _block_linears(block)
+        linears = block_linears(block)
         g = grads[block.name]
         row: dict[str, Any] = {"exact_norm": math.sqrt(sum(float(t.pow(2).sum()) for t in g.values()))}
         skipped = [b.module for b in blocks[: block.index]]
-        with _replays([], skipped, previous) as select:
+        with replayed(skipped, previous) as select:
             select(0)
             for kind in KINDS:
                 records = []
                 for k in range(directions):
-                    z = {n: _direction(lin.weight.shape, (0, k, 0, n), kind) for n, lin in linears.items()}
+                    z = {n: direction(lin.weight.shape, (0, k, 0, n), kind) for n, lin in linears.items()}
                     exact = sum(float((g[n] * z[n]).sum()) for n in z)
                     t0 = time.perf_counter()
                     with perturbed(linears, {n: eps * v for n, v in z.items()}):
-                        plus = _loss(adapter, batch)
+                        plus = loss(adapter, batch)
                     with perturbed(linears, {n: -eps * v for n, v in z.items()}):
-                        minus = _loss(adapter, batch)
+                        minus = loss(adapter, batch)
                     timings["plus_minus_s"] += time.perf_counter() - t0
                     timings["passes"] += 2
                     records.append({"exact": exact, "plus": plus, "minus": minus})
@@ -98,9 +138,18 @@ def run(out: Path, directions: int, eps: float, seqlen: int) -> dict[str, Any]:
             previous = capture_outputs(adapter, block, [batch], before_each=select)
         rows[block.name] = row
         print(f"{block.name}: |g| {row['exact_norm']:.4f}", flush=True)
-    result = {"setup": {"batch": f"8 x {seqlen}", "directions": directions, "eps": eps,
-                        "threads": torch.get_num_threads(), "base_loss": base},
-              "forward_s": forward_s, "timings": timings, "blocks": rows}
+    seqlen = int(batch["input_ids"].shape[1])
+    rows_in_batch = int(batch["input_ids"].shape[0])
+    return {"setup": {"batch": f"{rows_in_batch} x {seqlen}", "directions": directions, "eps": eps,
+                      "threads": torch.get_num_threads(), "base_loss": base},
+            "forward_s": forward_s, "timings": timings, "blocks": rows}
+
+
+def run(out: Path, directions: int, eps: float, seqlen: int) -> dict[str, Any]:
+    """The study on SmolLM2 and one calibration batch of 8 x ``seqlen`` tokens; writes ``out``."""
+    torch.manual_seed(0)
+    _, adapter, (batch,) = smollm2_batches("calib", 8, seqlen)
+    result = study(adapter, batch, directions, eps)
     result["summary"] = summarise(result)
     artifacts.write_atomic(out, (json.dumps(result, indent=2) + "\n").encode())
     return result
@@ -165,14 +214,14 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("estimator_study.json"))
     parser.add_argument("--directions", type=int, default=16)
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--summary-only", action="store_true", help="recompute the summary of --out")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.summary_only:
         result = json.loads(args.out.read_text())
         result["summary"] = summarise(result)

@@ -325,9 +325,9 @@ def text_losses(model: Any, tokenizer: Any, pixel_values: torch.Tensor, text: st
 def caption_losses(model_dir: Path, records_file: Path, max_records: int = 16) -> dict[str, float]:
     """Mean caption loss of a saved (hybrid) BLIP-2 on image-caption records with the right
     images, with the images of the neighbouring records (rolled by one) and with blank images."""
+    from ecoflap_cli.data.multimodal import make_multimodal_batches, read_image_text_jsonl
     from ecoflap_cli.io.loading import LoadOptions, load_model
     from ecoflap_cli.models import get_adapter
-    from ecoflap_cli.data.multimodal import make_multimodal_batches, read_image_text_jsonl
 
     loaded = load_model(str(model_dir), LoadOptions(dtype="float32", device="cpu"))
     adapter = get_adapter(loaded.model)

@@ -5,7 +5,8 @@
 Prunes with magnitude (the packed size depends on the sparsity, not on which weights are kept)
 through the CLI in fp16 and bf16, converts each checkpoint to packed with `ecoflap convert`, and
 reports the bytes of the pruned tensors and of the whole weight files, and the median time to load
-each checkpoint with `ecoflap_cli.io.pruned.load_pruned`.
+each checkpoint with the Python API's `ecoflap_cli.api.load_pruned`. ``--model``, ``--dtype`` and
+``--sparsity`` replace SmolLM2 and the dtypes / sparsities measured (the smoke test runs a tiny model).
 """
 
 from __future__ import annotations
@@ -18,25 +19,28 @@ import sys
 import time
 from pathlib import Path
 
-from ecoflap_cli.bench.offload_memory import smollm2_checkpoint
+from ecoflap_cli.bench.smollm import smollm2_checkpoint
 
 
 def _weights_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("packed_size.json"))
     parser.add_argument("--work", type=Path, default=Path("packed_size_runs"))
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    from ecoflap_cli.io.pruned import load_pruned
+    parser.add_argument("--model", help="Safetensors model directory (default: SmolLM2, saved once as fp32).")
+    parser.add_argument("--dtype", nargs="+", default=["float16", "bfloat16"], choices=("float16", "bfloat16"))
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7])
+    args = parser.parse_args(argv)
+    from ecoflap_cli.api import load_pruned
 
-    model = smollm2_checkpoint()
+    model = args.model or smollm2_checkpoint()
     rows = []
-    for dtype in ("float16", "bfloat16"):
-        for sparsity in (0.5, 0.7):
+    for dtype in args.dtype:
+        for sparsity in args.sparsity:
             dense = args.work / f"dense-{dtype}-{sparsity}"
             packed = args.work / f"packed-{dtype}-{sparsity}"
             cli = [sys.executable, "-m", "ecoflap_cli"]
@@ -65,7 +69,8 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

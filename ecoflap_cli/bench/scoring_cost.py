@@ -27,16 +27,15 @@ from typing import Any
 
 import torch
 
-from ecoflap_cli.io import artifacts
-from ecoflap_cli.data.assets import smollm2, wikipedia_splits
-from ecoflap_cli.data.text import read_text, sample_windows, to_batches, tokenize_documents
-from ecoflap_cli.evaluation.measure import perplexity, windows_for_eval
-from ecoflap_cli.io.loading import load_model
-from ecoflap_cli.models import get_adapter
-from ecoflap_cli.models.base import Adapter
-from ecoflap_cli.stages.driver import model_info
+from ecoflap_cli.bench.smollm import smollm2_batches
+from ecoflap_cli.data.assets import wikipedia_splits
+from ecoflap_cli.data.text import read_text, to_batches, tokenize_documents
 from ecoflap_cli.engine.pruning import PruneSettings, prune_model
 from ecoflap_cli.engine.scoring import ZerothOrderSettings, first_order_scores, zeroth_order_scores
+from ecoflap_cli.evaluation.measure import perplexity, windows_for_eval
+from ecoflap_cli.io import artifacts
+from ecoflap_cli.models.base import Adapter
+from ecoflap_cli.stages.driver import allocate, model_info
 
 
 def rss_bytes() -> int:
@@ -83,15 +82,6 @@ class SubsetAdapter(Adapter):
 
     def loss(self, batch):  # type: ignore[override]
         return self.inner.loss(batch)
-
-
-def smollm2_batches(split: str, samples: int, seqlen: int, batch_size: int = 8, seed: int = 0
-                    ) -> tuple[Any, Adapter, list]:
-    """SmolLM2, its adapter, and seeded windows of a Wikipedia split in batches (every study's setup)."""
-    loaded = load_model(str(smollm2()))
-    adapter = get_adapter(loaded.model)
-    tokens = tokenize_documents(loaded.tokenizer, read_text(wikipedia_splits()[split]))
-    return loaded, adapter, to_batches(sample_windows(tokens, samples, seqlen, seed=seed), batch_size)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -315,7 +305,7 @@ def quality(out: Path, modes: list[str], sparsity: float, calib_samples: int, ev
             continue
         scores = None if mode == "uniform" else results["scores"][mode]
         doc = artifacts.scores_document(info, adapter.blocks(), scores, {"name": mode}, None)
-        plan = artifacts.build_plan(doc, "uniform" if mode == "uniform" else "ecoflap", sparsity)
+        plan = allocate(doc, sparsity, "uniform" if mode == "uniform" else "ecoflap")
         loaded.model.load_state_dict(dense)
         prune_model(adapter, artifacts.prune_counts(plan), batches, PruneSettings("wanda"))
         ppl[mode] = perplexity(loaded.model, valid, batch_size=4)
@@ -355,7 +345,7 @@ def memory(out: Path, seqlen: int) -> None:
     artifacts.write_atomic(out, (json.dumps(results, indent=2) + "\n").encode())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("scoring_cost.json"))
     parser.add_argument("--repeats", type=int, default=3, help="runs of the plain forward and first-order modes")
@@ -373,7 +363,7 @@ def main() -> None:
                         help="samples for the score-agreement part of --side-by-side (default: --samples)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                         help="only time the default mode on the same samples in batches of these sizes")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.batch_sizes:
         batch_sizes(args.out, args.repeats, args.samples, args.seqlen, args.batch_sizes)
         return

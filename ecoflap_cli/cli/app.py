@@ -11,30 +11,19 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
+import click
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ecoflap_cli import __version__
-from ecoflap_cli.io import artifacts
-from ecoflap_cli.io.artifacts import allocator_settings
+from ecoflap_cli.core.methods import ALLOCATORS, SCORING, SOLVERS
+from ecoflap_cli.core.registry import Registry, parse_assignments
 from ecoflap_cli.errors import EcoflapError
-from ecoflap_cli.io.loading import LoadedModel, LoadOptions, load_model
-from ecoflap_cli.stages.driver import (
-    CalibrationOptions,
-    ScoreOptions,
-    calibration_batches,
-    check_activation_memory,
-    load_adapter,
-    run_prune,
-    run_score,
-    structure_document,
-)
-from ecoflap_cli.engine.pruning import PruneSettings
-from ecoflap_cli.cli.render import render_plan, render_sparsity
-from ecoflap_cli.engine.scoring import ZerothOrderSettings
+
+if TYPE_CHECKING:  # the model stack (torch, transformers) is imported only by commands that run a model
+    from ecoflap_cli.io.loading import LoadedModel
 
 console = Console(stderr=True)
 if not console.is_terminal:  # logs and pipes: wide enough that tables are not truncated
@@ -72,6 +61,8 @@ def user_errors(func: F) -> F:
 
 @contextmanager
 def progress_bar(total: int, label: str) -> Iterator[Callable[[str], None]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task(label, total=total)
@@ -80,6 +71,46 @@ def progress_bar(total: int, label: str) -> Iterator[Callable[[str], None]]:
             bar.update(task, advance=1, description=message)
 
         yield step
+
+
+# --- choices from the registries -------------------------------------------------------------
+
+
+def registry_option(registry: Registry, help: str, *decls: str, extra: tuple[str, ...] = ()) -> Any:
+    """A typer option whose value is a registry name: listed in ``--help``, offered by shell
+    completion and checked as it is parsed (before any model is loaded). The registry is read when
+    the option is used, so a method registered at run time is accepted too."""
+
+    def names() -> list[str]:
+        return [*extra, *registry.names()]
+
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in names():
+            raise typer.BadParameter(f"unknown {registry.kind} {value!r} (choose from {', '.join(names())})")
+        return value
+
+    def complete(_ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[Any]:
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(n) for n in names() if n.startswith(incomplete)]
+
+    return typer.Option(*decls, help=help, metavar="[" + "|".join(names()) + "]", callback=check,
+                        shell_complete=complete)
+
+
+def _param_help(registry: Registry, name: str, param: str, fallback: str = "") -> str:
+    entry = registry.get(name)
+    found = entry.param(param)
+    return found.help if found else fallback
+
+
+def _choice_help(registry: Registry, name: str, param: str) -> str:
+    found = registry.get(name).param(param)
+    return f"{found.help} ({found.describe_range()})" if found else ""
+
+
+def _methods_help(registry: Registry, lead: str) -> str:
+    return f"{lead} docs/methods.md describes each {registry.kind} and its settings.".strip()
 
 
 # --- shared options ---------------------------------------------------------------------------
@@ -99,20 +130,42 @@ SeqlenOpt = Annotated[Optional[int], typer.Option(help="Tokens per calibration s
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling calibration windows and perturbations.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field holding the text in .jsonl records.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
-DEFAULT_ALLOCATOR = "auto"
-AllocatorOpt = Annotated[str, typer.Option(help=(
-    "auto (mix for one-tower language models, ecoflap for multi-tower models), ecoflap (the paper's "
-    "capped proportional rule), rank (sparsity linear in score rank), mix (depth schedule + score rank), "
-    "depth, owl (needs --method owl scores) or uniform."))]
-MaxSparsityOpt = Annotated[Optional[float], typer.Option(help="ecoflap: cap on any block's sparsity (default target + 0.1).")]
-TemperatureOpt = Annotated[float, typer.Option(help="ecoflap: allocate by score^(1/T); 1 is the paper's rule.")]
-DepthStepOpt = Annotated[float, typer.Option(help="depth: sparsity added per block of depth.")]
-LamOpt = Annotated[Optional[float], typer.Option(help="owl/rank/mix: half-range of block sparsities around the target (defaults 0.08 / 0.1 / 0.15).")]
-AlphaOpt = Annotated[float, typer.Option(help="mix: weight of depth against score rank, in [0, 1].")]
+AllocatorOpt = Annotated[str, registry_option(
+    ALLOCATORS, _methods_help(ALLOCATORS, "Allocator; auto: mix for one-tower language models, ecoflap for "
+                              "multi-tower models (the plan records which and why)."), extra=("auto",))]
+ScoreMethodOpt = Annotated[str, registry_option(SCORING, _methods_help(
+    SCORING, "Scoring; auto: exact first-order gradient norms when backprop fits in memory, else zeroth-order."))]
+SolverOpt = Annotated[str, registry_option(SOLVERS, _methods_help(SOLVERS, "Layer-wise solver."))]
+MaxSparsityOpt = Annotated[Optional[float], typer.Option(help="ecoflap: " + _param_help(ALLOCATORS, "ecoflap", "max_sparsity"))]
+TemperatureOpt = Annotated[Optional[float], typer.Option(help="ecoflap: " + _param_help(ALLOCATORS, "ecoflap", "temperature"))]
+DepthStepOpt = Annotated[Optional[float], typer.Option(help="depth: " + _param_help(ALLOCATORS, "depth", "step"))]
+LamOpt = Annotated[Optional[float], typer.Option(help="owl/rank/mix: half-range of block sparsities around the target "
+                                                 "(defaults " + " / ".join(f"{ALLOCATORS.get(n).defaults()['lam']:g}" for n in ("owl", "rank", "mix")) + ").")]
+AlphaOpt = Annotated[Optional[float], typer.Option(help="mix: " + _param_help(ALLOCATORS, "mix", "alpha"))]
+ParamOpt = Annotated[Optional[list[str]], typer.Option(
+    "--param", "-p", help="Any allocator setting as NAME=VALUE (repeat); see docs/methods.md.")]
+SolverParamOpt = Annotated[Optional[list[str]], typer.Option(
+    help="A solver setting as NAME=VALUE (repeat), e.g. damp=0.02 for sparsegpt; see docs/methods.md.")]
+
+
+def _allocator_settings(params: list[str] | None, **options: float | None) -> dict[str, Any]:
+    """The allocator settings given on the command line: its own options and --param NAME=VALUE."""
+    given = {name: value for name, value in options.items() if value is not None}
+    given.update(parse_assignments(params))
+    return given
+
+
+def _check_allocator(allocator: str, settings: dict[str, Any], sparsity: float | None) -> None:
+    """Refuse an impossible allocator request before any model is loaded."""
+    from ecoflap_cli.core.methods import check_allocator_request
+
+    check_allocator_request(allocator, settings, sparsity)
 
 
 def _load(model: str, dtype: str, device: str, trust_remote_code: bool, device_map: str | None,
           max_memory: list[str] | None, offload_folder: Path | None, offload: str | None = None) -> LoadedModel:
+    from ecoflap_cli.io.loading import LoadOptions, load_model
+
     memory: dict[str, str] = {}
     for item in max_memory or []:
         key, sep, value = item.partition("=")
@@ -165,20 +218,21 @@ def _check_sparsity(value: float, name: str = "--sparsity") -> None:
 def score(
     model: ModelOpt,
     output: Annotated[str, typer.Option("--output", "-o", help="Scores JSON path, or - for stdout.")] = "scores.json",
-    method: Annotated[str, typer.Option(help="auto (exact first-order gradient norms when backprop fits in memory, else zeroth), zeroth (forward only, the paper's), first (backprop) or owl (outlier ratios).")] = "auto",
+    method: ScoreMethodOpt = "auto",
     calib: CalibOpt = None,
     samples: Annotated[int, typer.Option(help="Calibration samples.")] = 32,
     seqlen: SeqlenOpt = None,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 8,
     seed: SeedOpt = 0,
-    eps: Annotated[float, typer.Option(help="Zeroth-order perturbation size.")] = 1e-3,
-    granularity: Annotated[str, typer.Option(help="Perturb a whole block at once (block) or each tensor (tensor).")] = "block",
-    reuse_activations: Annotated[bool, typer.Option(help="Replay the blocks before the perturbed one from stored activations.")] = True,
-    perturbations: Annotated[int, typer.Option(help="Random directions per block and batch.")] = 1,
-    direction: Annotated[str, typer.Option(help="Direction distribution: gaussian or rademacher.")] = "gaussian",
-    difference: Annotated[str, typer.Option(help="central (L+ - L-)/2eps, or forward (L+ - L0)/eps: half the passes.")] = "central",
-    head: Annotated[str, typer.Option(help="auto, linearized (stop each pass at the last block; dL/dh there computed once) or exact (loss every pass: the reference).")] = "auto",
-    first_metric: Annotated[str, typer.Option(help="First-order score: taylor (|w*g|) or gradnorm.")] = "taylor",
+    eps: Annotated[Optional[float], typer.Option(help="zeroth: " + _choice_help(SCORING, "zeroth", "eps"))] = None,
+    granularity: Annotated[Optional[str], typer.Option(help="zeroth: " + _choice_help(SCORING, "zeroth", "granularity"))] = None,
+    reuse_activations: Annotated[Optional[bool], typer.Option(help="zeroth: " + _param_help(SCORING, "zeroth", "reuse_activations"))] = None,
+    perturbations: Annotated[Optional[int], typer.Option(help="zeroth: " + _param_help(SCORING, "zeroth", "perturbations"))] = None,
+    direction: Annotated[Optional[str], typer.Option(help="zeroth: " + _choice_help(SCORING, "zeroth", "direction"))] = None,
+    difference: Annotated[Optional[str], typer.Option(help="zeroth: " + _choice_help(SCORING, "zeroth", "difference"))] = None,
+    head: Annotated[Optional[str], typer.Option(help="zeroth: " + _choice_help(SCORING, "zeroth", "head"))] = None,
+    first_metric: Annotated[Optional[str], typer.Option(help="first: " + _choice_help(SCORING, "first", "metric"))] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="owl: " + _param_help(SCORING, "owl", "m"))] = None,
     include_qformer: Annotated[bool, typer.Option(help="Prune (and score) the BLIP-2 Q-Former too.")] = False,
     text_field: TextFieldOpt = "text",
     dtype: DtypeOpt = "auto", device: DeviceOpt = "auto", trust_remote_code: RemoteOpt = False,
@@ -187,16 +241,34 @@ def score(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Coarse stage: one global importance score per block, written as scores JSON."""
+    given = {"eps": eps, "granularity": granularity, "reuse_activations": reuse_activations,
+             "perturbations": perturbations, "direction": direction, "difference": difference, "head": head,
+             "metric": first_metric, "m": threshold}
+    settings = _scoring_settings(method, {k: v for k, v in given.items() if v is not None})
     _check_output(output, overwrite)
+    from ecoflap_cli.io import artifacts
+    from ecoflap_cli.stages import driver
+
     loaded = _load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder, offload)
-    adapter = load_adapter(loaded, include_qformer)
-    batches, prov = calibration_batches(loaded, adapter, CalibrationOptions(calib, samples, seqlen, batch_size, seed, text_field))
-    opts = ScoreOptions(method, ZerothOrderSettings(eps, seed, granularity, reuse_activations, perturbations, direction, difference, head), first_metric)
+    adapter = driver.load_adapter(loaded, include_qformer)
+    opts = driver.CalibrationOptions(calib, samples, seqlen, batch_size, seed, text_field)
+    batches, prov = driver.calibration_batches(loaded, adapter, opts)
     with progress_bar(len(adapter.blocks()), "scoring") as step:
-        doc = run_score(loaded, adapter, batches, prov, opts, step)
+        doc = driver.score(loaded, adapter, batches, prov, method, settings, step, seed=seed)
     artifacts.emit_json(doc, output, overwrite)
-    console.print(f"scored {len(doc['groups'])} blocks with {method} in {doc['timings']['score_s']:.1f}s"
+    console.print(f"scored {len(doc['groups'])} blocks with {doc['method']['name']} in {doc['timings']['score_s']:.1f}s"
                   + ("" if output == "-" else f" -> {output}"))
+
+
+def _scoring_settings(method: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options that apply to ``method``; an option of another method is a clear error."""
+    entry = SCORING.get(method)
+    for key in given:
+        if entry.param(key) is None:
+            owners = [e.name for e in SCORING if e.param(key) is not None]
+            raise EcoflapError(f"that option applies to --method {' or '.join(owners)}, not {method}")
+    entry.settings(given)  # checks every value now, before any model is loaded
+    return given
 
 
 @app.command()
@@ -205,21 +277,28 @@ def allocate(
     scores: Annotated[str, typer.Argument(help="Scores JSON from `ecoflap score`, or - for stdin.")],
     sparsity: Annotated[float, typer.Option("--sparsity", "-s", help="Target global sparsity in [0, 1).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Plan JSON path, or - for stdout.")] = "plan.json",
-    allocator: AllocatorOpt = DEFAULT_ALLOCATOR,
+    allocator: AllocatorOpt = "auto",
     max_sparsity: MaxSparsityOpt = None,
-    temperature: TemperatureOpt = 1.0,
-    depth_step: DepthStepOpt = 0.01,
+    temperature: TemperatureOpt = None,
+    depth_step: DepthStepOpt = None,
     lam: LamOpt = None,
-    alpha: AlphaOpt = 0.5,
+    alpha: AlphaOpt = None,
+    param: ParamOpt = None,
     per_tower: Annotated[bool, typer.Option(help="Hold each tower at the target instead of one joint budget.")] = False,
     show: Annotated[bool, typer.Option(help="Print the plan table on stderr.")] = True,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Scores -> per-block sparsity plan (exact global budget). Shows the plan before any pruning."""
+    from ecoflap_cli.cli.render import render_plan
+    from ecoflap_cli.io import artifacts
+    from ecoflap_cli.stages import driver
+
     _check_sparsity(sparsity)
+    settings = _allocator_settings(param, max_sparsity=max_sparsity, temperature=temperature, step=depth_step,
+                                   lam=lam, alpha=alpha)
+    _check_allocator(allocator, settings, sparsity)
     doc = artifacts.validate_scores(artifacts.read_json(scores), "stdin" if scores == "-" else scores)
-    settings = allocator_settings(allocator, max_sparsity, temperature, depth_step, lam, alpha)
-    plan = artifacts.build_plan(doc, allocator, sparsity, settings, per_tower)
+    plan = driver.allocate(doc, sparsity, allocator, settings, per_tower)
     _check_output(output, overwrite)
     if show:
         render_plan(console, plan)
@@ -233,16 +312,19 @@ def prune(
     output: Annotated[str, typer.Option("--output", "-o", help="Directory for the pruned checkpoint.")] = "pruned",
     plan: Annotated[Optional[str], typer.Option(help="Plan JSON from `ecoflap allocate` (or - for stdin).")] = None,
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", "-s", help="One-shot: score and allocate to this target.")] = None,
-    allocator: AllocatorOpt = DEFAULT_ALLOCATOR,
-    score_method: Annotated[str, typer.Option(help="One-shot scoring: auto (first-order when it fits, else zeroth), zeroth, first or owl.")] = "auto",
+    allocator: AllocatorOpt = "auto",
+    score_method: Annotated[Optional[str], registry_option(
+        SCORING, "One-shot scoring (default: the allocator's, auto for most).")] = None,
     score_samples: Annotated[int, typer.Option(help="One-shot: calibration samples for scoring.")] = 32,
     score_seqlen: Annotated[Optional[int], typer.Option(help="One-shot: tokens per scoring sample (default: --seqlen).")] = None,
     max_sparsity: MaxSparsityOpt = None,
-    temperature: TemperatureOpt = 1.0,
-    depth_step: DepthStepOpt = 0.01,
+    temperature: TemperatureOpt = None,
+    depth_step: DepthStepOpt = None,
     lam: LamOpt = None,
-    alpha: AlphaOpt = 0.5,
-    solver: Annotated[str, typer.Option(help="Layer-wise solver: wanda, sparsegpt or magnitude.")] = "wanda",
+    alpha: AlphaOpt = None,
+    param: ParamOpt = None,
+    solver: SolverOpt = "wanda",
+    solver_param: SolverParamOpt = None,
     nm: Annotated[Optional[str], typer.Option(help="N:M structured sparsity, e.g. 2:4 (uniform plans only).")] = None,
     compare_group: Annotated[Optional[list[str]], typer.Option(help="Wanda comparison group per tower: TOWER=row|matrix.")] = None,
     calib: CalibOpt = None,
@@ -260,60 +342,58 @@ def prune(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine stage: layer-wise pruning to a plan; writes a Hugging Face checkpoint directory."""
+    from ecoflap_cli.cli.render import render_plan
+    from ecoflap_cli.io import artifacts
     from ecoflap_cli.io.checkpoint import check_output_dir, parse_size, save_checkpoint
+    from ecoflap_cli.stages import driver
+    from ecoflap_cli.core.methods import check_plan_methods, check_scoring_request
 
     if (plan is None) == (sparsity is None):
         raise EcoflapError("give exactly one of --plan PLAN.json or --sparsity P")
     if sparsity is not None:
         _check_sparsity(sparsity)
     nm_pair = _parse_nm(nm)
-    settings = PruneSettings(solver, nm_pair, _parse_groups(compare_group),
-                             store_device="cpu" if (offload or device_map) else None)
+    solver_settings = SOLVERS.get(solver).settings(parse_assignments(solver_param, "--solver-param"))
+    settings = driver.PruneSettings(solver, nm_pair, _parse_groups(compare_group),
+                                    store_device="cpu" if (offload or device_map) else None,
+                                    solver_settings=solver_settings)
+    alloc_settings = _allocator_settings(param, max_sparsity=max_sparsity, temperature=temperature,
+                                         step=depth_step, lam=lam, alpha=alpha)
+    if sparsity is not None:
+        _check_allocator(allocator, alloc_settings, sparsity)
+        check_scoring_request(allocator, score_method)
     check_output_dir(output, overwrite)
     parse_size(max_shard_size)
     plan_doc = artifacts.validate_plan(artifacts.read_json(plan), plan) if plan else None
-    if plan_doc is not None and nm_pair is not None:
-        artifacts.check_nm_plan(plan_doc, nm_pair)
+    if plan_doc is not None:
+        check_plan_methods(plan_doc)
+        if nm_pair is not None:
+            artifacts.check_nm_plan(plan_doc, nm_pair)
     if sparsity is not None and nm_pair is not None and allocator != "uniform":
         raise EcoflapError(f"--nm needs a uniform plan: add --allocator uniform (got {allocator})")
     loaded = _load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder, offload)
-    adapter = load_adapter(loaded, include_qformer)
-    calib_opts = CalibrationOptions(calib, samples, seqlen, batch_size, seed, text_field)
+    adapter = driver.load_adapter(loaded, include_qformer)
+    calib_opts = driver.CalibrationOptions(calib, samples, seqlen, batch_size, seed, text_field)
     documents: dict[str, dict[str, Any]] = {}
-    check_activation_memory(loaded.model, calib_opts, settings.store_device)
-    batches, prov = calibration_batches(loaded, adapter, calib_opts) if solver != "magnitude" else ([], None)
+    driver.check_calibration_memory(loaded, calib_opts, settings.store_device)
+    batches, prov = driver.calibration_batches(loaded, adapter, calib_opts) if settings.needs_data else ([], None)
     if plan_doc is None:
         assert sparsity is not None
-        alloc_settings = allocator_settings(allocator, max_sparsity, temperature, depth_step, lam, alpha)
-        plan_doc, scores_doc = _one_shot_plan(loaded, adapter, calib_opts, sparsity, allocator,
-                                              score_method, score_samples, score_seqlen, alloc_settings)
+        one_shot = driver.OneShot(score_method, None, score_samples, score_seqlen)
+        with progress_bar(len(adapter.blocks()), "scoring") as step:
+            plan_doc, scores_doc = driver.one_shot_plan(loaded, adapter, calib_opts, sparsity, allocator,
+                                                        alloc_settings, one_shot, step)
         documents["scores.json"] = scores_doc
         render_plan(console, plan_doc)
     documents["plan.json"] = plan_doc
     with progress_bar(len(adapter.blocks()), f"pruning ({solver})") as step:
-        report = run_prune(loaded, adapter, plan_doc, batches, prov, settings, step)
+        report = driver.prune(loaded, adapter, plan_doc, batches, prov, settings, step)
     documents["ecoflap_report.json"] = report
     with console.status(f"writing {output}"):
         save_checkpoint(loaded, output, documents, overwrite, packed=packed,
                         max_shard_size=max_shard_size, n_m=nm_pair)
     console.print(f"pruned to {report['achieved_sparsity']:.4f} sparsity (target {report['target_sparsity']}) "
                   f"in {report['timings']['prune_s']:.1f}s -> {output}")
-
-
-def _one_shot_plan(loaded: LoadedModel, adapter: Any, calib_opts: CalibrationOptions, sparsity: float,
-                   allocator: str, score_method: str, score_samples: int, score_seqlen: int | None,
-                   settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    if allocator in ("uniform", "depth"):
-        scores_doc = structure_document(loaded, adapter)
-    else:
-        method = "owl" if allocator == "owl" else score_method
-        opts = CalibrationOptions(calib_opts.calib, score_samples, score_seqlen or calib_opts.seqlen,
-                                  calib_opts.batch_size, calib_opts.seed, calib_opts.text_field)
-        batches, prov = calibration_batches(loaded, adapter, opts)
-        with progress_bar(len(adapter.blocks()), f"scoring ({method})") as step:
-            scores_doc = run_score(loaded, adapter, batches, prov,
-                                   ScoreOptions(method, ZerothOrderSettings(seed=calib_opts.seed)), step)
-    return artifacts.build_plan(scores_doc, allocator, sparsity, settings), scores_doc
 
 
 @app.command("eval")
@@ -343,10 +423,12 @@ def evaluate(
 ) -> None:
     """Achieved sparsity against the plan; perplexity and vision-language tasks, optionally vs the dense model."""
     from ecoflap_cli.evaluation.tasks import MultimodalTasks, run_eval
-    from ecoflap_cli.cli.render import render_tasks
+    from ecoflap_cli.cli.render import render_sparsity, render_tasks
 
     if output is not None:
         _check_output(output, overwrite)
+    from ecoflap_cli.io import artifacts
+
     if batch_size < 1 or (max_new_tokens is not None and max_new_tokens < 1):
         raise EcoflapError("--batch-size and --max-new-tokens must be at least 1")
     templates = list(template or [])
@@ -378,8 +460,9 @@ def inspect_command(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """What an artifact is, and its sparsity per block and per tower (measured for checkpoints)."""
-    from ecoflap_cli.io.inspect import inspect_artifact, write_chart
     from ecoflap_cli.cli.render import render_inspect
+    from ecoflap_cli.io import artifacts
+    from ecoflap_cli.io.inspect import inspect_artifact, write_chart
 
     if chart is not None:
         _check_output(str(chart), overwrite)
@@ -414,27 +497,24 @@ def convert(
 @app.command()
 @user_errors
 def sweep(
-    method: Annotated[Optional[list[str]], typer.Option("--method", help="ALLOCATOR[-SCORING]:SOLVER[@k=v,..], e.g. uniform:wanda, ecoflap-zeroth:sparsegpt, owl:wanda@m=5,lam=0.08, llmc:wanda (repeat).")] = None,
+    method: Annotated[Optional[list[str]], typer.Option("--method", help="ALLOCATOR[-SCORING]:SOLVER[@k=v,..], e.g. uniform:wanda, ecoflap-zeroth:sparsegpt, owl:wanda@m=5,lam=0.08, llmc:wanda (repeat). Allocators: " + ", ".join(ALLOCATORS.names()) + "; scoring: " + ", ".join(SCORING.names()) + "; solvers: " + ", ".join(SOLVERS.names()) + "; @keys: any of their settings (docs/methods.md).")] = None,
     sparsity: Annotated[Optional[list[float]], typer.Option("--sparsity", "-s", help="Target sparsity (repeat).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, local model directory or .gguf file.")] = None,
     calib: Annotated[Optional[str], typer.Option(help="Calibration text (.txt/.jsonl).")] = None,
     text: Annotated[Optional[str], typer.Option(help="Text (.txt/.jsonl) to measure perplexity on.")] = None,
     extra_text: Annotated[Optional[list[str]], typer.Option(help="Another text every pruned model is also evaluated on (repeat; e.g. another domain).")] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="Directory for sweep.md, sweep.json, sweep.png and the run cache.")] = "sweep",
-    preset: Annotated[Optional[str], typer.Option(help="smollm2: the SmolLM2 + Wikipedia benchmark (assets fetched and cached).")] = None,
-    split: Annotated[str, typer.Option(help="With --preset: evaluate on the test or valid split.")] = "test",
-    samples: Annotated[Optional[int], typer.Option(help="Pruning calibration samples (default 128; preset 16).")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Pruning calibration samples (default 128).")] = None,
     seqlen: SeqlenOpt = None,
     score_samples: Annotated[Optional[int], typer.Option(help="Scoring calibration samples (default 32).")] = None,
-    score_seqlen: Annotated[Optional[int], typer.Option(help="Tokens per scoring sample (default: --seqlen; preset 128).")] = None,
+    score_seqlen: Annotated[Optional[int], typer.Option(help="Tokens per scoring sample (default: --seqlen).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Samples per forward pass (default 8).")] = None,
     seed: SeedOpt = 0,
     eval_seqlen: Annotated[Optional[int], typer.Option(help="Tokens per perplexity window (default 512).")] = None,
-    eval_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows (preset 20).")] = None,
+    eval_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.")] = None,
     repeats: Annotated[int, typer.Option(help="Time the prune stage this many times per run (interleaved passes; medians).")] = 1,
     isolate: Annotated[bool, typer.Option("--isolate", help="Run each method in its own subprocess (per-method peak memory).")] = False,
-    llmc_python: Annotated[Optional[str], typer.Option(help="Python of a venv with llmcompressor, for llmc:* methods.")] = None,
-    llmc_venv: Annotated[bool, typer.Option("--llmc-venv", help="Create (once) llm-compressor's venv under the cache dir and use it.")] = False,
+    llmc_python: Annotated[Optional[str], typer.Option(help="Python of a venv with llmcompressor, for llmc:* methods (`python -m ecoflap_cli.bench.llmc_env` makes one and prints it).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's choice).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore cached runs and scores in the output directory.")] = False,
     plot: Annotated[bool, typer.Option(help="Write sweep.png (needs matplotlib).")] = True,
@@ -447,30 +527,13 @@ def sweep(
     sizes = {"samples": samples, "seqlen": seqlen, "score_samples": score_samples, "score_seqlen": score_seqlen,
              "batch_size": batch_size, "eval_seqlen": eval_seqlen, "eval_windows": eval_windows}
     log = lambda message: console.print(f"[dim]{message}[/]", highlight=False)  # noqa: E731
-    if llmc_venv and llmc_python is None:
-        from ecoflap_cli.data.assets import cache_dir
-        from ecoflap_cli.bench.llmc_env import ensure_llmc_venv
-
-        llmc_python = str(ensure_llmc_venv(cache_dir() / "llmc-venv", log))
-    if preset is not None:
-        if preset != "smollm2":
-            raise EcoflapError(f"unknown preset {preset!r} (smollm2)")
-        if split not in ("test", "valid"):
-            raise EcoflapError(f"--split is test or valid, got {split!r}")
-        from ecoflap_cli.bench.quality import smollm2_config
-
-        cfg = smollm2_config(output if output != "sweep" else None, split, method, sparsity,
-                             peer=True, llmc_python=llmc_python, log=log, seed=seed, **sizes)
-        for name, value in (("model", model), ("calib", calib), ("text", text)):
-            if value is not None:
-                setattr(cfg, name, value)
-    else:
-        if model is None or calib is None or text is None or not method or not sparsity:
-            raise EcoflapError("give --model, --calib, --text, --method and --sparsity (or --preset smollm2)")
-        defaults = {"samples": 128, "score_samples": 32, "batch_size": 8, "eval_seqlen": 512}
-        values = {k: (v if v is not None else defaults.get(k)) for k, v in sizes.items()}
-        cfg = SweepConfig(model=model, calib=calib, text=text, methods=list(method), sparsities=list(sparsity),
-                          output=output, llmc_python=llmc_python, seed=seed, **values)
+    if model is None or calib is None or text is None or not method or not sparsity:
+        raise EcoflapError("give --model, --calib, --text, --method and --sparsity "
+                           "(the SmolLM2 benchmark: python -m ecoflap_cli.bench.quality)")
+    defaults = {"samples": 128, "score_samples": 32, "batch_size": 8, "eval_seqlen": 512}
+    values = {k: (v if v is not None else defaults.get(k)) for k, v in sizes.items()}
+    cfg = SweepConfig(model=model, calib=calib, text=text, methods=list(method), sparsities=list(sparsity),
+                      output=output, llmc_python=llmc_python, seed=seed, **values)
     cfg.repeats, cfg.isolate, cfg.threads, cfg.resume, cfg.plot = repeats, isolate, threads, not fresh, plot
     if extra_text:
         cfg.extra_texts = list(extra_text)

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ecoflap_cli.core.rounding import largest_remainder
 from ecoflap_cli.errors import PlanError
 
 ALLOCATORS = ("ecoflap", "uniform", "owl", "depth", "rank", "mix")
@@ -53,35 +54,6 @@ def check_request(sizes: Sequence[int], target: float, max_sparsity: float | Non
 def keep_budget(sizes: Sequence[int], target: float) -> int:
     """Weights to keep over all groups: round(N * (1 - target))."""
     return int(round(sum(sizes) * (1.0 - target)))
-
-
-def _integerize(shares: Sequence[float], caps: Sequence[int], total: int) -> list[int]:
-    """Round non-negative real shares to integers summing to ``total`` without exceeding caps.
-
-    Largest-remainder rounding; ties go to the lower index so the result is deterministic.
-    """
-    counts = [min(int(math.floor(s)), c) for s, c in zip(shares, caps)]
-    left = total - sum(counts)
-    order = sorted(range(len(shares)), key=lambda i: (-(shares[i] - math.floor(shares[i])), i))
-    while left > 0:
-        moved = False
-        for i in order:
-            if left == 0:
-                break
-            if counts[i] < caps[i]:
-                counts[i] += 1
-                left -= 1
-                moved = True
-        if not moved:
-            raise PlanError("budget exceeds the total capacity of the groups")
-    while left < 0:
-        for i in reversed(order):
-            if left == 0:
-                break
-            if counts[i] > 0:
-                counts[i] -= 1
-                left += 1
-    return counts
 
 
 def water_fill(weights: Sequence[float], capacities: Sequence[int], total: float) -> list[float]:
@@ -143,10 +115,10 @@ def ecoflap(
     floors = [min(n, math.ceil(n * (1.0 - cap) - 1e-9)) for n in sizes]
     if sum(floors) > budget:
         # Rounding of the floors alone can overshoot by < one weight per group.
-        floors = _integerize([n * (1.0 - cap) for n in sizes], list(sizes), budget)
+        floors = largest_remainder([n * (1.0 - cap) for n in sizes], list(sizes), budget)
     capacities = [n - f for n, f in zip(sizes, floors)]
     extra = water_fill(scores, capacities, budget - sum(floors))
-    extra_counts = _integerize(extra, capacities, budget - sum(floors))
+    extra_counts = largest_remainder(extra, capacities, budget - sum(floors))
     keep = tuple(f + e for f, e in zip(floors, extra_counts))
     return Allocation(keep, tuple(sizes))
 
@@ -174,7 +146,7 @@ def from_sparsities(sizes: Sequence[int], sparsities: Sequence[float], target: f
         else:
             hi = mid
     shares = [n * (1.0 - min(max(s + hi, 0.0), 1.0)) for n, s in zip(sizes, sparsities)]
-    return Allocation(tuple(_integerize(shares, list(sizes), budget)), tuple(sizes))
+    return Allocation(tuple(largest_remainder(shares, list(sizes), budget)), tuple(sizes))
 
 
 def uniform(sizes: Sequence[int], target: float) -> Allocation:

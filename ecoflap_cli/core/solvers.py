@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from ecoflap_cli.core.rounding import largest_remainder
+
 #: All solver maths runs in this precision, whatever the model's dtype.
 PRECISION = torch.float32
 
@@ -20,16 +22,14 @@ SOLVERS = ("wanda", "sparsegpt", "magnitude")
 
 
 def split_count(total: int, widths: list[int]) -> list[int]:
-    """Split an integer count across parts in proportion to their widths, summing exactly."""
+    """Split a non-negative count across parts in proportion to their widths, summing exactly.
+
+    Largest remainders, ties to the lower index, no caps (a part may get more than its width).
+    """
     size = sum(widths)
     if size == 0:
         return [0] * len(widths)
-    exact = [total * w / size for w in widths]
-    counts = [int(e) for e in exact]
-    order = sorted(range(len(widths)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in order[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
+    return largest_remainder([total * w / size for w in widths], None, total)
 
 
 # --- statistics -----------------------------------------------------------------------------
@@ -195,3 +195,40 @@ def _sparsegpt_block(
     w[:, start:end] = block
     mask[:, start:end] = block_mask
     w[:, end:] -= errors @ hinv[start:end, end:]
+
+
+# --- the registry's solver functions ----------------------------------------------------------
+# Each prunes ``weight`` in place to exactly ``prune_count`` zeros (or N:M structure when ``nm``
+# is given) from the statistic its registry entry names. ``group`` is the comparison group.
+
+#: statistic name -> (empty statistic for a layer's input width, accumulate one batch of inputs)
+STATISTICS = {"col_sq": (empty_col_sq, accumulate_col_sq), "hessian": (empty_hessian, accumulate_hessian)}
+
+
+def _mask_by(weight: torch.Tensor, metric: torch.Tensor, prune_count: int, group: CompareGroup,
+             nm: tuple[int, int] | None) -> None:
+    mask = mask_nm(metric, *nm) if nm is not None else mask_lowest(metric, prune_count, group)
+    apply_mask(weight, mask)
+
+
+def wanda_prune(weight: torch.Tensor, col_sq: torch.Tensor | None, prune_count: int, *,
+                group: CompareGroup = "row", nm: tuple[int, int] | None = None) -> None:
+    """Wanda: prune the lowest |W| x ||X_j||_2 within each comparison group."""
+    assert col_sq is not None, "wanda needs the input column norms"
+    _mask_by(weight, wanda_metric(weight, col_sq), prune_count, group, nm)
+
+
+def magnitude_prune(weight: torch.Tensor, _stat: torch.Tensor | None, prune_count: int, *,
+                    group: CompareGroup = "row", nm: tuple[int, int] | None = None) -> None:
+    """Magnitude: prune the lowest |W| within each comparison group (no calibration data)."""
+    _mask_by(weight, magnitude_metric(weight), prune_count, group, nm)
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, prune_count: int, *,
+                    group: CompareGroup = "row", nm: tuple[int, int] | None = None,
+                    damp: float = 0.01, block_size: int = 128) -> None:
+    """SparseGPT: OBS masks per column block and updates of the surviving weights (fp32 maths)."""
+    assert hessian is not None, "sparsegpt needs the input Hessian"
+    new_weight, _mask = sparsegpt(weight, hessian, prune_count, nm=nm, block_size=block_size, damp=damp)
+    with torch.no_grad():
+        weight.copy_(new_weight.to(weight.dtype))

@@ -5,15 +5,17 @@ Data formats:
 - a JSONL file, one record per line: ``{"image": "rel/path.png", "caption": "..."}`` or
   ``{"image": ..., "question": "...", "answer": "..."}`` / ``{..., "answers": ["...", ...]}``;
   image paths are relative to the JSONL file's folder (absolute paths are kept);
-- an image folder with one subfolder per class (CLIP zero-shot classification).
+- an image folder with one subfolder per class (zero-shot classification).
 
 Images go through the model's own processor (``processor.image_processor``) after loading with
-Pillow and converting to RGB. Text is laid out exactly as each family trains on it (see
-:func:`make_multimodal_batches`); BLIP-2 / InstructBLIP input ids always start with the
-``num_query_tokens`` image placeholder tokens, without which transformers ignores the image.
+Pillow and converting to RGB. Text is laid out exactly as each family trains on it: the family's
+adapter does it (``Adapter.calibration_text``, ``prompt_inputs``, ``text_inputs``), so nothing
+here depends on the model family.
 
-Eval tasks (:func:`clip_zero_shot`, :func:`clip_retrieval`, :func:`vqa_eval`,
-:func:`caption_eval`) return plain dicts of metrics computed with :mod:`ecoflap_cli.evaluation.metrics`.
+Eval tasks (:func:`clip_zero_shot`, :func:`clip_retrieval` for image-text matching models such
+as CLIP and SigLIP; :func:`vqa_eval`, :func:`caption_eval` for models that generate text from an
+image, such as BLIP-2, InstructBLIP and LLaVA) return plain dicts of metrics computed with
+:mod:`ecoflap_cli.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -21,15 +23,21 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ecoflap_cli.evaluation import metrics
 from ecoflap_cli.errors import DataError, ModelError
+from ecoflap_cli.evaluation import metrics
+from ecoflap_cli.models import get_adapter
 from ecoflap_cli.models.base import Adapter
+from ecoflap_cli.models.layout import IGNORE_INDEX, tokenizer_of
+
+__all__ = ["IGNORE_INDEX", "RecordTexts", "caption_eval", "clip_retrieval", "clip_zero_shot",
+           "make_multimodal_batches", "read_class_folders", "read_image_text_jsonl", "vqa_eval"]  # fmt: skip
 
 Record = dict[str, Any]
 Batch = dict[str, torch.Tensor]
@@ -38,7 +46,6 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", 
 DEFAULT_CAPTION_PROMPT = "a photo of"
 DEFAULT_QUESTION_TEMPLATE = "Question: {question} Answer:"
 DEFAULT_CLASS_TEMPLATES = ("a photo of a {}.",)
-IGNORE_INDEX = -100
 
 # --------------------------------------------------------------------------------------------
 # Reading local data
@@ -143,38 +150,15 @@ def load_image(source: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Model families and text layout
+# Record text and calibration batches
 # --------------------------------------------------------------------------------------------
 
 
-def _unwrap(adapter_or_model: Adapter | nn.Module) -> nn.Module:
-    return adapter_or_model.model if isinstance(adapter_or_model, Adapter) else adapter_or_model
-
-
-def model_family(model: nn.Module) -> str:
-    """ "clip", "blip" (BLIP-2 / InstructBLIP) or an error."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type == "clip":
-        return "clip"
-    if model_type in ("blip-2", "instructblip") or hasattr(config, "num_query_tokens"):
-        return "blip"
-    raise ModelError(f"model type {model_type!r} has no image-text data layout in ecoflap")
-
-
-def _is_seq2seq(model: nn.Module) -> bool:
-    use_decoder_only = getattr(model.config, "use_decoder_only_language_model", None)
-    if use_decoder_only is not None:
-        return not use_decoder_only
-    return bool(getattr(model.language_model.config, "is_encoder_decoder", False))
-
-
-def _uses_qformer_text(model: nn.Module) -> bool:
-    return getattr(model.config, "model_type", None) == "instructblip"
-
-
-def _tokenizer(processor: Any) -> Any:
-    return getattr(processor, "tokenizer", processor)
+def _adapter(adapter_or_model: Adapter | nn.Module) -> Adapter:
+    """The family adapter (built from the model when a bare model is given)."""
+    if isinstance(adapter_or_model, Adapter):
+        return adapter_or_model
+    return get_adapter(adapter_or_model)
 
 
 def _image_processor(processor: Any) -> Any:
@@ -211,108 +195,8 @@ def prompt_and_target(record: Record, caption_prompt: str, question_template: st
     return caption_prompt, record["caption"]
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    if not text:
-        return []
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _pad_id(tokenizer: Any, model: nn.Module) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    text_config = getattr(model.config, "text_config", model.config)
-    pad = getattr(text_config, "pad_token_id", None)
-    if pad is None:
-        pad = tokenizer.eos_token_id
-    return int(pad) if pad is not None else 0
-
-
-def _pad(rows: Sequence[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
-    return torch.tensor(padded, dtype=torch.long)
-
-
-def _mask(rows: Sequence[list[int]], left: bool = False) -> torch.Tensor:
-    return _pad([[1] * len(r) for r in rows], 0, left=left)
-
-
-def _blip_text(
-    model: nn.Module,
-    tokenizer: Any,
-    pairs: Sequence[tuple[str, str | None]],
-    max_text_len: int,
-    generation: bool,
-) -> Batch:
-    """Token layout of a BLIP-2 / InstructBLIP batch.
-
-    Decoder-only LM: ``[image]*Q [bos] prompt target [eos]``, labels only on ``target [eos]``;
-    for generation ``[image]*Q [bos] prompt``, left-padded. FlanT5: encoder
-    ``[image]*Q prompt [eos]``, labels ``target [eos]`` (padding -100).
-    """
-    from ecoflap_cli.models.blip2 import check_image_tokens, image_token_id
-
-    config = model.config
-    image = [image_token_id(config)] * int(config.num_query_tokens)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    pad = _pad_id(tokenizer, model)
-    batch: Batch = {}
-    if _is_seq2seq(model):
-        if eos is None:
-            raise ModelError("the tokenizer has no eos token, which T5 inputs and labels end with")
-        enc_rows, label_rows = [], []
-        for prompt, target in pairs:
-            enc_rows.append(image + _encode(tokenizer, prompt)[: max_text_len - 1] + [eos])
-            if target is not None:
-                label_rows.append(_encode(tokenizer, target)[: max_text_len - 1] + [eos])
-        batch["input_ids"] = _pad(enc_rows, pad)
-        batch["attention_mask"] = _mask(enc_rows)
-        if label_rows:
-            batch["labels"] = _pad(label_rows, IGNORE_INDEX)
-            batch["decoder_attention_mask"] = _mask(label_rows)
-    else:
-        begin = [bos] if bos is not None else []
-        end = [eos] if eos is not None else []
-        start = image + begin
-        rows, label_rows = [], []
-        for prompt, target in pairs:
-            prompt_ids = _encode(tokenizer, prompt)
-            if target is None:
-                rows.append(start + prompt_ids[: max(max_text_len - len(begin), 0)])
-                continue
-            # tokenize prompt and target together (as the model reads them); the prompt's own
-            # token count marks where the loss starts
-            full = _encode(tokenizer, f"{prompt} {target}" if prompt else target)
-            body = full[: max(max_text_len - len(begin) - len(end), 1)]
-            n_prompt = min(len(prompt_ids), len(body))
-            ids = start + body + end
-            labels = [IGNORE_INDEX] * (len(start) + n_prompt) + body[n_prompt:] + end
-            rows.append(ids)
-            label_rows.append(labels)
-        left = generation  # a decoder-only LM continues from the last position of every row
-        batch["input_ids"] = _pad(rows, pad, left=left)
-        batch["attention_mask"] = _mask(rows, left=left)
-        if label_rows:
-            batch["labels"] = _pad(label_rows, IGNORE_INDEX)
-    check_image_tokens(config, batch["input_ids"])
-    return batch
-
-
-def _qformer_text(processor: Any, prompts: Sequence[str], max_text_len: int) -> Batch:
-    qformer_tokenizer = getattr(processor, "qformer_tokenizer", None)
-    if qformer_tokenizer is None:
-        raise ModelError("InstructBLIP needs a processor with a qformer_tokenizer")
-    encoded = qformer_tokenizer(
-        list(prompts), padding=True, truncation=True, max_length=max_text_len, return_tensors="pt"
-    )
-    return {
-        "qformer_input_ids": encoded["input_ids"],
-        "qformer_attention_mask": encoded["attention_mask"],
-    }
-
-
 def record_text(record: Record, class_template: str = DEFAULT_CLASS_TEMPLATES[0]) -> str:
-    """The text paired with an image for CLIP: caption, question + answer, or class prompt."""
+    """The text paired with an image by a matching model: caption, question + answer, or class prompt."""
     if "caption" in record:
         return record["caption"]
     if "question" in record:
@@ -326,24 +210,38 @@ def fill_template(template: str, class_name: str) -> str:
     return template.replace("{class_name}", class_name).replace("{}", class_name)
 
 
-def _clip_text(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_text_len: int) -> Batch:
-    text_config = getattr(model.config, "text_config", model.config)
-    limit = getattr(text_config, "max_position_embeddings", None)
-    length = min(max_text_len, limit) if limit else max_text_len
-    encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=length, return_tensors="pt")
-    input_ids = encoded["input_ids"]
-    eos = getattr(text_config, "eos_token_id", None)
-    # CLIP pools the text at its eos token (configs with eos_token_id == 2 use argmax instead)
-    if eos is not None and eos != 2 and not bool((input_ids == eos).any(dim=-1).all()):
-        raise DataError(
-            f"CLIP text ids must contain the eos token {eos} (the text is pooled there); the "
-            "tokenizer does not add it"
-        )
-    return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"]}
+@dataclass(frozen=True)
+class RecordTexts:
+    """A record's text in both shapes an adapter may ask for (``models.base.RecordText``)."""
+
+    caption_prompt: str = DEFAULT_CAPTION_PROMPT
+    question_template: str = DEFAULT_QUESTION_TEMPLATE
+    class_template: str = DEFAULT_CLASS_TEMPLATES[0]
+
+    def pair(self, record: Record) -> tuple[str, str]:
+        return prompt_and_target(record, self.caption_prompt, self.question_template)
+
+    def text(self, record: Record) -> str:
+        return record_text(record, self.class_template)
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _calibration_chunks(adapter: Adapter, records: Sequence[Record], batch_size: int) -> list[Sequence[Any]]:
+    """Records in batches of ``batch_size``; a trailing batch smaller than the family's loss needs
+    (``min_batch_pairs``: two for a contrastive loss) joins the previous batch."""
+    least = adapter.min_batch_pairs
+    if len(records) < least:
+        raise DataError(f"{adapter.display_name}'s loss needs at least {least} image-text pairs")
+    chunks = _chunks(list(records), batch_size)
+    if len(chunks) > 1 and len(chunks[-1]) < least:
+        last = chunks.pop()
+        chunks[-1] = list(chunks[-1]) + list(last)
+    if len(chunks[0]) < least:
+        raise DataError(f"{adapter.display_name}'s loss needs batches of at least {least} image-text pairs")
+    return chunks
 
 
 def make_multimodal_batches(
@@ -358,46 +256,28 @@ def make_multimodal_batches(
 ) -> list[Batch]:
     """Calibration batches with exactly what the family's adapter ``loss``/``forward`` need.
 
-    - BLIP-2: ``pixel_values``, ``input_ids`` (image tokens first), ``attention_mask``,
-      ``labels`` (-100 on image tokens, bos, prompt and padding); FlanT5 adds
-      ``decoder_attention_mask`` and its labels are the target only.
-    - InstructBLIP: the same plus ``qformer_input_ids`` / ``qformer_attention_mask`` (the
-      prompt or question, through the processor's Q-Former tokenizer).
-    - CLIP: ``pixel_values``, ``input_ids``, ``attention_mask``; a trailing batch of one pair is
-      merged into the previous batch (the contrastive loss of one pair is always 0).
+    Each batch holds ``pixel_values`` (the model's own image processor) and the text the
+    adapter lays out (``Adapter.calibration_text``): for a generative family (BLIP-2,
+    InstructBLIP, LLaVA) the record's (prompt, target) with labels on the target only; for a
+    matching family (CLIP, SigLIP) the record's one text, and a trailing batch too small for the
+    loss is merged into the previous batch. See docs/models.md for each family's layout.
 
     Captions are trained after ``caption_prompt``; questions are asked with
     ``question_template`` (``{question}``) and trained on the answer (the most frequent of
     "answers"). ``max_text_len`` bounds the text tokens (image tokens not counted).
     """
-    model = _unwrap(adapter_or_model)
-    family = model_family(model)
+    adapter = _adapter(adapter_or_model)
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     if max_text_len < 2:
         raise DataError(f"max_text_len must be at least 2, got {max_text_len}")
     if not records:
         raise DataError("no image-text records to make batches from")
-    chunks = _chunks(list(records), batch_size)
-    if family == "clip":
-        if len(records) < 2:
-            raise DataError("CLIP's contrastive loss needs at least 2 image-text pairs")
-        if len(chunks) > 1 and len(chunks[-1]) == 1:
-            last = chunks.pop()
-            chunks[-1] = list(chunks[-1]) + list(last)
-        if len(chunks[0]) < 2:
-            raise DataError("CLIP's contrastive loss needs batches of at least 2 image-text pairs")
-    tokenizer = _tokenizer(processor)
+    texts = RecordTexts(caption_prompt, question_template)
     batches: list[Batch] = []
-    for chunk in chunks:
+    for chunk in _calibration_chunks(adapter, records, batch_size):
         batch: Batch = {"pixel_values": _pixel_values(processor, [r["image"] for r in chunk])}
-        if family == "clip":
-            batch.update(_clip_text(model, tokenizer, [record_text(r) for r in chunk], max_text_len))
-        else:
-            pairs = [prompt_and_target(r, caption_prompt, question_template) for r in chunk]
-            batch.update(_blip_text(model, tokenizer, pairs, max_text_len, generation=False))
-            if _uses_qformer_text(model):
-                batch.update(_qformer_text(processor, [p for p, _ in pairs], max_text_len))
+        batch.update(adapter.calibration_text(processor, chunk, max_text_len, texts))
         batches.append(batch)
     return batches
 
@@ -442,10 +322,10 @@ def _text_features(
     model: nn.Module, processor: Any, texts: Sequence[str], batch_size: int, max_text_len: int
 ) -> torch.Tensor:
     device = _device(model)
-    tokenizer = _tokenizer(processor)
+    adapter = get_adapter(model)
     parts = []
     for chunk in _chunks(list(texts), batch_size):
-        encoded = _to(_clip_text(model, tokenizer, chunk, max_text_len), device)
+        encoded = _to(adapter.text_inputs(processor, chunk, max_text_len), device)
         parts.append(_features(model.get_text_features(**encoded)))
     return torch.cat(parts)
 
@@ -462,6 +342,8 @@ def clip_zero_shot(
 ) -> dict[str, float]:
     """Zero-shot classification accuracy (percent) on a folder with one subfolder per class.
 
+    For any image-text matching model (CLIP, SigLIP: ``get_image_features`` and
+    ``get_text_features``; SigLIP's sigmoid of the scaled similarity ranks as the cosine does).
     Each class's text embedding is the normalised mean of its prompts' normalised embeddings
     (one prompt per template, ``{}`` or ``{class_name}`` standing for the class name); an image
     is assigned the class of highest cosine similarity. Keys ``top{k}``, ``n_images``,
@@ -493,7 +375,7 @@ def clip_retrieval(
     max_text_len: int = 77,
     ks: Iterable[int] = (1, 5, 10),
 ) -> dict[str, float]:
-    """Image-text retrieval Recall@K (percent) in both directions.
+    """Image-text retrieval Recall@K (percent) in both directions, by cosine similarity.
 
     Records with the same image path are one image with several captions (Flickr30k / COCO
     style). Keys ``i2t_r{k}``, ``t2i_r{k}``, ``n_images``, ``n_texts``.
@@ -527,22 +409,18 @@ def _generate(
     max_new_tokens: int,
     generate_kwargs: dict[str, Any],
 ) -> list[str]:
-    """Generated text (prompt removed) for each (image, prompt) of a BLIP-2 / InstructBLIP model."""
-    if model_family(model) != "blip":
-        raise ModelError("generation tasks need a BLIP-2 or InstructBLIP model")
+    """Generated text (prompt removed) for each (image, prompt), laid out as the family's adapter
+    says (``Adapter.prompt_inputs``); families that do not generate from images are refused."""
+    adapter = get_adapter(model)
     model.eval()
     device = _device(model)
-    tokenizer = _tokenizer(processor)
+    tokenizer = tokenizer_of(processor)
     texts: list[str] = []
     for start in range(0, len(images), batch_size):
         chunk_images = images[start : start + batch_size]
         chunk_prompts = list(prompts[start : start + batch_size])
         batch = {"pixel_values": _pixel_values(processor, chunk_images)}
-        batch.update(
-            _blip_text(model, tokenizer, [(p, None) for p in chunk_prompts], max_text_len, generation=True)
-        )
-        if _uses_qformer_text(model):
-            batch.update(_qformer_text(processor, chunk_prompts, max_text_len))
+        batch.update(adapter.prompt_inputs(processor, [(p, None) for p in chunk_prompts], max_text_len, True))
         batch = _to(batch, device)
         batch["pixel_values"] = batch["pixel_values"].to(_float_dtype(model))
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, **generate_kwargs}

@@ -33,8 +33,37 @@ def trim_host_memory() -> None:
         pass
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised from a hook to end a forward pass once the wanted activations are captured."""
+
+
+@contextmanager
+def stop_at(module: nn.Module, record: Callable[[Any], None], *, inputs: bool = False) -> Iterator[None]:
+    """End any forward pass inside the ``with`` block where it reaches ``module``.
+
+    ``record`` is handed the module's output, or with ``inputs=True`` its ``(args, kwargs)``
+    before it runs; then StopForward ends the pass and the ``with`` body, quietly.  The hook is
+    removed on exit.  A body that never reaches ``module`` runs to its end.
+    """
+
+    def after(_module: nn.Module, _args: tuple, output: Any) -> None:
+        record(output)
+        raise StopForward
+
+    def before(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        record((args, kwargs))
+        raise StopForward
+
+    if inputs:
+        handle = module.register_forward_pre_hook(before, with_kwargs=True)
+    else:
+        handle = module.register_forward_hook(after)
+    try:
+        yield
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
 
 
 def to_device(obj: Any, device: torch.device | str | None) -> Any:
@@ -79,21 +108,18 @@ def module_device(module: nn.Module) -> torch.device:
 def _forward_until(
     adapter: Adapter,
     batches: Sequence[Batch],
-    handle: Any,
+    block: Block,
+    record: Callable[[Any], None],
+    inputs: bool,
     before_each: Callable[[int], None] | None,
 ) -> None:
-    """Run the model on every batch until a hook raises _StopForward; then remove the hook."""
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                if before_each is not None:
-                    before_each(i)
-                try:
-                    adapter.forward(batch)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
+    """Run the model on every batch, each pass stopped at ``block`` (see :func:`stop_at`)."""
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            if before_each is not None:
+                before_each(i)
+            with stop_at(block.module, record, inputs=inputs):
+                adapter.forward(batch)
 
 
 def capture_inputs(
@@ -105,12 +131,8 @@ def capture_inputs(
 ) -> list[BlockInputs]:
     """The (args, kwargs) that reach ``block`` for each batch, stopping the pass right there."""
     captured: list[BlockInputs] = []
-
-    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append(to_device(detach((args, kwargs)), store))
-        raise _StopForward
-
-    _forward_until(adapter, batches, block.module.register_forward_pre_hook(grab, with_kwargs=True), before_each)
+    _forward_until(adapter, batches, block, lambda got: captured.append(to_device(detach(got), store)),
+                   True, before_each)
     if len(captured) != len(batches):
         raise RuntimeError(f"block {block.name} was not reached by the model's forward pass")
     return captured
@@ -125,12 +147,8 @@ def capture_outputs(
 ) -> list[Any]:
     """The output of ``block`` for each batch, stopping the pass right after it."""
     captured: list[Any] = []
-
-    def grab(_module: nn.Module, _args: tuple, output: Any) -> None:
-        captured.append(to_device(detach(output), store))
-        raise _StopForward
-
-    _forward_until(adapter, batches, block.module.register_forward_hook(grab), before_each)
+    _forward_until(adapter, batches, block, lambda got: captured.append(to_device(detach(got), store)),
+                   False, before_each)
     return captured
 
 

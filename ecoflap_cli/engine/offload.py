@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import nn
 
+from ecoflap_cli.engine.memory import memory_budget_check  # noqa: F401  (re-exported; lives in memory.py)
 from ecoflap_cli.errors import ModelError
 
 
@@ -74,21 +74,3 @@ def sequential_device_map(model: nn.Module, block_paths: list[str], compute: str
         if own:
             device_map[name] = compute
     return device_map
-
-
-def memory_budget_check(bytes_needed: int, device: torch.device, what: str, option: str) -> None:
-    """Refuse before any work starts when a known requirement cannot fit the device."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-    else:
-        try:
-            with open("/proc/meminfo") as handle:
-                info = dict(line.split(":", 1) for line in handle)
-            free = int(info["MemAvailable"].split()[0]) * 1024
-        except (OSError, KeyError, ValueError):
-            return
-    if bytes_needed > free:
-        raise ModelError(
-            f"{what} needs about {bytes_needed / 2**30:.1f} GiB but {device} has "
-            f"{free / 2**30:.1f} GiB free: lower {option}"
-        )

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from ecoflap_cli.core import solvers
 from ecoflap_cli.engine.blockwise import capture_inputs, module_device, run_block, to_device, trim_host_memory
-from ecoflap_cli.errors import PlanError
+from ecoflap_cli.core.methods import SOLVERS
+from ecoflap_cli.core.registry import Entry
 from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs
 from ecoflap_cli.engine.offload import editable_weight
 
@@ -31,8 +33,17 @@ class PruneSettings:
     compare_groups: dict[str, str] = field(default_factory=dict)
     #: where calibration activations wait between blocks (None: where they were computed)
     store_device: torch.device | str | None = None
-    sparsegpt_block_size: int = 128
-    sparsegpt_damp: float = 0.01
+    #: the solver's own parameters (checked against its registry entry)
+    solver_settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def entry(self) -> Entry:
+        return SOLVERS.get(self.solver)
+
+    @property
+    def needs_data(self) -> bool:
+        """False for solvers that read no input statistic (magnitude): no calibration pass."""
+        return self.entry.needs is not None
 
 
 @dataclass
@@ -44,85 +55,44 @@ class TensorResult:
     zeros: int
 
 
-def _accumulator(solver: str, linear: nn.Linear) -> torch.Tensor | None:
-    device = module_device(linear)
-    if solver == "wanda":
-        return solvers.empty_col_sq(linear.in_features, device)
-    if solver == "sparsegpt":
-        return solvers.empty_hessian(linear.in_features, device)
-    return None
-
-
 def _collect_statistics(
-    block: Block, inputs: Sequence[BlockInputs], solver: str, names: Sequence[str]
+    block: Block, inputs: Sequence[BlockInputs], statistic: str | None, names: Sequence[str]
 ) -> dict[str, torch.Tensor]:
     """Run the block on every stored input with hooks that accumulate each linear's statistic."""
+    if statistic is None:
+        return {}
+    empty, update = solvers.STATISTICS[statistic]
     stats: dict[str, torch.Tensor] = {}
     handles = []
     for name in names:
-        acc = _accumulator(solver, block.linears[name])
-        if acc is None:
-            continue
-        stats[name] = acc
-        update = solvers.accumulate_col_sq if solver == "wanda" else solvers.accumulate_hessian
+        linear = block.linears[name]
+        acc = stats[name] = empty(linear.in_features, module_device(linear))
 
-        def hook(_m: nn.Module, args: tuple, _out: object, acc=acc, update=update) -> None:
+        def hook(_m: nn.Module, args: tuple, _out: object, acc: torch.Tensor = acc) -> None:
             update(acc, args[0].detach())
 
-        handles.append(block.linears[name].register_forward_hook(hook))
-    if handles:
-        try:
-            with torch.no_grad():
-                for item in inputs:
-                    run_block(block, item)
-        finally:
-            for handle in handles:
-                handle.remove()
+        handles.append(linear.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for item in inputs:
+                run_block(block, item)
+    finally:
+        for handle in handles:
+            handle.remove()
     return stats
 
 
 def prune_linear(
     linear: nn.Linear,
     prune_count: int,
-    solver: str,
     stat: torch.Tensor | None,
     settings: PruneSettings,
     group: str,
 ) -> None:
     """Prune one linear in place to exactly ``prune_count`` zeros (or N:M structure)."""
+    function = settings.entry.resolve()
     with editable_weight(linear) as weight:
-        _prune_weight(weight, prune_count, solver, stat, settings, group)
-
-
-def _prune_weight(
-    weight: nn.Parameter,
-    prune_count: int,
-    solver: str,
-    stat: torch.Tensor | None,
-    settings: PruneSettings,
-    group: str,
-) -> None:
-    if solver == "sparsegpt":
-        assert stat is not None
-        new_weight, _mask = solvers.sparsegpt(
-            weight, stat, prune_count, nm=settings.nm,
-            block_size=settings.sparsegpt_block_size, damp=settings.sparsegpt_damp,
-        )
-        with torch.no_grad():
-            weight.copy_(new_weight.to(weight.dtype))
-        return
-    if solver == "wanda":
-        assert stat is not None
-        metric = solvers.wanda_metric(weight, stat)
-    elif solver == "magnitude":
-        metric = solvers.magnitude_metric(weight)
-    else:
-        raise PlanError(f"unknown solver {solver!r} (choose from {', '.join(solvers.SOLVERS)})")
-    if settings.nm is not None:
-        mask = solvers.mask_nm(metric, *settings.nm)
-    else:
-        mask = solvers.mask_lowest(metric, prune_count, group)  # type: ignore[arg-type]
-    solvers.apply_mask(weight, mask)
+        function(weight, stat, prune_count, group=group, nm=settings.nm, **settings.solver_settings)
 
 
 def prune_block(
@@ -133,13 +103,13 @@ def prune_block(
     settings: PruneSettings,
 ) -> list[TensorResult]:
     names = [n for n in block.linears if f"{n}.weight" in prune_counts]
-    stats = _collect_statistics(block, inputs, settings.solver, names)
+    stats = _collect_statistics(block, inputs, settings.entry.needs, names)
     group = settings.compare_groups.get(block.tower) or adapter.default_compare_group(block)
     results = []
     for name in names:
         linear = block.linears[name]
         count = prune_counts[f"{name}.weight"]
-        prune_linear(linear, count, settings.solver, stats.pop(name, None), settings, group)
+        prune_linear(linear, count, stats.pop(name, None), settings, group)
         with editable_weight(linear) as weight:
             zeros = int((weight == 0).sum())
         results.append(TensorResult(f"{name}.weight", block.tower, linear.weight.numel(), count, zeros))
@@ -155,7 +125,7 @@ def prune_model(
 ) -> list[TensorResult]:
     """Prune every planned tensor, tower by tower and block by block; returns per-tensor results."""
     results: list[TensorResult] = []
-    needs_data = settings.solver != "magnitude"
+    needs_data = settings.needs_data
     for tower in adapter.towers():
         blocks = adapter.blocks(tower)
         planned = [b for b in blocks if any(t in prune_counts for t in b.tensor_names())]

@@ -24,11 +24,18 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ecoflap_cli.engine.blockwise import _StopForward, capture_inputs, capture_outputs, replaying, run_block, trim_host_memory
+from ecoflap_cli.core.solvers import PRECISION, accumulate_col_sq, empty_col_sq, wanda_metric
+from ecoflap_cli.engine.blockwise import (
+    capture_inputs,
+    capture_outputs,
+    replaying,
+    run_block,
+    stop_at,
+    trim_host_memory,
+)
+from ecoflap_cli.engine.pruning import propagate
 from ecoflap_cli.errors import PlanError
 from ecoflap_cli.models.base import Adapter, Batch, Block
-from ecoflap_cli.engine.pruning import propagate
-from ecoflap_cli.core.solvers import PRECISION, accumulate_col_sq, empty_col_sq, wanda_metric
 
 Progress = Callable[[str], None]
 METHODS = ("zeroth", "first", "owl")
@@ -55,8 +62,9 @@ class ZerothOrderSettings:
     head: str = "auto"
 
 
-def _direction(shape: torch.Size, key: tuple[int, ...], kind: str) -> torch.Tensor:
-    """A seeded perturbation direction; the same key always gives the same tensor."""
+def seeded_direction(shape: torch.Size, key: tuple[int, ...], kind: str) -> torch.Tensor:
+    """A perturbation direction (``gaussian`` or ``rademacher``, fp32, on the CPU) seeded by ``key``:
+    the same key always gives the same tensor.  Another kind raises PlanError."""
     gen = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
     if kind == "gaussian":
         return torch.randn(shape, generator=gen, dtype=PRECISION)
@@ -94,7 +102,8 @@ def perturbed(linears: dict[str, nn.Linear], deltas: dict[str, torch.Tensor]) ->
             handle.remove()
 
 
-def _block_linears(block: Block) -> dict[str, nn.Linear]:
+def block_linears(block: Block) -> dict[str, nn.Linear]:
+    """A block's linears keyed by their weight's name (``path.weight``), as plans name tensors."""
     return {f"{path}.weight": lin for path, lin in block.linears.items()}
 
 
@@ -102,7 +111,8 @@ def _block_weights(block: Block) -> dict[str, nn.Parameter]:
     return {f"{path}.weight": lin.weight for path, lin in block.linears.items()}
 
 
-def _loss(adapter: Adapter, batch: Batch) -> float:
+def batch_loss(adapter: Adapter, batch: Batch) -> float:
+    """The adapter's loss on one batch, without gradients, as a float (computed in PRECISION)."""
     with torch.no_grad():
         return float(adapter.loss(batch).detach().to(PRECISION))
 
@@ -114,19 +124,8 @@ def _hidden(output: Any) -> torch.Tensor:
 def _final_hidden(adapter: Adapter, batch: Batch, final: Block) -> torch.Tensor:
     """The last block's output for a batch; the forward pass stops there (no head, no loss)."""
     box: list[torch.Tensor] = []
-
-    def grab(_m: nn.Module, _args: tuple, output: Any) -> None:
-        box.append(_hidden(output).detach())
-        raise _StopForward
-
-    handle = final.module.register_forward_hook(grab)
-    try:
-        with torch.no_grad():
-            adapter.forward(batch)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
+    with torch.no_grad(), stop_at(final.module, lambda output: box.append(_hidden(output).detach())):
+        adapter.forward(batch)
     return box[0]
 
 
@@ -211,7 +210,7 @@ class _Objective:
 
     def value(self, batch: Batch, index: int) -> float:
         if self.final is None:
-            return _loss(adapter=self.adapter, batch=batch)
+            return batch_loss(adapter=self.adapter, batch=batch)
         hidden = _final_hidden(self.adapter, batch, self.final)
         grad = self.grads[index]
         return float((grad.to(device=hidden.device, dtype=torch.float64) * hidden.to(torch.float64)).sum())
@@ -245,13 +244,13 @@ def _block_estimate(
     base_value: float | None = None,
 ) -> float:
     """Sum over directions (and tensors, per-tensor mode) of |d| for one block and batch."""
-    weights = _block_linears(block)
+    weights = block_linears(block)
     total = 0.0
     for k in range(s.perturbations):
         groups = [[n] for n in weights] if s.granularity == "tensor" else [list(weights)]
         for names in groups:
             deltas = {
-                n: s.eps * _direction(weights[n].weight.shape, (s.seed, k, batch_index, n), s.direction)
+                n: s.eps * seeded_direction(weights[n].weight.shape, (s.seed, k, batch_index, n), s.direction)
                 for n in names
             }
             sub = {n: weights[n] for n in names}
@@ -283,7 +282,7 @@ def zeroth_order_scores(
             if progress:
                 progress(f"scoring {block.name}")
             skipped = [b.module for b in blocks[: block.index]] if settings.reuse_activations else []
-            with _replays(earlier if settings.reuse_activations else [], skipped, previous_out) as select:
+            with replays(earlier if settings.reuse_activations else [], skipped, previous_out) as select:
                 total = 0.0
                 for i, batch in enumerate(batches):
                     select(i)
@@ -298,12 +297,17 @@ def zeroth_order_scores(
 
 
 @contextmanager
-def _replays(
+def replays(
     earlier: list[tuple[list[nn.Module], list[Any]]],
     skipped: list[nn.Module],
     previous_out: list[Any] | None,
 ) -> Iterator[Callable[[int], None]]:
-    """Replay finished towers from their last block's output, and this tower's earlier blocks."""
+    """Replay finished towers from their last block's output, and this tower's earlier blocks.
+
+    ``earlier`` holds (modules, outputs per batch) of finished towers; ``skipped`` (this tower's
+    blocks before the one being scored) replay ``previous_out`` when both are given.  Yields a
+    setter of the batch index that every replay then returns.
+    """
     stack = list(earlier)
     if skipped and previous_out is not None:
         stack.append((skipped, previous_out))
@@ -401,6 +405,13 @@ def first_order_scores(
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+# Old private names, still imported by benchmark scripts: use the public ones.
+_block_linears = block_linears
+_direction = seeded_direction
+_loss = batch_loss
+_replays = replays
 
 
 # --- OWL outlier ratios -----------------------------------------------------------------------

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ecoflap_cli.errors import DataError, ModelError
-from ecoflap_cli.models.base import Adapter
 from ecoflap_cli.engine.offload import editable_weight
+from ecoflap_cli.errors import DataError, ModelError
+from ecoflap_cli.models import get_adapter
+from ecoflap_cli.models.base import Adapter
 
 
 @dataclass
@@ -61,27 +62,23 @@ def windows_for_eval(tokens: torch.Tensor, seqlen: int, max_windows: int | None)
 
 
 def perplexity_model(model: nn.Module, label: str = "the model") -> nn.Module:
-    """The causal LM whose perplexity on text ``eval --text`` measures.
+    """The causal LM whose perplexity on text ``eval --text`` measures, as the family's adapter
+    says (``Adapter.perplexity_module``).
 
-    A decoder-only LM is itself; BLIP-2 / InstructBLIP with a decoder-only language model
-    (OPT, LLaMA, ...) give their ``language_model``, read on text alone (no image). CLIP and
-    FlanT5-based models have no causal LM to measure.
+    A decoder-only LM is itself; BLIP-2 / InstructBLIP with a decoder-only language model give
+    their ``language_model``, LLaVA itself, each read on text alone (no image). Families with no
+    causal LM (CLIP, SigLIP, FlanT5-based BLIP-2) raise ModelError saying so.
     """
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    language_model = getattr(model, "language_model", None)
-    if isinstance(language_model, nn.Module) and hasattr(config, "num_query_tokens"):
-        decoder_only = getattr(config, "use_decoder_only_language_model", None)
-        if decoder_only is None:
-            decoder_only = not getattr(language_model.config, "is_encoder_decoder", False)
-        if decoder_only:
-            return language_model
-        raise ModelError(f"{label} ({model_type}) has an encoder-decoder language model: perplexity "
-                         "needs a causal LM (use --vqa / --captions for this model)")
-    if model_type == "clip" or (config is not None and getattr(config, "is_encoder_decoder", False)):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        adapter = get_adapter(model)
+    except ModelError:
         raise ModelError(f"{label} ({model_type}) is not a causal language model: perplexity does not "
-                         "apply (CLIP: use --images / --retrieval)")
-    return model
+                         "apply") from None
+    try:
+        return adapter.perplexity_module()
+    except ModelError as err:
+        raise ModelError(f"{label} ({model_type}) {err}") from None
 
 
 @torch.no_grad()

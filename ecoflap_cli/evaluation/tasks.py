@@ -1,6 +1,8 @@
 """The `eval` stage as a library call: sparsity against the plan, perplexity, the vision-language
-tasks (CLIP zero-shot and retrieval, BLIP-2 / InstructBLIP VQA and captioning), and the same
-measurements on a dense model for comparison."""
+tasks (zero-shot classification and retrieval for image-text matching models, VQA and captioning
+for models that generate from images), and the same measurements on a dense model for
+comparison. Which tasks a model supports, and which sub-model perplexity is measured on, its
+family's adapter says (``eval_tasks``, ``perplexity_module``)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ecoflap_cli.io import artifacts
 from ecoflap_cli.data.text import read_text, tokenize_documents
 from ecoflap_cli.errors import DataError, ModelError
 from ecoflap_cli.evaluation.measure import perplexity, perplexity_model, sparsity_report, windows_for_eval
+from ecoflap_cli.io import artifacts
 from ecoflap_cli.io.loading import LoadedModel
-from ecoflap_cli.models import get_adapter
+from ecoflap_cli.models import Adapter, families_with_task, get_adapter
 
 
 def _plan_for(checkpoint: str, plan: str | None) -> dict[str, Any] | None:
@@ -58,11 +60,11 @@ def sparsity_rows(loaded: LoadedModel, plan: dict[str, Any] | None) -> dict[str,
 class MultimodalTasks:
     """Which vision-language tasks to run, on what local data, with which prompts."""
 
-    images: Path | None = None  # class folders: CLIP zero-shot classification
+    images: Path | None = None  # class folders: zero-shot classification (CLIP, SigLIP)
     templates: list[str] = field(default_factory=list)  # zero-shot prompts ({} = class name)
-    retrieval: Path | None = None  # caption JSONL: CLIP image-text retrieval
-    vqa: Path | None = None  # question JSONL: BLIP-2 / InstructBLIP VQA
-    captions: Path | None = None  # caption JSONL: BLIP-2 / InstructBLIP captioning
+    retrieval: Path | None = None  # caption JSONL: image-text retrieval (CLIP, SigLIP)
+    vqa: Path | None = None  # question JSONL: VQA (BLIP-2, InstructBLIP, LLaVA)
+    captions: Path | None = None  # caption JSONL: captioning (BLIP-2, InstructBLIP, LLaVA)
     prompt: str | None = None  # caption prompt (default multimodal.DEFAULT_CAPTION_PROMPT)
     question_template: str | None = None  # VQA prompt with {question}
     max_new_tokens: int | None = None  # default 10 for VQA, 20 for captions
@@ -74,11 +76,9 @@ class MultimodalTasks:
         return [name for name, data in chosen if data is not None]
 
 
-#: task -> the model family it needs ("clip" or "blip", as multimodal.model_family says)
-TASK_FAMILY = {"zero_shot": "clip", "retrieval": "clip", "vqa": "blip", "captioning": "blip"}
+#: task -> the CLI option that asks for it (which families support a task, their adapters say)
 TASK_OPTION = {"zero_shot": "--images", "retrieval": "--retrieval", "vqa": "--vqa",
                "captioning": "--captions"}  # fmt: skip
-FAMILY_NAME = {"clip": "CLIP", "blip": "BLIP-2 / InstructBLIP"}
 
 
 @dataclass
@@ -138,25 +138,43 @@ def _records_with(path: Path, key: str) -> list[dict[str, Any]]:
     return chosen
 
 
+def _adapter_or_none(loaded: LoadedModel) -> Adapter | None:
+    try:
+        return get_adapter(loaded.model)
+    except ModelError:
+        return None
+
+
 def _check_family(loaded: LoadedModel, prepared: list[_PreparedTask], label: str) -> None:
-    """The model must be of the family the tasks need, and ship an image processor."""
+    """The model's family must support the tasks (``Adapter.eval_tasks``), and its processor must
+    bring what the family's data needs (``Adapter.check_processor``)."""
     if not prepared:
         return
-    from ecoflap_cli.data.multimodal import model_family
-
-    try:
-        family = model_family(loaded.model)
-    except ModelError:
-        family = None
+    adapter = _adapter_or_none(loaded)
+    supported = adapter.eval_tasks if adapter is not None else ()
     for task in prepared:
-        wanted = TASK_FAMILY[task.name]
-        if family != wanted:
+        if task.name not in supported:
             model_type = getattr(getattr(loaded.model, "config", None), "model_type", None)
-            raise ModelError(f"{TASK_OPTION[task.name]} needs a {FAMILY_NAME[wanted]} model; "
+            names = families_with_task(task.name)
+            raise ModelError(f"{TASK_OPTION[task.name]} needs a {' model or a '.join(names)} model; "
                              f"{label} is of type {model_type!r}")
-    if getattr(loaded.processor, "image_processor", None) is None:
-        raise ModelError(f"{label} ships no image processor (preprocessor_config.json): cannot read "
-                         "images; save the model's processor into the checkpoint directory")
+    assert adapter is not None
+    try:
+        adapter.check_processor(loaded.processor)
+    except ModelError as err:
+        raise ModelError(f"{label} {err}") from None
+
+
+def _perplexity_module(loaded: LoadedModel, label: str) -> Any:
+    """The module to measure perplexity on; a refusal names the tasks the model does support."""
+    try:
+        return perplexity_model(loaded.model, label)
+    except ModelError as err:
+        adapter = _adapter_or_none(loaded)
+        if adapter is None or not adapter.eval_tasks:
+            raise
+        options = " / ".join(TASK_OPTION[t] for t in adapter.eval_tasks)
+        raise ModelError(f"{err} ({adapter.display_name}: use {options})") from None
 
 
 def _run_task(loaded: LoadedModel, task: _PreparedTask, batch_size: int) -> dict[str, Any]:
@@ -178,7 +196,7 @@ def _run_task(loaded: LoadedModel, task: _PreparedTask, batch_size: int) -> dict
 
 
 def _perplexity_of(loaded: LoadedModel, windows: Any, batch_size: int, label: str) -> float:
-    return perplexity(perplexity_model(loaded.model, label), windows, batch_size)
+    return perplexity(_perplexity_module(loaded, label), windows, batch_size)
 
 
 def run_eval(
@@ -214,7 +232,7 @@ def run_eval(
     if text is not None:
         if loaded.tokenizer is None:
             raise DataError(f"{checkpoint} has no tokenizer: cannot measure perplexity")
-        perplexity_model(loaded.model, checkpoint)  # refuse a model without a causal LM early
+        _perplexity_module(loaded, checkpoint)  # refuse a model without a causal LM early
         tokens = tokenize_documents(loaded.tokenizer, read_text(text, text_field))
         windows = windows_for_eval(tokens, seqlen, max_windows)
         say("perplexity of the pruned model")

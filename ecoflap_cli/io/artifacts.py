@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 from ecoflap_cli import __version__
 from ecoflap_cli.core import allocation
 from ecoflap_cli.errors import ArtifactError, PlanError
+from ecoflap_cli.io.atomic import write_atomic  # re-exported: callers use artifacts.write_atomic
 from ecoflap_cli.models.base import Block
 from ecoflap_cli.core.solvers import split_count
 
@@ -28,26 +27,7 @@ PLAN_FORMAT = "ecoflap.plan"
 VERSION = 1
 
 
-# --- atomic I/O -------------------------------------------------------------------------------
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename: never a half-written file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# --- I/O --------------------------------------------------------------------------------------
 
 
 def emit_json(doc: dict[str, Any], output: str, overwrite: bool = False) -> None:
@@ -89,8 +69,19 @@ def read_json(source: str) -> dict[str, Any]:
     return doc
 
 
+def content_hash(obj: Any, length: int = 16) -> str:
+    """Hex SHA-256 (first ``length`` digits) of ``obj`` as JSON with sorted keys.
+
+    Equal JSON content gives equal hashes whatever the key order; values JSON cannot encode
+    are hashed by their ``str``.
+    """
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
 def doc_hash(doc: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+    """The 16-digit content hash of an artifact document (see :func:`content_hash`)."""
+    return content_hash(doc)
 
 
 def _now() -> str:
@@ -168,108 +159,16 @@ def validate_scores(doc: dict[str, Any], where: str = "scores") -> dict[str, Any
 # --- plans ------------------------------------------------------------------------------------
 
 
-def _allocate(groups: list[dict[str, Any]], allocator: str, target: float, settings: dict[str, Any]) -> list[int]:
-    sizes = [int(g["params"]) for g in groups]
-    if allocator == "uniform":
-        return list(allocation.uniform(sizes, target).keep_counts)
-    if allocator == "depth":
-        return list(allocation.depth(sizes, target, settings.get("step", 0.01)).keep_counts)
-    scores = [g["score"] for g in groups]
-    if any(s is None for s in scores):
-        raise PlanError(f"allocator {allocator!r} needs scores; this scores file has none (run `ecoflap score`)")
-    if allocator == "ecoflap":
-        return list(allocation.ecoflap(sizes, scores, target, settings.get("max_sparsity"),
-                                       settings.get("temperature", 1.0)).keep_counts)
-    if allocator == "rank":
-        return list(allocation.rank(sizes, scores, target, settings.get("lam", 0.1)).keep_counts)
-    if allocator == "mix":
-        return list(allocation.mix(sizes, scores, depth_positions(groups), target, settings.get("lam", 0.15),
-                                   settings.get("alpha", 0.5)).keep_counts)
-    if allocator == "owl":
-        return list(allocation.owl(sizes, scores, target, settings.get("lam", 0.08)).keep_counts)
-    raise PlanError(f"unknown allocator {allocator!r} (choose from {', '.join(allocation.ALLOCATORS)})")
-
-
-#: each allocator's tunable settings and their defaults (recorded in the plan)
-ALLOCATOR_DEFAULTS: dict[str, dict[str, Any]] = {
-    "uniform": {},
-    "ecoflap": {"max_sparsity": None, "temperature": 1.0},
-    "depth": {"step": 0.01},
-    "owl": {"lam": 0.08},
-    "rank": {"lam": 0.1},
-    "mix": {"lam": 0.15, "alpha": 0.5},
-}
-
-
-def allocator_settings(allocator: str, max_sparsity: float | None = None, temperature: float = 1.0,
-                       depth_step: float = 0.01, lam: float | None = None, alpha: float = 0.5) -> dict[str, Any]:
-    """The settings an allocator uses, from command-line style options (others are ignored).
-
-    For ``auto`` every given option is kept; :func:`build_plan` picks the allocator and keeps the
-    options that allocator takes.
-    """
-    given = {"max_sparsity": max_sparsity, "temperature": temperature, "step": depth_step, "lam": lam, "alpha": alpha}
-    if allocator == "auto":
-        return {k: v for k, v in given.items() if v is not None}
-    if allocator not in ALLOCATOR_DEFAULTS:
-        raise PlanError(f"unknown allocator {allocator!r} (choose from auto, {', '.join(allocation.ALLOCATORS)})")
-    return {k: (given[k] if given[k] is not None else v) for k, v in ALLOCATOR_DEFAULTS[allocator].items()}
-
-
-def auto_allocator(scores_doc: dict[str, Any]) -> tuple[str, str]:
-    """The default allocator for a scores file, and why (recorded in the plan)."""
-    if (scores_doc.get("method") or {}).get("name") == "owl":
-        return "owl", "the scores are OWL outlier ratios"
-    towers = {g["tower"] for g in scores_doc["groups"]}
-    if len(towers) == 1:
-        return "mix", ("one tower: mix (depth schedule + score rank, lam 0.15, alpha 0.5), the best rule on "
-                       "the validation split in docs/allocation.md")
-    return "ecoflap", (f"{len(towers)} towers: the paper's rule, which balances towers by score; mix is "
-                       "measured on language models only (docs/allocation.md)")
-
-
-def depth_positions(groups: list[dict[str, Any]]) -> list[float]:
-    """Each group's depth within its tower, in [0, 1] (list order within the tower)."""
-    towers = [g["tower"] for g in groups]
-    counts = {t: towers.count(t) for t in towers}
-    seen: dict[str, int] = {}
-    positions = []
-    for t in towers:
-        i = seen.get(t, 0)
-        seen[t] = i + 1
-        positions.append(i / (counts[t] - 1) if counts[t] > 1 else 0.5)
-    return positions
-
-
-def build_plan(
+def plan_document(
     scores_doc: dict[str, Any],
-    allocator: str,
+    allocator: dict[str, Any],
     target: float,
-    settings: dict[str, Any] | None = None,
-    per_tower: bool = False,
+    keep: dict[str, int],
 ) -> dict[str, Any]:
-    """Allocate a sparsity plan from a score document; exact budget, per tensor zero counts."""
-    settings = dict(settings or {})
-    reason = None
-    if allocator == "auto":
-        allocator, reason = auto_allocator(scores_doc)
-        if settings.get("max_sparsity") is not None and allocator != "ecoflap":
-            raise PlanError(f"--max-sparsity applies to the ecoflap allocator; the default for this model is "
-                            f"{allocator}: add --allocator ecoflap")
-        settings = {k: (settings[k] if settings.get(k) is not None else v)
-                    for k, v in ALLOCATOR_DEFAULTS[allocator].items()}
-    if allocator == "ecoflap" and settings.get("max_sparsity") is None:
-        settings["max_sparsity"] = round(min(target + 0.1, 1.0), 10)
-    if allocator == "owl" and scores_doc.get("method", {}).get("name") != "owl":
-        raise PlanError("the owl allocator needs outlier ratios: run `ecoflap score --method owl`")
-    groups = scores_doc["groups"]
-    towers = sorted({g["tower"] for g in groups}, key=[g["tower"] for g in groups].index)
-    keep: dict[str, int] = {}
-    parts = [[g for g in groups if g["tower"] == t] for t in towers] if per_tower else [groups]
-    for part in parts:
-        keep.update(zip([g["name"] for g in part], _allocate(part, allocator, target, settings)))
+    """A plan from a scores document and the weights each group keeps: zeros per group and tensor
+    (split over a group's tensors in proportion to their sizes), with the allocator record."""
     plan_groups = []
-    for g in groups:
+    for g in scores_doc["groups"]:
         prune = int(g["params"]) - keep[g["name"]]
         zeros = split_count(prune, [int(t["numel"]) for t in g["tensors"]])
         plan_groups.append({
@@ -290,8 +189,7 @@ def build_plan(
         "model": scores_doc["model"],
         "scores_hash": doc_hash(scores_doc),
         "score_method": scores_doc.get("method"),
-        "allocator": {"name": allocator, "per_tower": per_tower, **settings,
-                      **({"chosen": f"auto: {reason}"} if reason else {})},
+        "allocator": allocator,
         "target_sparsity": target,
         "achieved_sparsity": sum(g["zeros"] for g in plan_groups) / total,
         "towers": tower_summary(plan_groups),

@@ -9,21 +9,19 @@ command). Both follow the Hugging Face shard layout; docs/packed-format.md has t
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import struct
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ecoflap_cli import __version__
-from ecoflap_cli.io import artifacts
 from ecoflap_cli.errors import ArtifactError, EcoflapError
+from ecoflap_cli.io import artifacts
+from ecoflap_cli.io.atomic import atomic_dir
 from ecoflap_cli.io.loading import LoadedModel
 from ecoflap_cli.io.packed import FORMAT_NAME, INDEX_FILE, SINGLE_FILE, load_sharded, save_sharded
 
@@ -32,24 +30,32 @@ PLAN_NAME = "plan.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 LAYOUTS = ("dense", "packed")
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on a header
 
 
 def parse_size(size: str | int) -> int:
-    """Bytes in a size such as ``5GB``, ``500MB``, ``2GiB`` or ``1000000`` (positive)."""
-    if isinstance(size, int):
-        value = size
-    else:
-        match = _SIZE_RE.match(size)
-        if match is None:
-            raise EcoflapError(f"cannot read size {size!r}: use a number and a unit (5GB, 500MB, 2GiB)")
-        value = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()])
+    """Bytes in a positive size such as ``5GB``, ``500MB``, ``2GiB``, ``4096`` or ``4096B``.
+
+    Units are case-insensitive (``kb`` is kilobytes); anything else, or a size that is not
+    positive, raises one EcoflapError.
+    """
+    try:
+        value = size if isinstance(size, int) else _size_bytes(size)
+    except (ValueError, OverflowError):
+        value = 0
     if value <= 0:
-        raise EcoflapError(f"size must be positive, got {size!r}")
+        raise EcoflapError(f"cannot read size {size!r}: use a positive number and a unit (5GB, 500MB, 2GiB)")
     return value
+
+
+def _size_bytes(text: str) -> int:
+    """accelerate's reading of a size, plus bare byte counts (``4096``, ``4096B``), which it lacks;
+    upper-cased first because accelerate reads a lower-case ``b`` as bits."""
+    from accelerate.utils import convert_file_size_to_int
+
+    text = text.strip().upper()
+    number = text.removesuffix("B")
+    return int(number) if number.isdigit() else convert_file_size_to_int(text)
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
@@ -82,7 +88,7 @@ def save_checkpoint(
     """
     target = check_output_dir(out, overwrite)
     shard_bytes = parse_size(max_shard_size)
-    with staging_dir(target) as tmp:
+    with atomic_dir(target) as tmp:
         from ecoflap_cli.engine.offload import any_offloaded
 
         if any_offloaded(loaded.model) and not packed:
@@ -194,39 +200,6 @@ def packing_candidates(state: Mapping[str, torch.Tensor], plan: dict[str, Any] |
     return names if names <= state.keys() else None
 
 
-@contextmanager
-def staging_dir(target: Path) -> Iterator[Path]:
-    """A temporary sibling of ``target`` that replaces it on success and vanishes on failure."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield tmp
-        _publish_modes(tmp)
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _publish_modes(directory: Path) -> None:
-    """mkdtemp makes a private (0700) directory; give the result the modes of a normal one."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [directory, *directory.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        tmp.rename(target)
-        return
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # --- reading ----------------------------------------------------------------------------------
 
 
@@ -331,7 +304,7 @@ def convert_checkpoint(
     sparse_names = packing_candidates(state, read_plan(source))
     report = read_report(source) or {}
     n_m = tuple(report["nm"]) if report.get("nm") else None
-    with staging_dir(target) as tmp:
+    with atomic_dir(target) as tmp:
         for entry in source.iterdir():
             if is_weight_file(entry.name):
                 continue

@@ -14,13 +14,6 @@ from torch import nn
 
 from ecoflap_cli.errors import MissingDependencyError, ModelError
 
-#: config.model_type -> transformers class, for families that are not plain causal LMs.
-MODEL_CLASSES = {
-    "blip-2": "Blip2ForConditionalGeneration",
-    "instructblip": "InstructBlipForConditionalGeneration",
-    "clip": "CLIPModel",
-}
-
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -75,10 +68,13 @@ def resolve_dtype(name: str) -> torch.dtype | str:
 
 
 def _model_class(model_type: str | None) -> Any:
+    """The transformers class the family's adapter loads with (``Adapter.loader_class``), known
+    from the config's model type before any model exists; AutoModelForCausalLM for the rest."""
     import transformers
 
-    name = MODEL_CLASSES.get(model_type or "", "AutoModelForCausalLM")
-    return getattr(transformers, name)
+    from ecoflap_cli.models import adapter_class
+
+    return getattr(transformers, adapter_class(model_type).loader_class)
 
 
 def _sequential_map(source: str, config: Any, cls: Any, opts: LoadOptions) -> dict[str, Any]:

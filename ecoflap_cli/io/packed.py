@@ -41,7 +41,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ecoflap_cli.errors import ArtifactError
+from ecoflap_cli.io.atomic import atomic_file, write_atomic
 
 FORMAT_NAME = "ecoflap.packed"
 FORMAT_VERSION = "1"
@@ -434,27 +434,10 @@ def _storable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temp file in ``path``'s directory, then rename it over path."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
     stored = _storable(tensors)
-    _atomic_write(path, lambda tmp: save_file(stored, tmp, metadata=metadata))
+    with atomic_file(path) as tmp:
+        save_file(stored, tmp, metadata=metadata)
 
 
 def _packed_metadata(index: dict[str, dict], user: dict[str, str]) -> dict[str, str]:
@@ -670,7 +653,7 @@ def save_sharded(
         if packed:
             index_meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION)
         body = json.dumps({"metadata": index_meta, "weight_map": weight_map}, indent=2)
-        _atomic_write(directory / INDEX_FILE, lambda tmp: Path(tmp).write_text(body + "\n"))
+        write_atomic(directory / INDEX_FILE, (body + "\n").encode())
         written.append(directory / INDEX_FILE)
     _remove_stale(directory, {p.name for p in written})
     return written

@@ -1,4 +1,10 @@
-"""Model-family adapters, looked up by the model's structure and config.model_type."""
+"""Model-family adapters, looked up by config.model_type (and the model's structure).
+
+One registry: each family file decorates its adapter class with :func:`register`, which maps
+every ``model_types`` entry to the class. :func:`adapter_class` answers from a model type alone
+(loading needs the transformers class before the model exists); :func:`get_adapter` builds the
+adapter of a loaded model. Types no family claims are causal LMs.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +15,38 @@ from typing import Any
 from torch import nn
 
 from ecoflap_cli.errors import ModelError
-from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs
+from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs, RecordText
 from ecoflap_cli.models.causal_lm import CausalLMAdapter
 
 #: config.model_type -> adapter class, for families that need more than the causal-LM default.
-REGISTRY: dict[str, Callable[..., Adapter]] = {}
+REGISTRY: dict[str, type[Adapter]] = {}
 
 
-def register(*model_types: str) -> Callable[[type[Adapter]], type[Adapter]]:
-    def wrap(cls: type[Adapter]) -> type[Adapter]:
-        for model_type in model_types:
-            REGISTRY[model_type] = cls
-        return cls
+def register(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: ``cls`` handles every ``config.model_type`` in ``cls.model_types``."""
+    if not cls.model_types:
+        raise TypeError(f"{cls.__name__} declares no model_types")
+    for model_type in cls.model_types:
+        if REGISTRY.get(model_type, cls) is not cls:
+            raise TypeError(f"model type {model_type!r} is claimed by {REGISTRY[model_type].__name__} "
+                            f"and {cls.__name__}")
+        REGISTRY[model_type] = cls
+    return cls
 
-    return wrap
+
+def adapter_class(model_type: str | None) -> type[Adapter]:
+    """The adapter class for a config's model_type, no model needed (default: causal LM)."""
+    return REGISTRY.get(model_type or "", CausalLMAdapter)
+
+
+def families() -> list[type[Adapter]]:
+    """Every registered adapter class once, in registration order."""
+    return list(dict.fromkeys(REGISTRY.values()))
+
+
+def families_with_task(task: str) -> list[str]:
+    """Display names of the families that support eval ``task``, each once, in registration order."""
+    return list(dict.fromkeys(cls.display_name for cls in families() if task in cls.eval_tasks))
 
 
 def _accepted(factory: Callable[..., Adapter], options: dict[str, Any]) -> dict[str, Any]:
@@ -54,8 +78,8 @@ def get_adapter(model: nn.Module, **options: Any) -> Adapter:
     return CausalLMAdapter(model, **_accepted(CausalLMAdapter, options))
 
 
-__all__ = ["Adapter", "Batch", "Block", "BlockInputs", "REGISTRY", "get_adapter", "register"]
+__all__ = ["Adapter", "Batch", "Block", "BlockInputs", "REGISTRY", "RecordText", "adapter_class",
+           "families", "families_with_task", "get_adapter", "register"]  # fmt: skip
 
 # Family adapters register themselves with @register when imported.
-from ecoflap_cli.models import blip2  # noqa: E402,F401
-from ecoflap_cli.models import clip  # noqa: E402,F401
+from ecoflap_cli.models import blip2, clip, llava, siglip  # noqa: E402,F401

@@ -2,21 +2,46 @@
 
 An adapter names the model's towers (vision, language, ...) in pruning order, the transformer
 blocks of each tower, the prunable linears of each block, how to run a calibration batch and its
-loss, and how one block's output becomes the next block's input. The drivers need nothing else,
-so a new family is one new adapter file.
+loss, and how one block's output becomes the next block's input. It also holds everything else
+that is particular to the family, so generic code asks the adapter instead of testing a model
+type: the transformers class that loads it (``loader_class``, known from ``config.model_type``
+before any model exists), the token layout of its image-text batches (``calibration_text``,
+``prompt_inputs``, ``text_inputs``), the eval tasks it supports (``eval_tasks``), what its
+processor must provide (``check_processor``) and which sub-model perplexity is measured on
+(``perplexity_module``). A new family is one new adapter file.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from ecoflap_cli.errors import ModelError
+
 Batch = dict[str, torch.Tensor]
 BlockInputs = tuple[tuple[Any, ...], dict[str, Any]]
+Record = dict[str, Any]
+
+
+class RecordText(Protocol):
+    """The text of an image-text record, in the two shapes image-text families train on.
+
+    Generic data code supplies it (with the user's caption prompt and question template); the
+    adapter takes the shape its loss needs.
+    """
+
+    def pair(self, record: Record) -> tuple[str, str]:
+        """(prompt, target): a generative model reads the prompt and is trained on the target."""
+        ...
+
+    def text(self, record: Record) -> str:
+        """The one text matched to the image (contrastive models)."""
+        ...
 
 
 @dataclass
@@ -63,6 +88,17 @@ def blocks_from_paths(model: nn.Module, tower_paths: dict[str, str]) -> list[Blo
     return blocks
 
 
+def to_model_device(model: nn.Module, batch: Batch) -> Batch:
+    """Move a batch's tensors to the device the model takes its inputs on.
+
+    accelerate-dispatched models move inputs themselves (and may report "meta"): left alone.
+    """
+    device = getattr(model, "device", None)
+    if not isinstance(device, torch.device) or device.type == "meta":
+        return batch
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def hidden_of(output: Any) -> torch.Tensor:
     """The hidden states in a block's output (a tensor, or the first item of a tuple)."""
     if isinstance(output, torch.Tensor):
@@ -73,11 +109,25 @@ def hidden_of(output: Any) -> torch.Tensor:
 
 
 class Adapter:
-    """Base class: subclasses set ``family`` and implement towers, loss and data kind."""
+    """Base class: subclasses set ``family`` and implement towers, loss and data kind.
+
+    A family file registers its adapter with ``@register`` (``ecoflap_cli.models``), which maps
+    each of ``model_types`` to the class.
+    """
 
     family = "base"
+    #: the ``config.model_type`` values this adapter handles (the registry's keys)
+    model_types: tuple[str, ...] = ()
+    #: the transformers class that loads (and reloads) the family's checkpoints
+    loader_class = "AutoModelForCausalLM"
+    #: how messages to the user name the family
+    display_name = "causal language"
     #: what calibration records this family needs: "text" or "image-text"
     data_kind = "text"
+    #: the vision-language eval tasks the family supports (task names of ``evaluation.tasks``)
+    eval_tasks: tuple[str, ...] = ()
+    #: the fewest image-text pairs a calibration batch may hold (a contrastive loss needs two)
+    min_batch_pairs = 1
     #: True when the loss depends on the prunable weights only through the output of the last
     #: block of the last tower (then zeroth-order scoring may linearize the head after it)
     loss_through_last_block = True
@@ -93,8 +143,17 @@ class Adapter:
 
     def blocks(self, tower: str | None = None) -> list[Block]:
         if self._blocks is None:
-            self._blocks = blocks_from_paths(self.model, self.tower_paths())
+            found = blocks_from_paths(self.model, self.tower_paths())
+            self._blocks = [b for b in found if self.affects_output(b)]
         return [b for b in self._blocks if tower is None or b.tower == tower]
+
+    def affects_output(self, block: Block) -> bool:
+        """False for a block whose output the model never reads (it stays dense and unscored).
+
+        Only trailing blocks of a tower may be excluded: the drivers index blocks from the
+        tower's start.
+        """
+        return True
 
     def towers(self) -> list[str]:
         return list(self.tower_paths())
@@ -106,6 +165,46 @@ class Adapter:
     def dense_parts(self) -> list[str]:
         """Human description of what stays dense (for reports)."""
         return ["embeddings", "lm_head", "norms", "biases"]
+
+    # --- data and evaluation -----------------------------------------------------------
+    def check_processor(self, processor: Any) -> None:
+        """Raise ModelError when the processor lacks what this family's data needs.
+
+        The message completes a sentence that starts with the checkpoint's name.
+        """
+        if self.data_kind == "image-text" and getattr(processor, "image_processor", None) is None:
+            raise ModelError("ships no image processor (preprocessor_config.json): cannot read images; "
+                             "save the model's processor into the checkpoint directory")
+
+    def calibration_text(
+        self, processor: Any, records: Sequence[Record], max_text_len: int, texts: RecordText
+    ) -> Batch:
+        """The text part of an image-text calibration batch (``pixel_values`` come separately).
+
+        Default: the generative layout of :meth:`prompt_inputs` on each record's (prompt, target).
+        """
+        return self.prompt_inputs(processor, [texts.pair(r) for r in records], max_text_len, generation=False)
+
+    def prompt_inputs(
+        self, processor: Any, pairs: Sequence[tuple[str, str | None]], max_text_len: int, generation: bool
+    ) -> Batch:
+        """Token inputs of a model that generates text from an image and a prompt.
+
+        ``pairs`` are (prompt, target); with ``generation`` the targets are None and the batch is
+        what ``generate`` continues from. ``max_text_len`` bounds the text tokens.
+        """
+        raise ModelError(f"{self.display_name} models do not generate text from an image")
+
+    def text_inputs(self, processor: Any, texts: Sequence[str], max_text_len: int) -> Batch:
+        """Token inputs of the text tower of an image-text matching model (one text per image)."""
+        raise ModelError(f"{self.display_name} models have no text tower to match images against")
+
+    def perplexity_module(self) -> nn.Module:
+        """The causal LM that ``eval --text`` measures perplexity on (text alone, no image).
+
+        Raises ModelError, its message completing "<model> (<type>) ...", when there is none.
+        """
+        return self.model
 
     # --- running -----------------------------------------------------------------------
     def check_batch(self, batch: Batch) -> None:

@@ -17,10 +17,16 @@ The loss is the model's image-grounded LM loss: a decoder-only LM sees
 reads ``[image tokens] prompt [eos]`` in the encoder and is trained to produce ``caption [eos]``.
 transformers silently *ignores the image* when ``input_ids`` lack the ``num_query_tokens`` image
 placeholder tokens, so every batch is checked for them before it reaches the model.
+
+Eval tasks: VQA and captioning with ``generate``; ``eval --text`` measures the perplexity of the
+decoder-only language model on text alone (a FlanT5 model has no causal LM to measure). The
+processor must bring an image processor and the LM tokenizer; InstructBLIP's also a Q-Former
+tokenizer, which reads the prompt (the instruction) for the Q-Former.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,9 +34,21 @@ from torch import nn
 
 from ecoflap_cli.errors import DataError, ModelError
 from ecoflap_cli.models import register
-from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs
+from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs, to_model_device
 from ecoflap_cli.models.causal_lm import largest_block_list
+from ecoflap_cli.models.layout import (
+    IGNORE_INDEX,
+    check_token_count,
+    encode,
+    image_grounded_lm_text,
+    mask,
+    pad,
+    pad_id,
+    tokenizer_of,
+)
 from ecoflap_cli.models.t5 import join, module_path, t5_next_inputs, t5_tower_paths
+
+__all__ = ["Blip2Adapter", "InstructBlipAdapter", "check_image_tokens", "image_token_id", "to_model_device"]
 
 
 def image_token_id(config: Any) -> int:
@@ -46,33 +64,20 @@ def image_token_id(config: Any) -> int:
     return int(token)
 
 
-def to_model_device(model: nn.Module, batch: Batch) -> Batch:
-    """Move a batch's tensors to the device the model takes its inputs on.
-
-    accelerate-dispatched models move inputs themselves (and may report "meta"): left alone.
-    """
-    device = getattr(model, "device", None)
-    if not isinstance(device, torch.device) or device.type == "meta":
-        return batch
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def check_image_tokens(config: Any, input_ids: torch.Tensor) -> None:
     """Every row must hold exactly ``num_query_tokens`` image placeholder tokens."""
-    wanted = int(config.num_query_tokens)
-    counts = (input_ids == image_token_id(config)).sum(dim=-1)
-    bad = (counts != wanted).nonzero().flatten().tolist()
-    if bad:
-        raise DataError(
-            f"input_ids row(s) {bad} hold {counts[bad[0]].item()} image tokens, expected "
-            f"{wanted} (config.num_query_tokens); without them the model ignores the image"
-        )
+    check_token_count(input_ids, image_token_id(config), int(config.num_query_tokens), "config.num_query_tokens")
 
 
-@register("blip-2")
+@register
 class Blip2Adapter(Adapter):
     family = "blip-2"
+    model_types = ("blip-2",)
+    loader_class = "Blip2ForConditionalGeneration"
+    #: one name for both: BLIP-2 and InstructBLIP share their data layout and tasks
+    display_name = "BLIP-2 / InstructBLIP"
     data_kind = "image-text"
+    eval_tasks = ("vqa", "captioning")
     #: batch keys the model's forward accepts (anything else in a batch is ignored)
     input_keys = ("pixel_values", "input_ids", "attention_mask", "decoder_input_ids",
                   "decoder_attention_mask")  # fmt: skip
@@ -165,15 +170,83 @@ class Blip2Adapter(Adapter):
             return t5_next_inputs(output, inputs)
         return super().next_inputs(block, output, inputs)
 
+    # --- data and evaluation -----------------------------------------------------------
+    def prompt_inputs(
+        self, processor: Any, pairs: Sequence[tuple[str, str | None]], max_text_len: int, generation: bool
+    ) -> Batch:
+        """Token layout of a BLIP-2 batch; every row starts with the ``num_query_tokens`` image tokens.
 
-@register("instructblip")
+        Decoder-only LM: ``[image]*Q [bos] prompt target [eos]``, labels only on ``target [eos]``;
+        for generation ``[image]*Q [bos] prompt``, left-padded. FlanT5: encoder
+        ``[image]*Q prompt [eos]``, labels ``target [eos]`` (padding -100), and
+        ``decoder_attention_mask``.
+        """
+        config = self.model.config
+        tokenizer = tokenizer_of(processor)
+        image = [image_token_id(config)] * int(config.num_query_tokens)
+        pad_value = pad_id(tokenizer, config)
+        if self.seq2seq:
+            batch = self._t5_text(tokenizer, pairs, max_text_len, image, pad_value)
+        else:
+            batch = image_grounded_lm_text(tokenizer, pairs, max_text_len, image, image_first=True,
+                                           pad_value=pad_value, generation=generation)  # fmt: skip
+        check_image_tokens(config, batch["input_ids"])
+        return batch
+
+    @staticmethod
+    def _t5_text(
+        tokenizer: Any, pairs: Sequence[tuple[str, str | None]], max_text_len: int, image: list[int], pad_value: int
+    ) -> Batch:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ModelError("the tokenizer has no eos token, which T5 inputs and labels end with")
+        enc_rows, label_rows = [], []
+        for prompt, target in pairs:
+            enc_rows.append(image + encode(tokenizer, prompt)[: max_text_len - 1] + [eos])
+            if target is not None:
+                label_rows.append(encode(tokenizer, target)[: max_text_len - 1] + [eos])
+        batch: Batch = {"input_ids": pad(enc_rows, pad_value), "attention_mask": mask(enc_rows)}
+        if label_rows:
+            batch["labels"] = pad(label_rows, IGNORE_INDEX)
+            batch["decoder_attention_mask"] = mask(label_rows)
+        return batch
+
+    def perplexity_module(self) -> nn.Module:
+        """The decoder-only language model, read on text alone (no image)."""
+        if self.seq2seq:
+            raise ModelError("has an encoder-decoder language model: perplexity needs a causal LM")
+        return self.language_model
+
+
+@register
 class InstructBlipAdapter(Blip2Adapter):
     """InstructBLIP: as BLIP-2, and the instruction also goes to the Q-Former."""
 
     family = "instructblip"
+    model_types = ("instructblip",)
+    loader_class = "InstructBlipForConditionalGeneration"
     input_keys = Blip2Adapter.input_keys + ("qformer_input_ids", "qformer_attention_mask")
 
     def check_batch(self, batch: Batch) -> None:
         super().check_batch(batch)
         if "qformer_input_ids" not in batch:
             raise DataError("an InstructBLIP batch needs 'qformer_input_ids' (the instruction)")
+
+    def check_processor(self, processor: Any) -> None:
+        super().check_processor(processor)
+        if getattr(processor, "qformer_tokenizer", None) is None:
+            raise ModelError("ships no Q-Former tokenizer (InstructBLIP reads the instruction with it)")
+
+    def prompt_inputs(
+        self, processor: Any, pairs: Sequence[tuple[str, str | None]], max_text_len: int, generation: bool
+    ) -> Batch:
+        """BLIP-2's layout plus the prompts through the processor's Q-Former tokenizer."""
+        batch = super().prompt_inputs(processor, pairs, max_text_len, generation)
+        qformer_tokenizer = getattr(processor, "qformer_tokenizer", None)
+        if qformer_tokenizer is None:
+            raise ModelError("InstructBLIP needs a processor with a qformer_tokenizer")
+        encoded = qformer_tokenizer([p for p, _ in pairs], padding=True, truncation=True,
+                                    max_length=max_text_len, return_tensors="pt")  # fmt: skip
+        batch["qformer_input_ids"] = encoded["input_ids"]
+        batch["qformer_attention_mask"] = encoded["attention_mask"]
+        return batch

@@ -1,6 +1,9 @@
-"""The stages as library calls: score, allocate, prune, evaluate. The CLI only parses and renders.
+"""The one driver: the stages score, allocate, prune and evaluate as library calls.
 
-Each stage takes a loaded model (or a document) and returns a document; none prints or exits.
+The command line, the Python API and the sweep all run these functions, so a sweep row and an
+``ecoflap prune`` with the same options do the same work. Each stage takes a loaded model (or a
+document) and returns a document; none prints or exits. Methods and their settings come from
+the registries in :mod:`ecoflap_cli.core.methods`.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import platform
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -20,8 +23,9 @@ from ecoflap_cli.data.text import Provenance, calibration_windows, to_batches
 from ecoflap_cli.errors import DataError, PlanError
 from ecoflap_cli.io.loading import LoadedModel, fingerprint
 from ecoflap_cli.models import Adapter, Batch, get_adapter
-from ecoflap_cli.engine.pruning import PruneSettings, prune_model
-from ecoflap_cli.engine.scoring import ZerothOrderSettings, first_order_scores, owl_outlier_ratios, zeroth_order_scores
+from ecoflap_cli.engine.pruning import PruneSettings, prune_model  # noqa: F401 - PruneSettings is part of the stage API
+from ecoflap_cli.core.methods import ALLOCATORS, SCORING, Groups, scoring_for
+from ecoflap_cli.engine.estimates import check_activation_memory
 
 Progress = Callable[[str], None]
 
@@ -34,15 +38,6 @@ class CalibrationOptions:
     batch_size: int = 8
     seed: int = 0
     text_field: str = "text"
-
-
-@dataclass
-class ScoreOptions:
-    method: str = "auto"  # auto | zeroth | first | owl
-    zeroth: ZerothOrderSettings = field(default_factory=ZerothOrderSettings)
-    first_metric: str = "taylor"
-    checkpointing: bool = True
-    owl_threshold: float = 5.0
 
 
 def default_seqlen(model: torch.nn.Module) -> int:
@@ -98,49 +93,116 @@ def calibration_batches(
     return batches, prov.to_dict()
 
 
-def run_score(
+def score(
     loaded: LoadedModel,
     adapter: Adapter,
     batches: list[Batch],
-    calibration: dict[str, Any],
-    opts: ScoreOptions,
+    calibration: dict[str, Any] | None,
+    method: str = "auto",
+    settings: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """The coarse stage: a scores document."""
+    """The coarse stage: a scores document (one score per block) by a registered scoring method.
+
+    ``settings`` are the method's parameters (names or short keys; checked against its registry
+    entry). A zeroth-order direction seed left unset follows the calibration ``seed``.
+    """
+    entry = SCORING.get(method)
+    checked = entry.settings(settings)
+    if "seed" in checked and checked["seed"] is None:
+        checked["seed"] = seed
     start = time.perf_counter()
-    method: dict[str, Any] = {"name": opts.method}
-    if opts.method == "auto":
-        choice, reason = choose_score_method(adapter, batches)
-        method = {"name": choice, "chosen_by": "auto", "reason": reason}
-        opts = ScoreOptions(choice, opts.zeroth, "gradnorm", opts.checkpointing, opts.owl_threshold)
-        if progress:
-            progress(f"auto: {choice}-order scores ({reason})")
-    if opts.method == "zeroth":
-        check_zeroth_memory(adapter.model, batches)
-        scores = zeroth_order_scores(adapter, batches, opts.zeroth, progress)
-        method.update(asdict(opts.zeroth), name="zeroth")
-    elif opts.method == "first":
-        scores = first_order_scores(adapter, batches, opts.first_metric, opts.checkpointing, progress)
-        method.update(metric=opts.first_metric, checkpointing=opts.checkpointing, name="first")
-    elif opts.method == "owl":
-        scores = owl_outlier_ratios(adapter, batches, opts.owl_threshold, progress)
-        method.update(threshold=opts.owl_threshold)
-    else:
-        raise PlanError(f"unknown scoring method {opts.method!r} (auto, zeroth, first or owl)")
+    scores, record = entry.resolve()(adapter, batches, checked, progress)
     timings = {"score_s": round(time.perf_counter() - start, 3)}
-    return artifacts.scores_document(
-        model_info(loaded, adapter), adapter.blocks(), scores, method, calibration, timings
-    )
+    return artifacts.scores_document(model_info(loaded, adapter), adapter.blocks(), scores, record, calibration, timings)
 
 
 def structure_document(loaded: LoadedModel, adapter: Adapter) -> dict[str, Any]:
-    """A scores document without scores: enough for the uniform and depth allocators."""
-    return artifacts.scores_document(
-        model_info(loaded, adapter), adapter.blocks(), None, {"name": "none"}, None
-    )
+    """A scores document without scores: enough for allocators that need none (uniform, depth)."""
+    return artifacts.scores_document(model_info(loaded, adapter), adapter.blocks(), None, {"name": "none"}, None)
 
 
-def run_prune(
+def auto_allocator(scores_doc: dict[str, Any]) -> tuple[str, str]:
+    """The default allocator for a scores file, and why (recorded in the plan)."""
+    if (scores_doc.get("method") or {}).get("name") == "owl":
+        return "owl", "the scores are OWL outlier ratios"
+    towers = {g["tower"] for g in scores_doc["groups"]}
+    if len(towers) == 1:
+        return "mix", ("one tower: mix (depth schedule + score rank, lam 0.15, alpha 0.5), the best rule on "
+                       "the validation split in docs/allocation.md")
+    return "ecoflap", (f"{len(towers)} towers: the paper's rule, which balances towers by score; mix is "
+                       "measured on language models only (docs/allocation.md)")
+
+
+def depth_positions(groups: list[dict[str, Any]]) -> list[float]:
+    """Each group's depth within its tower, in [0, 1] (list order within the tower)."""
+    towers = [g["tower"] for g in groups]
+    counts = {t: towers.count(t) for t in towers}
+    seen: dict[str, int] = {}
+    positions = []
+    for t in towers:
+        i = seen.get(t, 0)
+        seen[t] = i + 1
+        positions.append(i / (counts[t] - 1) if counts[t] > 1 else 0.5)
+    return positions
+
+
+def allocator_request(allocator: str, settings: dict[str, Any] | None, sparsity: float) -> tuple[str, dict[str, Any]]:
+    """Check an allocator and its settings before any work (``auto`` is checked when resolved)."""
+    if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
+        raise PlanError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if allocator == "auto":
+        return allocator, dict(settings or {})
+    entry = ALLOCATORS.get(allocator)
+    checked = entry.settings(settings)
+    return allocator, entry.finalize(checked, sparsity) if entry.finalize else checked
+
+
+def _groups(part: list[dict[str, Any]]) -> Groups:
+    scores = [g["score"] for g in part]
+    return Groups(tuple(g["name"] for g in part), tuple(int(g["params"]) for g in part),
+                  None if any(s is None for s in scores) else tuple(float(s) for s in scores),
+                  tuple(depth_positions(part)))
+
+
+def allocate(
+    scores_doc: dict[str, Any],
+    sparsity: float,
+    allocator: str = "auto",
+    settings: dict[str, Any] | None = None,
+    per_tower: bool = False,
+) -> dict[str, Any]:
+    """Allocation: a plan document (exact global budget, zeros per tensor) from a scores document."""
+    allocator, checked = allocator_request(allocator, settings, sparsity)
+    reason = None
+    if allocator == "auto":
+        allocator, reason = auto_allocator(scores_doc)
+        entry = ALLOCATORS.get(allocator)
+        unknown = [k for k in checked if entry.param(k) is None and checked[k] is not None]
+        if unknown:
+            owners = " or ".join(e.name for e in ALLOCATORS if e.param(unknown[0]) is not None)
+            raise PlanError(f"the default allocator for this model is {allocator}, which takes no {unknown[0]!r}: "
+                            f"add --allocator {owners}")
+        allocator, checked = allocator_request(allocator, {k: v for k, v in checked.items() if v is not None}, sparsity)
+    entry = ALLOCATORS.get(allocator)
+    kind = (scores_doc.get("method") or {}).get("name")
+    if entry.needs == "outliers" and kind != "owl":
+        raise PlanError(f"the {allocator} allocator needs outlier ratios: run `ecoflap score --method owl`")
+    if entry.needs == "scores" and kind == "owl":
+        raise PlanError(f"the {allocator} allocator needs importance scores, not OWL outlier ratios")
+    groups = scores_doc["groups"]
+    towers = list(dict.fromkeys(g["tower"] for g in groups))
+    parts = [[g for g in groups if g["tower"] == t] for t in towers] if per_tower else [groups]
+    keep: dict[str, int] = {}
+    for part in parts:
+        result = entry.resolve()(_groups(part), sparsity, **checked)
+        keep.update(zip([g["name"] for g in part], result.keep_counts))
+    record = {"name": allocator, "per_tower": per_tower, **checked, **({"chosen": f"auto: {reason}"} if reason else {})}
+    return artifacts.plan_document(scores_doc, record, sparsity, keep)
+
+
+def prune(
     loaded: LoadedModel,
     adapter: Adapter,
     plan: dict[str, Any],
@@ -174,6 +236,7 @@ def run_prune(
         "model": plan["model"],
         "plan_hash": artifacts.doc_hash(plan),
         "solver": settings.solver,
+        "solver_settings": settings.solver_settings,
         "nm": list(settings.nm) if settings.nm else None,
         "compare_groups": settings.compare_groups,
         "calibration": calibration,
@@ -183,6 +246,71 @@ def run_prune(
         "versions": _versions(),
         "tensors": [asdict(r) for r in results],
     }
+
+
+@dataclass
+class OneShot:
+    """What the one-shot path scores with (the allocator's scoring and its calibration sizes)."""
+
+    scoring: str | None = None  # None: the allocator's default scoring method
+    scoring_settings: dict[str, Any] | None = None
+    samples: int = 32
+    seqlen: int | None = None  # None: the pruning calibration's
+
+
+def one_shot_plan(
+    loaded: LoadedModel,
+    adapter: Adapter,
+    calib: CalibrationOptions,
+    sparsity: float,
+    allocator: str,
+    allocator_settings: dict[str, Any] | None,
+    one_shot: OneShot,
+    progress: Progress | None = None,
+    scores_cache: Callable[[str, dict[str, Any], Callable[[], dict[str, Any]]], dict[str, Any]] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Score as the allocator needs, then allocate: ``(plan, scores)``.
+
+    ``scores_cache(method, settings, compute)`` lets the sweep share one scores document between
+    runs; without it the scores are computed here.
+    """
+    chosen = _resolved_allocator(loaded, adapter, allocator, one_shot.scoring)
+    method = scoring_for(ALLOCATORS.get(chosen), one_shot.scoring if one_shot.scoring != "none" else None)
+    if method is None:
+        scores_doc = structure_document(loaded, adapter)
+    else:
+        settings = dict(one_shot.scoring_settings or {})
+
+        def compute() -> dict[str, Any]:
+            opts = CalibrationOptions(calib.calib, one_shot.samples, one_shot.seqlen or calib.seqlen,
+                                      calib.batch_size, calib.seed, calib.text_field)
+            batches, prov = calibration_batches(loaded, adapter, opts)
+            return score(loaded, adapter, batches, prov, method, settings, progress, seed=calib.seed)
+
+        scores_doc = scores_cache(method, settings, compute) if scores_cache else compute()
+    return allocate(scores_doc, sparsity, allocator, allocator_settings), scores_doc
+
+
+def _resolved_allocator(loaded: LoadedModel, adapter: Adapter, allocator: str, scoring: str | None) -> str:
+    """The allocator ``auto`` will choose for this model (from its structure and the scoring kind)."""
+    if allocator != "auto":
+        return allocator
+    probe = structure_document(loaded, adapter)
+    probe["method"] = {"name": "owl" if scoring == "owl" else "auto"}
+    return auto_allocator(probe)[0]
+
+
+def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The evaluate stage: achieved sparsity against the plan, perplexity, vision-language tasks
+    (see :func:`ecoflap_cli.evaluation.tasks.run_eval` for the arguments)."""
+    from ecoflap_cli.evaluation.tasks import run_eval
+
+    return run_eval(*args, **kwargs)
+
+
+def check_calibration_memory(loaded: LoadedModel, opts: CalibrationOptions, store: str | None) -> None:
+    """Refuse a run whose calibration activations cannot fit, before any work starts."""
+    check_activation_memory(loaded.model, opts.samples * (opts.seqlen or default_seqlen(loaded.model)), store)
 
 
 def _versions() -> dict[str, str]:
@@ -195,95 +323,3 @@ def _versions() -> dict[str, str]:
 def load_adapter(loaded: LoadedModel, include_qformer: bool = False) -> Adapter:
     """The family adapter of a loaded model (``include_qformer`` matters for BLIP-2 families only)."""
     return get_adapter(loaded.model, include_qformer=include_qformer)
-
-
-def hidden_sizes(model: torch.nn.Module) -> list[int]:
-    config = getattr(model, "config", None)
-    sizes = []
-    for cfg in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
-        size = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None)
-        if isinstance(size, int):
-            sizes.append(size)
-    return sizes or [0]
-
-
-def activation_bytes(model: torch.nn.Module, tokens: int) -> int:
-    """Calibration activations the block-wise driver holds at once: every sample's block input and
-    output (2 x samples x tokens x hidden), at the model's precision. An estimate: attention masks
-    and a block's own intermediates come on top."""
-    itemsize = next(model.parameters()).element_size()
-    return 2 * tokens * max(hidden_sizes(model)) * itemsize
-
-
-def check_activation_memory(model: torch.nn.Module, opts: CalibrationOptions, store: str | None) -> None:
-    """Refuse a run whose calibration activations cannot fit, before any work starts."""
-    from ecoflap_cli.engine.blockwise import module_device
-    from ecoflap_cli.engine.offload import memory_budget_check
-
-    tokens = opts.samples * (opts.seqlen or default_seqlen(model))
-    device = torch.device(store) if store else module_device(model)
-    memory_budget_check(activation_bytes(model, tokens), device, "holding the calibration activations",
-                        "--samples or --seqlen")
-
-
-def zeroth_order_bytes(model: torch.nn.Module, batches: list[Batch]) -> int:
-    """What zeroth-order scoring stores across all batches: the replayed block outputs (one set,
-    plus the next block's while it is recorded) at the model's precision, and dL/dh at the last
-    block in fp32 (one hidden-state set) for the linearized head."""
-    tokens = sum(int(b["input_ids"].numel()) for b in batches if "input_ids" in b)
-    return activation_bytes(model, tokens) + tokens * max(hidden_sizes(model)) * 4
-
-
-def check_zeroth_memory(model: torch.nn.Module, batches: list[Batch]) -> None:
-    """Refuse zeroth-order scoring whose stored activations cannot fit, before any work starts."""
-    from ecoflap_cli.engine.blockwise import module_device
-    from ecoflap_cli.engine.offload import memory_budget_check
-
-    memory_budget_check(zeroth_order_bytes(model, batches), module_device(model),
-                        "zeroth-order scoring (replayed activations and head gradients)", "--samples or --seqlen")
-
-
-def first_order_bytes(model: torch.nn.Module, batches: list[Batch]) -> int:
-    """Estimated extra memory of checkpointed first-order scoring for the largest batch.
-
-    Checkpointed block inputs (one hidden state per block), one block's recomputed activations
-    (about 16 hidden-sized tensors), the logits with their gradient in fp32 (3 x tokens x vocab),
-    and the largest single weight gradient (gradients are reduced and freed as they arrive).
-    """
-    tokens = max((int(b["input_ids"].numel()) for b in batches if "input_ids" in b), default=0)
-    hidden = max(hidden_sizes(model))
-    config = getattr(model, "config", None)
-    vocab = getattr(getattr(config, "text_config", None) or config, "vocab_size", 0) or 0
-    blocks = len(get_adapter(model).blocks())
-    itemsize = next(model.parameters()).element_size()
-    largest = max((p.numel() for p in model.parameters()), default=0)
-    return tokens * hidden * itemsize * (blocks + 16) + 3 * tokens * vocab * 4 + largest * 4
-
-
-def choose_score_method(adapter: Adapter, batches: list[Batch]) -> tuple[str, str]:
-    """First-order (exact gradient norms) when its memory fits, else forward-only zeroth-order.
-
-    The same allocation rule fed exact per-block gradient norms allocates much better than with a
-    four-batch zeroth-order estimate (docs/allocation.md), and costs a few forward passes instead
-    of about one per block; zeroth-order remains for models whose backward pass does not fit.
-    """
-    from ecoflap_cli.engine.blockwise import module_device
-    from ecoflap_cli.engine.offload import any_offloaded
-
-    if any_offloaded(adapter.model):
-        return "zeroth", "weights are offloaded: forward-only scoring"
-    need = first_order_bytes(adapter.model, batches)
-    device = module_device(adapter.model)
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        try:
-            with open("/proc/meminfo") as handle:
-                info = dict(line.split(":", 1) for line in handle)
-            free = int(info["MemAvailable"].split()[0]) * 1024
-        except (OSError, KeyError, ValueError):
-            return "zeroth", "free memory unknown: forward-only scoring"
-    if need <= 0.8 * free:
-        return "first", f"backprop needs about {need / 2**30:.2f} GiB of {free / 2**30:.1f} GiB free on {device}"
-    return "zeroth", f"backprop would need about {need / 2**30:.2f} GiB, {free / 2**30:.1f} GiB free on {device}"
-

@@ -49,48 +49,19 @@ import torch
 
 from ecoflap_cli import __version__
 from ecoflap_cli.io import artifacts
-from ecoflap_cli.core.allocation import ALLOCATORS
+from ecoflap_cli.core.methods import ALLOCATORS, SCORING, SOLVERS, scoring_for
+from ecoflap_cli.core.registry import Entry
 from ecoflap_cli.data.text import read_text, tokenize_documents
 from ecoflap_cli.errors import EcoflapError, PlanError
 from ecoflap_cli.evaluation.measure import perplexity, sparsity_report, windows_for_eval
 from ecoflap_cli.io.loading import LoadedModel, LoadOptions, load_model
-from ecoflap_cli.stages.driver import (
-    CalibrationOptions,
-    ScoreOptions,
-    calibration_batches,
-    load_adapter,
-    run_prune,
-    run_score,
-    structure_document,
-)
-from ecoflap_cli.engine.pruning import PruneSettings
-from ecoflap_cli.engine.scoring import ZerothOrderSettings
+from ecoflap_cli.stages import driver
+from ecoflap_cli.stages.driver import CalibrationOptions, PruneSettings, calibration_batches, load_adapter
 
 Log = Callable[[str], None]
-SOLVERS = ("wanda", "sparsegpt", "magnitude")
+#: llm-compressor's methods (the peer, run in its own venv): solvers and @keys with defaults
 PEER_SOLVERS = ("wanda", "sparsegpt")
-#: allocator -> (default scoring method, scoring methods it accepts)
-ALLOCATOR_SCORING: dict[str, tuple[str | None, tuple[str | None, ...]]] = {
-    "uniform": (None, (None,)),
-    "depth": (None, (None,)),
-    "owl": ("owl", ("owl",)),
-    "ecoflap": ("zeroth", ("zeroth", "first")),
-    "rank": ("first", ("zeroth", "first")),
-    "mix": ("first", ("zeroth", "first")),
-}
-SCORING_PARAMS = {"eps", "perturbations", "direction", "metric", "zseed"}
-#: accepted @key=value parameters per allocator (and the scoring parameters they carry)
-PARAMS = {
-    "uniform": set(),
-    "depth": {"step"},
-    "owl": {"m", "lam"},
-    "ecoflap": {"max", "temp", *SCORING_PARAMS},
-    "rank": {"lam", *SCORING_PARAMS},
-    "mix": {"lam", "alpha", *SCORING_PARAMS},
-    "llmc": set(),
-    "llmc-owl": {"m", "lam"},
-}
-DEFAULTS = {"owl": {"m": 5, "lam": 0.08}, "llmc-owl": {"m": 5, "lam": 0.08}}
+PEERS: dict[str, dict[str, Any]] = {"llmc": {}, "llmc-owl": {"m": 5, "lam": 0.08}}
 ALIASES = {"magnitude": "uniform:magnitude", "wanda": "uniform:wanda", "sparsegpt": "uniform:sparsegpt"}
 
 
@@ -99,14 +70,14 @@ ALIASES = {"magnitude": "uniform:magnitude", "wanda": "uniform:wanda", "sparsegp
 
 @dataclass(frozen=True)
 class MethodSpec:
-    allocator: str  # uniform | depth | owl | ecoflap | llmc | llmc-owl
-    scoring: str | None  # zeroth | first | owl | None
+    allocator: str  # a registered allocator, or llmc / llmc-owl
+    scoring: str | None  # a registered scoring method, or None
     solver: str
     params: tuple[tuple[str, Any], ...] = ()
 
     @property
     def peer(self) -> bool:
-        return self.allocator.startswith("llmc")
+        return self.allocator in PEERS
 
     @property
     def param(self) -> dict[str, Any]:
@@ -115,25 +86,51 @@ class MethodSpec:
     @property
     def name(self) -> str:
         head = self.allocator
-        if self.scoring is not None and self.allocator in ("ecoflap", "rank", "mix"):
+        if self.scoring is not None and not self.peer and ALLOCATORS.get(self.allocator).needs == "scores":
             head = f"{head}-{self.scoring}"
         text = f"{head}:{self.solver}"
         if self.params:
             text += "@" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params)
         return text
 
+    def owners(self) -> list[Entry]:
+        """The registry entries whose settings the @keys may set: allocator, scoring, solver."""
+        if self.peer:
+            return []
+        found = [ALLOCATORS.get(self.allocator)]
+        if self.scoring is not None:
+            found.append(SCORING.get(self.scoring))
+        return [*found, SOLVERS.get(self.solver)]
+
+    def settings_of(self, entry: Entry) -> dict[str, Any]:
+        """The @key=value settings that belong to ``entry`` (keyed by the parameter's name)."""
+        taken = {}
+        for key, value in self.params:
+            owner = next((e for e in self.owners() if e.param(key) is not None), None)
+            if owner is entry:
+                param = entry.param(key)
+                assert param is not None
+                taken[param.name] = value
+        return taken
+
+    def allocator_settings(self) -> dict[str, Any]:
+        return self.settings_of(ALLOCATORS.get(self.allocator))
+
+    def scoring_settings(self) -> dict[str, Any]:
+        return self.settings_of(SCORING.get(self.scoring)) if self.scoring else {}
+
+    def solver_settings(self) -> dict[str, Any]:
+        return self.settings_of(SOLVERS.get(self.solver))
+
     def score_key(self) -> str | None:
         """What identifies this method's scores: methods with equal keys share one scores doc."""
         if self.scoring is None or self.peer:
             return None
-        p = self.param
-        if self.scoring == "owl":
-            return f"owl@m={p.get('m', 5):g}"
-        if self.scoring == "first":
-            return f"first@metric={p.get('metric', 'taylor')}"
-        key = (f"zeroth@eps={p.get('eps', 1e-3):g},perturbations={int(p.get('perturbations', 1))},"
-               f"direction={p.get('direction', 'gaussian')}")
-        return key + (f",zseed={int(p['zseed'])}" if "zseed" in p else "")
+        given = self.scoring_settings()
+        entry = SCORING.get(self.scoring)
+        shown = {k: v for k, v in given.items() if v != entry.defaults().get(k)}
+        return self.scoring + ("@" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in sorted(shown.items())) if shown else "")
 
 
 def _value(text: str) -> Any:
@@ -145,42 +142,68 @@ def _value(text: str) -> Any:
     return text
 
 
-def parse_method(text: str) -> MethodSpec:
-    """Parse ``ALLOCATOR[-SCORING]:SOLVER[@k=v,...]`` (see the module docstring)."""
-    raw = ALIASES.get(text.strip(), text.strip())
-    head, _, tail = raw.partition("@")
-    left, sep, solver = head.partition(":")
-    if not sep or not left or not solver:
-        raise PlanError(f"method {text!r}: write ALLOCATOR[-SCORING]:SOLVER, "
-                        "e.g. uniform:wanda or ecoflap-zeroth:wanda")
+def _parse_params(text: str, tail: str) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for item in filter(None, tail.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
             raise PlanError(f"method {text!r}: parameters are key=value, got {item!r}")
         params[key.strip()] = _value(value.strip())
-    if left in ("llmc", "llmc-owl"):
-        allocator, scoring = left, None
+    return params
+
+
+def parse_method(text: str) -> MethodSpec:
+    """Parse ``ALLOCATOR[-SCORING]:SOLVER[@k=v,...]`` (see the module docstring).
+
+    Allocators, scoring methods, solvers and the @keys come from the registries; a scoring method
+    left out is the allocator's default, the same one ``ecoflap prune`` uses.
+    """
+    raw = ALIASES.get(text.strip(), text.strip())
+    head, _, tail = raw.partition("@")
+    left, sep, solver = head.partition(":")
+    if not sep or not left or not solver:
+        raise PlanError(f"method {text!r}: write ALLOCATOR[-SCORING]:SOLVER, "
+                        "e.g. uniform:wanda or ecoflap-zeroth:wanda")
+    params = _parse_params(text, tail)
+    if left in PEERS:
         if solver not in PEER_SOLVERS:
             raise PlanError(f"method {text!r}: llm-compressor solvers are {', '.join(PEER_SOLVERS)}")
-    else:
-        allocator, _, scoring_text = left.partition("-")
-        if allocator not in ALLOCATORS:
-            raise PlanError(f"method {text!r}: unknown allocator {allocator!r} "
-                            f"(choose from {', '.join(ALLOCATORS)}, llmc, llmc-owl)")
-        default, accepted = ALLOCATOR_SCORING[allocator]
-        scoring = scoring_text or default
-        if scoring not in accepted:
-            allowed = ", ".join(str(a) for a in accepted if a) or "none"
-            raise PlanError(f"method {text!r}: allocator {allocator} takes scoring {allowed}, not {scoring_text!r}")
-        if solver not in SOLVERS:
-            raise PlanError(f"method {text!r}: unknown solver {solver!r} (choose from {', '.join(SOLVERS)})")
-    unknown = set(params) - PARAMS[allocator]
+        unknown = set(params) - set(PEERS[left])
+        if unknown:
+            allowed = ", ".join(sorted(PEERS[left])) or "none"
+            raise PlanError(f"method {text!r}: unknown parameter(s) {', '.join(sorted(unknown))} (allowed: {allowed})")
+        return MethodSpec(left, None, solver, tuple(sorted({**PEERS[left], **params}.items())))
+    allocator, _, scoring_text = left.partition("-")
+    if allocator not in ALLOCATORS:
+        raise PlanError(f"method {text!r}: unknown allocator {allocator!r} "
+                        f"(choose from {', '.join([*ALLOCATORS.names(), *PEERS])})")
+    entry = ALLOCATORS.get(allocator)
+    try:
+        scoring = scoring_for(entry, scoring_text or None)
+        SOLVERS.get(solver)
+    except PlanError as exc:
+        raise PlanError(f"method {text!r}: {exc}") from None
+    spec = MethodSpec(allocator, scoring, solver)
+    _check_params(text, spec, params)
+    if entry.extra.get("name_with_defaults"):
+        params = {**{p.name: p.default for e in spec.owners()[:-1] for p in e.params}, **params}
+    return MethodSpec(allocator, scoring, solver, tuple(sorted(params.items())))
+
+
+def _check_params(text: str, spec: MethodSpec, params: dict[str, Any]) -> None:
+    owners = spec.owners()
+    unknown = [k for k in params if not any(e.param(k) is not None for e in owners)]
     if unknown:
-        allowed = ", ".join(sorted(PARAMS[allocator])) or "none"
+        allowed = ", ".join(sorted({k for e in owners for p in e.params for k in p.keys()})) or "none"
         raise PlanError(f"method {text!r}: unknown parameter(s) {', '.join(sorted(unknown))} (allowed: {allowed})")
-    merged = {**DEFAULTS.get(allocator, {}), **params}
-    return MethodSpec(allocator, scoring, solver, tuple(sorted(merged.items())))
+    for key, value in params.items():
+        owner = next(e for e in owners if e.param(key) is not None)
+        param = owner.param(key)
+        assert param is not None
+        try:
+            param.check(value, owner.name)
+        except PlanError as exc:
+            raise PlanError(f"method {text!r}: {exc}") from None
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -388,16 +411,17 @@ class SweepRunner:
         return {name: perplexity(self.loaded.model, self.eval_windows(path), self.cfg.eval_batch_size)
                 for name, path in zip(self.cfg.extra_names(), self.cfg.extra_texts or [])}
 
-    def structure(self) -> dict[str, Any]:
-        if self._structure is None:
-            self._structure = structure_document(self.loaded, self.adapter)
-        return self._structure
-
     def scores(self, spec: MethodSpec) -> tuple[dict[str, Any], float, bool]:
-        """(scores doc, seconds it took to compute, reused?) for a method's scoring; once per key."""
+        """(scores doc, seconds it took to compute, reused?) for a method's scoring; once per key.
+
+        The scores come from the driver's one-shot path (what ``ecoflap prune --sparsity`` runs),
+        with this runner's cache in front of it.
+        """
         key = spec.score_key()
         if key is None:
-            return self.structure(), 0.0, True
+            if self._structure is None:
+                self._structure = driver.structure_document(self.loaded, self.adapter)
+            return self._structure, 0.0, True
         if key in self._scores:
             doc, seconds = self._scores[key]
             return doc, seconds, True
@@ -405,22 +429,15 @@ class SweepRunner:
         if self.cfg.resume and path.is_file():
             cached = json.loads(path.read_text())
             self._scores[key] = (cached["doc"], cached["seconds"])
-            self.log(f"scores {key}: reused from {path}")
+            self.log(f"scores {key}: reused from {path.name}")
             return cached["doc"], cached["seconds"], True
         self.restore()
         batches, prov = self.score_data()
-        p = spec.param
-        opts = ScoreOptions(
-            method=spec.scoring or "zeroth",
-            zeroth=ZerothOrderSettings(eps=float(p.get("eps", 1e-3)), seed=int(p.get("zseed", self.cfg.seed)),
-                                       perturbations=int(p.get("perturbations", 1)),
-                                       direction=str(p.get("direction", "gaussian"))),
-            first_metric=str(p.get("metric", "taylor")),
-            owl_threshold=float(p.get("m", 5.0)),
-        )
         self.log(f"scoring: {key} ({len(batches)} batches)")
         start = time.perf_counter()
-        doc = run_score(self.loaded, self.adapter, batches, prov, opts)
+        assert spec.scoring is not None
+        doc = driver.score(self.loaded, self.adapter, batches, prov, spec.scoring, spec.scoring_settings(),
+                           seed=self.cfg.seed)
         seconds = time.perf_counter() - start
         self.counters[f"score:{key}"] += 1
         self._scores[key] = (doc, seconds)
@@ -428,22 +445,7 @@ class SweepRunner:
         return doc, seconds, False
 
     def plan(self, spec: MethodSpec, sparsity: float, scores_doc: dict[str, Any]) -> dict[str, Any]:
-        p = spec.param
-        settings: dict[str, Any] = {}
-        if spec.allocator == "ecoflap":
-            settings["max_sparsity"] = round(min(sparsity + float(p["max"]), 1.0), 10) if "max" in p else None
-            if "temp" in p:
-                settings["temperature"] = float(p["temp"])
-        elif spec.allocator == "rank":
-            settings["lam"] = float(p.get("lam", 0.1))
-        elif spec.allocator == "mix":
-            settings["lam"] = float(p.get("lam", 0.15))
-            settings["alpha"] = float(p.get("alpha", 0.5))
-        elif spec.allocator == "owl":
-            settings["lam"] = float(p["lam"])
-        elif spec.allocator == "depth":
-            settings["step"] = float(p.get("step", 0.01))
-        return artifacts.build_plan(scores_doc, spec.allocator, sparsity, settings)
+        return driver.allocate(scores_doc, sparsity, spec.allocator, spec.allocator_settings())
 
     # -- runs --
     def dense(self) -> dict[str, Any]:
@@ -519,10 +521,11 @@ class SweepRunner:
 
     def _prune(self, spec: MethodSpec, plan: dict[str, Any]) -> float:
         self.restore()
-        batches, prov = self.prune_data() if spec.solver != "magnitude" else ([], None)
+        settings = PruneSettings(spec.solver, solver_settings=spec.solver_settings())
+        batches, prov = self.prune_data() if settings.needs_data else ([], None)
         self._dirty = True
         start, cpu = time.perf_counter(), time.process_time()
-        run_prune(self.loaded, self.adapter, plan, batches, prov, PruneSettings(spec.solver))
+        driver.prune(self.loaded, self.adapter, plan, batches, prov, settings)
         self._last_cpu_s = round(time.process_time() - cpu, 3)
         return time.perf_counter() - start
 
@@ -611,11 +614,11 @@ class SweepRunner:
         eval_s = time.perf_counter() - start
         rows = sparsity_report(self.adapter)
         zeros, total = sum(r.zeros for r in rows), sum(r.numel for r in rows)
-        blocks = {}
+        block_of = {t: b.name for b in self.adapter.blocks() for t in b.tensor_names()}
+        blocks: dict[str, tuple[int, int]] = {}
         for r in rows:
-            block = r.name.split(".mlp.")[0].split(".self_attn.")[0]
-            z, n = blocks.get(block, (0, 0))
-            blocks[block] = (z + r.zeros, n + r.numel)
+            z, n = blocks.get(block_of[r.name], (0, 0))
+            blocks[block_of[r.name]] = (z + r.zeros, n + r.numel)
         record.update(
             ppl=ppl, achieved_sparsity=zeros / total,
             block_sparsity=[round(z / n, 5) for z, n in blocks.values()],

@@ -1,0 +1,380 @@
+"""Smoke tests of the benchmark and study scripts (ecoflap_cli/bench): each runs as documented
+(``python -m ecoflap_cli.bench.NAME --help``), and its real code path runs on a tiny random model
+with the SmolLM2 / Wikipedia assets replaced by tiny stand-ins: no network, no real model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import make_text
+
+SCRIPTS = ("alloc_study", "cuda_check", "estimator_study", "hybrid_blip2", "llmc_env", "llmc_runner",
+           "offload_memory", "packed_size", "quality", "scoring_cost")
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "ECOFLAP_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty ECOFLAP_CACHE: nothing is read from (or written to) the user's cache."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("ECOFLAP_CACHE", str(path))
+    return path
+
+
+@pytest.fixture
+def fake_assets(cache: Path, tiny_llama: Path, calib_text: Path, eval_text: Path,
+                monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """SmolLM2, the Wikipedia splits and the Shakespeare text replaced by tiny local stand-ins."""
+    from ecoflap_cli.data import assets
+
+    other = cache.parent / "other.txt"
+    other.write_text(make_text(100, seed=7))
+    splits = {"calib": calib_text, "valid": eval_text, "test": eval_text}
+    monkeypatch.setattr(assets, "smollm2", lambda: tiny_llama)
+    monkeypatch.setattr(assets, "wikipedia_splits", lambda: dict(splits))
+    monkeypatch.setattr(assets, "shakespeare", lambda: other)
+    return {"model": tiny_llama, **splits, "other": other}
+
+
+def _tiny_batch(model_dir: Path, samples: int = 4, seqlen: int = 16):
+    from ecoflap_cli.bench.smollm import smollm2_batches
+
+    loaded, adapter, batches = smollm2_batches("calib", samples, seqlen, batch_size=samples, model=str(model_dir),
+                                               text=str(_text_file(model_dir)))
+    return loaded, adapter, batches
+
+
+def _text_file(model_dir: Path) -> Path:
+    path = model_dir.parent / "text.txt"
+    if not path.is_file():
+        path.write_text(make_text(300, seed=4))
+    return path
+
+
+# --- every script runs as documented ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script: str, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", f"ecoflap_cli.bench.{script}", "--help"], capture_output=True,
+                          text=True, env=_env(tmp_path / "cache"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout
+    assert not (tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()  # --help fetches nothing
+
+
+def test_every_script_is_covered() -> None:
+    import ecoflap_cli.bench
+
+    root = Path(ecoflap_cli.bench.__file__).parent
+    found = {p.stem for p in root.glob("*.py")} - {"__init__", "smollm"}  # smollm: shared setup, no script
+    assert found == set(SCRIPTS)
+
+
+# --- the shared SmolLM2 setup -----------------------------------------------------------------
+
+
+def test_smollm2_config(fake_assets: dict[str, Path], cache: Path) -> None:
+    from ecoflap_cli.bench.smollm import METHODS, SETTINGS, SPARSITIES, smollm2_config
+
+    cfg = smollm2_config(peer=False)
+    assert cfg.model == str(fake_assets["model"]) and cfg.calib == str(fake_assets["calib"])
+    assert cfg.text == str(fake_assets["test"])
+    assert cfg.methods == METHODS and cfg.sparsities == SPARSITIES and cfg.llmc_python is None
+    assert cfg.samples == SETTINGS["samples"] and cfg.score_seqlen == SETTINGS["score_seqlen"]
+    assert Path(cfg.output) == cache / "bench" / "smollm2-test"
+    assert cfg.title == "SmolLM2-135M, Wikipedia test split"
+    cfg.check()
+    # llm-compressor methods with a given venv Python: nothing is created
+    peer = smollm2_config("out", "valid", ["llmc:wanda", "uniform:wanda"], [0.5], llmc_python="/venv/bin/python",
+                          samples=4, seed=None)
+    assert peer.llmc_python == "/venv/bin/python" and peer.text == str(fake_assets["valid"])
+    assert peer.timing_methods == ["uniform:wanda", "llmc:wanda"] and peer.samples == 4 and peer.seed == 0
+    with pytest.raises(ValueError):
+        smollm2_config(split="train")
+
+
+def test_smollm2_config_takes_other_model_and_data(tiny_llama: Path, calib_text: Path, eval_text: Path,
+                                                   cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ecoflap_cli.bench.smollm import smollm2_config
+    from ecoflap_cli.data import assets
+
+    def no_network():
+        raise AssertionError("assets fetched although replaced")
+
+    monkeypatch.setattr(assets, "smollm2", no_network)
+    monkeypatch.setattr(assets, "wikipedia_splits", no_network)
+    cfg = smollm2_config(peer=False, model=str(tiny_llama), calib=str(calib_text), text=str(eval_text))
+    assert (cfg.model, cfg.calib, cfg.text) == (str(tiny_llama), str(calib_text), str(eval_text))
+
+
+# --- alloc_study ------------------------------------------------------------------------------
+
+
+def test_alloc_study_tables(fake_assets: dict[str, Path], cache: Path, capsys: pytest.CaptureFixture) -> None:
+    from ecoflap_cli.bench import alloc_study
+
+    cfgs = alloc_study.configs()
+    assert cfgs["test"].extra_texts == [str(fake_assets["other"])]
+    alloc_study._link_scores(Path(cfgs["valid"].output))
+    assert (Path(cfgs["valid"].output) / "scores").is_symlink()
+    assert alloc_study.main(["--stage", "tables"]) == 0
+    out = capsys.readouterr().out
+    assert "### Wikipedia valid (hyperparameter choice)" in out and "### Wikipedia test" in out
+    assert "### other" in out  # the other-domain text gets its own table
+    assert "| uniform:wanda | - | - |" in out  # nothing run yet: every cell empty
+
+
+# --- cuda_check -------------------------------------------------------------------------------
+
+
+def test_cuda_check_dry_run_on_cpu(tmp_path: Path) -> None:
+    from ecoflap_cli.bench import cuda_check
+
+    out = tmp_path / "cuda_check.json"
+    with pytest.raises(SystemExit) as exit_info:
+        cuda_check.main(["--device", "cpu", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert exit_info.value.code == 0, report
+    assert report["passed"] and set(report["checks"]) == {"cpu", "cpu-sequential"}
+
+
+# --- estimator_study --------------------------------------------------------------------------
+
+
+def test_estimator_study_on_a_tiny_model(tiny_llama: Path, tmp_path: Path) -> None:
+    from ecoflap_cli.bench import estimator_study
+
+    torch.manual_seed(0)
+    _, adapter, (batch,) = _tiny_batch(tiny_llama)
+    result = estimator_study.study(adapter, batch, directions=2, eps=1e-3)
+    assert set(result["blocks"]) == {b.name for b in adapter.blocks()}
+    for row in result["blocks"].values():
+        assert row["exact_norm"] > 0
+        for kind in estimator_study.KINDS:
+            assert len(row[kind]) == 2
+            for rec in row[kind]:  # the central difference estimates the exact directional derivative
+                central = (rec["plus"] - rec["minus"]) / 2e-3
+                assert abs(central - rec["exact"]) <= 0.05 * row["exact_norm"] + 1e-3
+    summary = estimator_study.summarise(result)
+    assert set(summary) == {*estimator_study.KINDS, "cost"}
+    # the script's --summary-only path on the saved study
+    out = tmp_path / "study.json"
+    out.write_text(json.dumps(result))
+    estimator_study.main(["--summary-only", "--out", str(out)])
+    assert json.loads(out.read_text())["summary"]["cost"]["central_passes_per_direction_per_block"] == 2
+
+
+def test_estimator_study_directions_are_seeded() -> None:
+    from ecoflap_cli.bench.estimator_study import direction
+
+    a = direction(torch.Size([3, 4]), (0, 1, 0, "w"), "rademacher")
+    assert torch.equal(a, direction(torch.Size([3, 4]), (0, 1, 0, "w"), "rademacher"))
+    assert set(a.unique().tolist()) <= {-1.0, 1.0}
+    assert not torch.equal(direction(torch.Size([8]), (0,), "gaussian"), direction(torch.Size([8]), (1,), "gaussian"))
+    with pytest.raises(ValueError):
+        direction(torch.Size([2]), (0,), "uniform")
+
+
+# --- hybrid_blip2 -----------------------------------------------------------------------------
+
+
+def _tiny_smol_like(directory: Path) -> Path:
+    """A tiny LLaMA whose tokenizer has SmolLM2's ``<empty_output>`` special token (the image slot)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from ecoflap_cli.testing import tiny_config
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>", "<pad>", "<s>", "</s>", "<empty_output>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([make_text(50, seed=1)], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_hybrid_blip2_builds_and_scores_on_a_tiny_language_model(tmp_path: Path, cache: Path) -> None:
+    from ecoflap_cli.bench import hybrid_blip2 as hb
+    from ecoflap_cli.io.loading import LoadOptions, load_model
+
+    quiet = lambda _m: None  # noqa: E731
+    language = load_model(str(_tiny_smol_like(tmp_path / "lm")), LoadOptions(dtype="float32", device="cpu"))
+    model = hb.build_hybrid(tmp_path / "hybrid", language=language, log=quiet)
+    assert (model / "config.json").is_file() and (model / "processor_config.json").is_file()
+    data = hb.make_caption_data(tmp_path / "data", calib=6, held_out=2, source="drawn", log=quiet)
+    assert data["source"] == "drawn" and (data["calib_pairs"], data["eval_pairs"]) == (6, 2)
+    losses = hb.caption_losses(model, data["eval"], max_records=2)
+    assert set(losses) == {"matched", "rolled", "blank"}
+    assert all(v == v and v > 0 for v in losses.values())
+
+
+# --- llmc_env ---------------------------------------------------------------------------------
+
+
+def test_llmc_env_locates_a_finished_venv(tmp_path: Path) -> None:
+    from ecoflap_cli.bench.llmc_env import MARKER, venv_python
+
+    root = tmp_path / "llmc-venv"
+    python = venv_python(root)
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    (root / MARKER).write_text("{}")
+    cmd = [sys.executable, "-m", "ecoflap_cli.bench.llmc_env", "--root", str(root)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path / "cache"), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(python)  # stdout is only the path: usable as $(...)
+
+
+def test_llmc_env_no_create_creates_nothing(tmp_path: Path) -> None:
+    from ecoflap_cli.bench import llmc_env
+
+    root = tmp_path / "none"
+    assert llmc_env.main(["--root", str(root), "--no-create"]) == 1
+    assert not root.exists()
+    assert llmc_env.default_root() == Path(os.environ.get("ECOFLAP_CACHE", Path.home() / ".cache" / "ecoflap")) / \
+        "llmc-venv"
+
+
+# --- llmc_runner (its real path needs llm-compressor's venv) ----------------------------------
+
+
+def test_llmc_runner_helpers(tiny_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from ecoflap_cli.bench import llmc_runner
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    state = llmc_runner._targeted_state(model)
+    layers = model.config.num_hidden_layers
+    assert len(state) == 7 * layers and not any("lm_head" in k for k in state)  # q k v o gate up down
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert llmc_runner._peak_rss_mib() > 0
+    assert llmc_runner._jsonable({"a": [1, 2.0]}) and not llmc_runner._jsonable({"a": object()})
+
+
+def test_llmc_runner_imports_no_ecoflap() -> None:
+    import ast
+
+    from ecoflap_cli.bench import llmc_runner
+
+    tree = ast.parse(Path(llmc_runner.__file__).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in names if n.startswith("ecoflap")]  # it runs in llm-compressor's venv
+
+
+# --- offload_memory ---------------------------------------------------------------------------
+
+
+def test_offload_memory_on_a_tiny_model(tiny_llama: Path, calib_text: Path, tmp_path: Path, cache: Path) -> None:
+    from ecoflap_cli.bench import offload_memory
+
+    out = tmp_path / "offload.json"
+    code = offload_memory.main(["--model", str(tiny_llama), "--calib", str(calib_text), "--samples", "4",
+                                "--seqlen", "32", "--out", str(out), "--work", str(tmp_path / "runs")])
+    summary = json.loads(out.read_text())
+    assert code == 0 and summary["pruned_weights_bit_identical"]
+    for run in summary["runs"].values():
+        assert run["peak_anon_mib"][0] > 0 and run["peak_hwm_mib"][0] > 0 and run["wall_s"][0] > 0
+
+
+def test_offload_memory_samples_a_process() -> None:
+    from ecoflap_cli.bench.offload_memory import status_kib
+
+    got = status_kib(os.getpid())
+    assert got["RssAnon"] > 0 and got["VmHWM"] > 0
+    assert status_kib(2**31 - 1) == {}  # no such process
+
+
+# --- packed_size ------------------------------------------------------------------------------
+
+
+def test_packed_size_on_a_tiny_model(tiny_llama: Path, tmp_path: Path, cache: Path) -> None:
+    from ecoflap_cli.bench import packed_size
+
+    out = tmp_path / "packed.json"
+    assert packed_size.main(["--model", str(tiny_llama), "--dtype", "float16", "--sparsity", "0.7",
+                             "--repeats", "1", "--out", str(out), "--work", str(tmp_path / "runs")]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["dtype"] == "float16" and row["sparsity"] == 0.7
+    assert row["packed_file_bytes"] > 0 and row["pruned_tensors_dense_bytes"] > 0
+
+
+# --- quality ----------------------------------------------------------------------------------
+
+
+def test_quality_on_a_tiny_model(fake_assets: dict[str, Path], tmp_path: Path,
+                                 capsys: pytest.CaptureFixture) -> None:
+    from ecoflap_cli.bench import quality
+
+    out = tmp_path / "sweep"
+    args = ["--no-peer", "--method", "uniform:magnitude", "--method", "owl:wanda@m=5,lam=0.08", "-s", "0.5",
+            "--samples", "4", "--seqlen", "32", "--score-samples", "4", "--score-seqlen", "32",
+            "--eval-seqlen", "32", "--eval-windows", "2", "--repeats", "1", "--threads", "1", "--no-plot",
+            "-o", str(out)]
+    assert quality.main(args) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    runs = {(r["method"], r["sparsity"]) for r in summary["runs"] if "error" not in r}
+    assert {("uniform:magnitude", 0.5), ("owl:wanda@lam=0.08,m=5", 0.5)} <= runs
+    assert (out / "sweep.md").is_file() and str(out / "sweep.md") in capsys.readouterr().out
+    (out / "sweep.md").unlink()
+    assert quality.main([*args, "--report-only"]) == 0  # the tables again, from the cache
+    assert (out / "sweep.md").is_file()
+
+
+# --- scoring_cost -----------------------------------------------------------------------------
+
+
+def test_scoring_cost_modes_on_a_tiny_model(tiny_llama: Path) -> None:
+    from ecoflap_cli.bench import scoring_cost as sc
+    from ecoflap_cli.engine.scoring import ZerothOrderSettings, zeroth_order_scores
+
+    _, adapter, batches = _tiny_batch(tiny_llama)
+    names = [b.name for b in adapter.blocks()]
+    _, seconds, peak = sc.measure(lambda: sc.plain_forward(adapter, batches))
+    assert seconds > 0 and peak >= 0
+    for mode, fn in sc.MODES.items():
+        scores = fn(adapter, batches, 0)
+        assert list(scores) == names and all(v >= 0 for v in scores.values()), mode
+    sub = sc.SubsetAdapter(adapter, {names[0], names[-1]})
+    ref = zeroth_order_scores(sub, batches, ZerothOrderSettings(granularity="tensor", reuse_activations=False,
+                                                                head="exact"))
+    assert list(ref) == [names[0], names[-1]]
+    assert sc.spearman([1.0, 2.0, 3.0], [10.0, 20.0, 30.0]) == pytest.approx(1.0)
+    assert sc.spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+
+
+def test_scoring_cost_quality_stage_on_a_tiny_model(tiny_llama: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The perplexity-after-pruning stage, with SmolLM2 and its 512-token windows swapped for the tiny model."""
+    from ecoflap_cli.bench import scoring_cost as sc
+
+    _, adapter, batches = _tiny_batch(tiny_llama)
+    mode = "zeroth block+reuse central (default)"
+    out = tmp_path / "scoring_cost.json"
+    out.write_text(json.dumps({"scores": {mode: sc.MODES[mode](adapter, batches, 0)}}))
+    valid = tmp_path / "valid.txt"
+    valid.write_text(make_text(600, seed=6))
+    monkeypatch.setattr(sc, "smollm2_batches", lambda *a, **k: _tiny_batch(tiny_llama))
+    monkeypatch.setattr(sc, "wikipedia_splits", lambda: {"valid": valid})
+    sc.quality(out, [mode], 0.5, 4, 1)
+    ppl = json.loads(out.read_text())["valid_ppl_ecoflap_wanda"]
+    assert set(ppl) == {"uniform", mode} and all(v > 1 for v in ppl.values())
