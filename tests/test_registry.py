@@ -171,3 +171,10 @@ def test_a_sweep_row_and_prune_give_bit_identical_weights(method, options, tiny_
     assert len(compared) >= 10 and any(int((pruned[k] == 0).sum()) > 0 for k in compared)
     for key in compared:
         assert torch.equal(pruned[key], swept[key]), key
+
+
+def test_docs_methods_table_is_generated_from_the_registries():
+    from ecoflap_cli.core.docs import methods_markdown
+
+    path = Path(__file__).parents[1] / "docs" / "methods.md"
+    assert path.read_text() == methods_markdown(), "regenerate: python -m ecoflap_cli.core.docs > docs/methods.md"
