@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ecoflap_cli.engine.blockwise import module_device
-from ecoflap_cli.engine.offload import memory_budget_check
+from ecoflap_cli.engine.memory import memory_budget_check
 from ecoflap_cli.models import Batch, get_adapter
 
 

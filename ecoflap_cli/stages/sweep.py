@@ -28,7 +28,6 @@ included).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -53,6 +52,7 @@ from ecoflap_cli.core.methods import ALLOCATORS, SCORING, SOLVERS, scoring_for
 from ecoflap_cli.core.registry import Entry
 from ecoflap_cli.data.text import read_text, tokenize_documents
 from ecoflap_cli.errors import EcoflapError, PlanError
+from ecoflap_cli.engine.memory import total_memory
 from ecoflap_cli.evaluation.measure import perplexity, sparsity_report, windows_for_eval
 from ecoflap_cli.io.loading import LoadedModel, LoadOptions, load_model
 from ecoflap_cli.stages import driver
@@ -300,12 +300,10 @@ class SweepConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_key(cfg: SweepConfig, method: str, sparsity: float) -> str:
-    return _hash({"cfg": cfg.fingerprint(), "method": method, "sparsity": round(sparsity, 6)})
+    return artifacts.content_hash({"cfg": cfg.fingerprint(), "method": method, "sparsity": round(sparsity, 6)})
 
 
 def _safe(name: str) -> str:
@@ -425,7 +423,7 @@ class SweepRunner:
         if key in self._scores:
             doc, seconds = self._scores[key]
             return doc, seconds, True
-        path = self.out / "scores" / f"{_safe(key)}-{_hash(self.cfg.score_fingerprint())}.json"
+        path = self.out / "scores" / f"{_safe(key)}-{artifacts.content_hash(self.cfg.score_fingerprint())}.json"
         if self.cfg.resume and path.is_file():
             cached = json.loads(path.read_text())
             self._scores[key] = (cached["doc"], cached["seconds"])
@@ -539,8 +537,8 @@ class SweepRunner:
     def _peer_inputs(self) -> tuple[Path, Path]:
         if self._peer_model is None or self._peer_windows is None:
             root = self.out / "peer"
-            model_dir = root / f"model-{_hash(self.cfg.fingerprint())}"
-            windows_file = root / f"calib-windows-{_hash(self.cfg.fingerprint())}.pt"
+            model_dir = root / f"model-{artifacts.content_hash(self.cfg.fingerprint())}"
+            windows_file = root / f"calib-windows-{artifacts.content_hash(self.cfg.fingerprint())}.pt"
             batches, _ = self.prune_data()
             windows = torch.cat([b["input_ids"] for b in batches])
             if not windows_file.is_file():
@@ -700,12 +698,11 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["memory_gib"] = round(int(line.split()[1]) / 1024 / 1024, 1)
-                break
     except OSError:
         pass
+    total = total_memory()
+    if total is not None:
+        info["memory_gib"] = round(total / 2**30, 1)
     try:
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:  # pragma: no cover
