@@ -22,15 +22,27 @@ from ecoflap_cli.models.causal_lm import CausalLMAdapter
 REGISTRY: dict[str, type[Adapter]] = {}
 
 
-def register(cls: type[Adapter]) -> type[Adapter]:
-    """Class decorator: ``cls`` handles every ``config.model_type`` in ``cls.model_types``."""
-    if not cls.model_types:
+def register(*args: Any) -> Any:
+    """Class decorator: the adapter handles every ``config.model_type`` in its ``model_types``.
+
+    ``@register`` reads the class's ``model_types``; ``@register("type", ...)`` sets them.
+    """
+    if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], Adapter):
+        return _register(args[0], args[0].model_types)
+    if not args or not all(isinstance(a, str) for a in args):
+        raise TypeError("use @register or @register('model_type', ...)")
+    return lambda cls: _register(cls, tuple(args))
+
+
+def _register(cls: type[Adapter], model_types: tuple[str, ...]) -> type[Adapter]:
+    if not model_types:
         raise TypeError(f"{cls.__name__} declares no model_types")
-    for model_type in cls.model_types:
+    for model_type in model_types:
         if REGISTRY.get(model_type, cls) is not cls:
             raise TypeError(f"model type {model_type!r} is claimed by {REGISTRY[model_type].__name__} "
                             f"and {cls.__name__}")
         REGISTRY[model_type] = cls
+    cls.model_types = tuple(model_types)
     return cls
 
 

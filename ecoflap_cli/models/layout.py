@@ -53,19 +53,16 @@ def mask(rows: Sequence[list[int]], left: bool = False) -> torch.Tensor:
     return pad([[1] * len(r) for r in rows], 0, left=left)
 
 
-def check_token_count(input_ids: torch.Tensor, token: int, wanted: int, where: str) -> None:
+def check_token_count(input_ids: torch.Tensor, token: int, wanted: int, why: str) -> None:
     """Every row must hold exactly ``wanted`` copies of the image placeholder ``token``.
 
     Without them transformers either ignores the image (BLIP-2) or fails deep in the forward
-    (LLaVA); here the message says what is wrong.
+    (LLaVA); here the message says what is wrong, and ``why`` the family needs that many.
     """
     counts = (input_ids == token).sum(dim=-1)
     bad = (counts != wanted).nonzero().flatten().tolist()
     if bad:
-        raise DataError(
-            f"input_ids row(s) {bad} hold {counts[bad[0]].item()} image tokens, expected "
-            f"{wanted} ({where}); without them the model ignores the image"
-        )
+        raise DataError(f"input_ids row(s) {bad} hold {counts[bad[0]].item()} image tokens, expected {wanted}: {why}")
 
 
 def image_grounded_lm_text(

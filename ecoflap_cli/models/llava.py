@@ -49,6 +49,8 @@ from ecoflap_cli.models.causal_lm import largest_block_list
 from ecoflap_cli.models.layout import check_token_count, image_grounded_lm_text, pad_id, tokenizer_of
 from ecoflap_cli.models.t5 import join, module_path
 
+IMAGE_TOKENS_WHY = "one per image feature, which the model puts in their place (it fails on another count)"
+
 
 def feature_layers_read(config: Any, num_layers: int) -> int:
     """How many leading vision layers the model reads: those up to ``vision_feature_layer``.
@@ -95,14 +97,14 @@ class LlavaAdapter(Adapter):
         return inner if isinstance(inner, nn.Module) and hasattr(inner, "vision_tower") else self.model
 
     @property
-    def vision_tower(self) -> nn.Module:
+    def vision_tower(self) -> Any:
         return self._inner.vision_tower
 
     @property
-    def language_model(self) -> nn.Module:
+    def language_model(self) -> Any:
         return self._inner.language_model
 
-    def _vision_blocks(self) -> nn.ModuleList:
+    def _vision_blocks(self) -> Any:
         return self.vision_tower.get_submodule(largest_block_list(self.vision_tower))
 
     def tower_paths(self) -> dict[str, str]:
@@ -132,7 +134,7 @@ class LlavaAdapter(Adapter):
     # --- running -----------------------------------------------------------------------
     def image_tokens(self) -> int:
         """Image placeholder tokens per image: the image features the model inserts for them."""
-        config = self.model.config
+        config: Any = self.model.config
         vision = config.vision_config
         side = int(vision.image_size) // int(vision.patch_size)
         embeddings = getattr(self.vision_tower, "embeddings", None)
@@ -144,8 +146,7 @@ class LlavaAdapter(Adapter):
         for key in ("pixel_values", "input_ids"):
             if key not in batch:
                 raise DataError(f"a LLaVA calibration batch needs {key!r}")
-        check_token_count(batch["input_ids"], image_token_id(self.model.config), self.image_tokens(),
-                          "one per image feature of the vision tower")  # fmt: skip
+        check_token_count(batch["input_ids"], image_token_id(self.model.config), self.image_tokens(), IMAGE_TOKENS_WHY)
 
     def model_inputs(self, batch: Batch) -> Batch:
         return to_model_device(self.model, {k: v for k, v in batch.items() if k in self.input_keys})
@@ -176,7 +177,7 @@ class LlavaAdapter(Adapter):
         image = [image_token_id(config)] * self.image_tokens()
         batch = image_grounded_lm_text(tokenizer, pairs, max_text_len, image, image_first=False,
                                        pad_value=pad_id(tokenizer, config), generation=generation)  # fmt: skip
-        check_token_count(batch["input_ids"], image[0], len(image), "one per image feature of the vision tower")
+        check_token_count(batch["input_ids"], image[0], len(image), IMAGE_TOKENS_WHY)
         return batch
 
     def perplexity_module(self) -> nn.Module:
