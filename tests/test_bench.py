@@ -81,6 +81,59 @@ def test_every_script_is_covered() -> None:
     assert found == set(SCRIPTS)
 
 
+DOCS = [Path(__file__).resolve().parents[1] / "README.md",
+        *sorted((Path(__file__).resolve().parents[1] / "docs").glob("*.md"))]
+#: placeholders the docs use in command lines, and a value that parses in their place
+PLACEHOLDERS = {"P": "0.5"}
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """Every `python -m ecoflap_cli.bench.NAME ARGS` in README.md and docs/*.md: (file, NAME, ARGS).
+
+    ARGS end at a backtick, line end, comment, or a closing parenthesis or quote (``"$(python -m ...)"``);
+    a placeholder module name (``bench.NAME``, upper case) is not a command.
+    """
+    import re
+    import shlex
+
+    found = []
+    for doc in DOCS:
+        if not doc.is_file():
+            continue
+        for m in re.finditer(r"python -m\s+ecoflap_cli\.bench\.([a-z_][a-z0-9_]*)\b([^`\n#)\"']*)", doc.read_text()):
+            args = [PLACEHOLDERS.get(a, a) for a in shlex.split(m.group(2))]
+            found.append((doc.name, m.group(1), args))
+    return found
+
+
+class _Parsed(Exception):
+    pass
+
+
+def test_documented_command_lines_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each command line the docs give is accepted by its script (stopped right after parsing)."""
+    import argparse
+    import importlib
+
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(real(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    commands = documented_commands()
+    assert len(commands) >= 10 and {name for _, name, _ in commands} <= set(SCRIPTS)
+    for doc, name, args in commands:
+        module = importlib.import_module(f"ecoflap_cli.bench.{name}")
+        try:
+            module.main(args)
+        except _Parsed:
+            continue
+        except SystemExit as exc:
+            pytest.fail(f"{doc}: python -m ecoflap_cli.bench.{name} {' '.join(args)}: rejected (exit {exc.code})")
+        pytest.fail(f"{doc}: python -m ecoflap_cli.bench.{name} did not parse its arguments")
+
+
 # --- the shared SmolLM2 setup -----------------------------------------------------------------
 
 
@@ -175,15 +228,12 @@ def test_estimator_study_on_a_tiny_model(tiny_llama: Path, tmp_path: Path) -> No
     assert json.loads(out.read_text())["summary"]["cost"]["central_passes_per_direction_per_block"] == 2
 
 
-def test_estimator_study_directions_are_seeded() -> None:
-    from ecoflap_cli.bench.estimator_study import direction
+def test_estimator_study_uses_only_public_scoring_helpers() -> None:
+    from ecoflap_cli.bench import estimator_study
+    from ecoflap_cli.engine import scoring
 
-    a = direction(torch.Size([3, 4]), (0, 1, 0, "w"), "rademacher")
-    assert torch.equal(a, direction(torch.Size([3, 4]), (0, 1, 0, "w"), "rademacher"))
-    assert set(a.unique().tolist()) <= {-1.0, 1.0}
-    assert not torch.equal(direction(torch.Size([8]), (0,), "gaussian"), direction(torch.Size([8]), (1,), "gaussian"))
-    with pytest.raises(ValueError):
-        direction(torch.Size([2]), (0,), "uniform")
+    for name in ("batch_loss", "block_linears", "perturbed", "replays", "seeded_direction"):
+        assert getattr(estimator_study, name) is getattr(scoring, name)
 
 
 # --- hybrid_blip2 -----------------------------------------------------------------------------
@@ -243,14 +293,14 @@ def test_llmc_env_locates_a_finished_venv(tmp_path: Path) -> None:
     assert proc.stdout.strip() == str(python)  # stdout is only the path: usable as $(...)
 
 
-def test_llmc_env_no_create_creates_nothing(tmp_path: Path) -> None:
+def test_llmc_env_no_create_creates_nothing(tmp_path: Path, cache: Path) -> None:
     from ecoflap_cli.bench import llmc_env
 
     root = tmp_path / "none"
     assert llmc_env.main(["--root", str(root), "--no-create"]) == 1
     assert not root.exists()
-    assert llmc_env.default_root() == Path(os.environ.get("ECOFLAP_CACHE", Path.home() / ".cache" / "ecoflap")) / \
-        "llmc-venv"
+    assert llmc_env.default_root() == cache / "llmc-venv"
+    assert llmc_env.main(["--no-create"]) == 1  # the default root: CACHE/llmc-venv, not there either
 
 
 # --- llmc_runner (its real path needs llm-compressor's venv) ----------------------------------
@@ -284,6 +334,18 @@ def test_llmc_runner_imports_no_ecoflap() -> None:
 # --- offload_memory ---------------------------------------------------------------------------
 
 
+def test_offload_memory_samples_the_cli_in_a_child_process() -> None:
+    from ecoflap_cli.bench.offload_memory import run_child, status_kib
+
+    wall, peaks, code, _ = run_child(["--help"], interval=0.001)
+    assert code == 0 and wall > 0
+    assert peaks["anon_kib"] > 0 and peaks["hwm_kib"] >= peaks["anon_kib"]
+    got = status_kib(os.getpid())
+    assert got["RssAnon"] > 0 and got["VmHWM"] > 0
+    assert status_kib(2**31 - 1) == {}  # no such process
+
+
+@pytest.mark.slow  # no assets needed, but two `ecoflap prune` processes: 10-30 s
 def test_offload_memory_on_a_tiny_model(tiny_llama: Path, calib_text: Path, tmp_path: Path, cache: Path) -> None:
     from ecoflap_cli.bench import offload_memory
 
@@ -296,17 +358,29 @@ def test_offload_memory_on_a_tiny_model(tiny_llama: Path, calib_text: Path, tmp_
         assert run["peak_anon_mib"][0] > 0 and run["peak_hwm_mib"][0] > 0 and run["wall_s"][0] > 0
 
 
-def test_offload_memory_samples_a_process() -> None:
-    from ecoflap_cli.bench.offload_memory import status_kib
-
-    got = status_kib(os.getpid())
-    assert got["RssAnon"] > 0 and got["VmHWM"] > 0
-    assert status_kib(2**31 - 1) == {}  # no such process
-
-
 # --- packed_size ------------------------------------------------------------------------------
 
 
+def test_packed_size_measures_a_dense_and_packed_pair(tiny_llama: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ecoflap_cli.bench.packed_size import measure
+    from ecoflap_cli.cli import app
+
+    dense, packed = tmp_path / "dense", tmp_path / "packed"
+    runner = CliRunner()
+    for args in (["prune", "-m", str(tiny_llama), "--sparsity", "0.7", "--allocator", "uniform", "--solver",
+                  "magnitude", "--dtype", "float16", "-o", str(dense)],
+                 ["convert", str(dense), "-o", str(packed), "--to", "packed"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    row = measure(dense, packed, "float16", 0.7, repeats=1)
+    assert row["pruned_tensors_dense_bytes"] > 0 and row["packed_file_bytes"] > 0
+    assert 0 < row["pruned_tensors_ratio"] < 1  # packed is smaller at 0.7
+    assert set(row["load_s_median"]) == {"dense", "packed"}
+
+
+@pytest.mark.slow  # no assets needed, but `ecoflap prune` and `ecoflap convert` processes: 8-15 s
 def test_packed_size_on_a_tiny_model(tiny_llama: Path, tmp_path: Path, cache: Path) -> None:
     from ecoflap_cli.bench import packed_size
 

@@ -17,12 +17,14 @@ from typer.testing import CliRunner
 
 from ecoflap_cli.cli.app import app
 from ecoflap_cli.data.multimodal import (
-    clip_retrieval,
-    clip_zero_shot,
     load_image,
     make_multimodal_batches,
     read_class_folders,
     read_image_text_jsonl,
+)
+from ecoflap_cli.evaluation.vlm import (
+    clip_retrieval,
+    clip_zero_shot,
 )
 from ecoflap_cli.errors import DataError
 from ecoflap_cli.models import adapter_class, get_adapter

@@ -31,12 +31,14 @@ from ecoflap_cli.models.base import Adapter, hidden_of
 from ecoflap_cli.models.blip2 import Blip2Adapter, InstructBlipAdapter
 from ecoflap_cli.models.clip import CLIPAdapter
 from ecoflap_cli.data.multimodal import (
-    caption_eval,
-    clip_retrieval,
-    clip_zero_shot,
     make_multimodal_batches,
     read_class_folders,
     read_image_text_jsonl,
+)
+from ecoflap_cli.evaluation.vlm import (
+    caption_eval,
+    clip_retrieval,
+    clip_zero_shot,
     vqa_eval,
 )
 from ecoflap_cli.engine.pruning import PruneSettings, prune_model

@@ -20,10 +20,12 @@ from typer.testing import CliRunner
 from ecoflap_cli.cli.app import app
 from ecoflap_cli.io.loading import load_model
 from ecoflap_cli.data.multimodal import (
+    read_image_text_jsonl,
+)
+from ecoflap_cli.evaluation.vlm import (
     caption_eval,
     clip_retrieval,
     clip_zero_shot,
-    read_image_text_jsonl,
     vqa_eval,
 )
 

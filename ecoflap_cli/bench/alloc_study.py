@@ -26,7 +26,6 @@ from pathlib import Path
 
 from ecoflap_cli.bench.smollm import smollm2_config
 from ecoflap_cli.data import assets
-from ecoflap_cli.stages.sweep import parse_method, run_sweep
 
 G = "metric=gradnorm"
 VALID_METHODS = [
@@ -70,7 +69,7 @@ def _link_scores(out: Path) -> None:
 
 def tables() -> str:
     """The docs' tables from the cached runs."""
-    from ecoflap_cli.stages.sweep import SweepRunner
+    from ecoflap_cli.stages.sweep import SweepRunner, parse_method
 
     lines = []
     for stage, cfg in configs().items():
@@ -101,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    from ecoflap_cli.stages.sweep import run_sweep
 
     cfgs = configs()
     for stage in ("valid", "test"):

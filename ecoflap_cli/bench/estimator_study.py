@@ -29,58 +29,19 @@ import json
 import math
 import statistics
 import time
-import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ecoflap_cli.bench.scoring_cost import spearman
 from ecoflap_cli.bench.smollm import smollm2_batches
 from ecoflap_cli.core.solvers import PRECISION
-from ecoflap_cli.engine.blockwise import capture_outputs, replaying
-from ecoflap_cli.engine.scoring import perturbed
+from ecoflap_cli.engine.blockwise import capture_outputs
+from ecoflap_cli.engine.scoring import batch_loss, block_linears, perturbed, replays, seeded_direction
 from ecoflap_cli.io import artifacts
 
 KINDS = ("gaussian", "rademacher")
-
-
-# The few lines of `ecoflap score`'s machinery the study needs, written out here so that it uses
-# only the library's public names (perturbed, replaying, capture_outputs, PRECISION).
-
-
-def block_linears(block) -> dict[str, nn.Linear]:
-    """A block's linears keyed by weight name (``path.weight``), as the scores name them."""
-    return {f"{path}.weight": lin for path, lin in block.linears.items()}
-
-
-def direction(shape: torch.Size, key: tuple[int, ...], kind: str) -> torch.Tensor:
-    """A seeded perturbation direction (Gaussian or Rademacher); the same key gives the same tensor."""
-    gen = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-    if kind == "gaussian":
-        return torch.randn(shape, generator=gen, dtype=PRECISION)
-    if kind == "rademacher":
-        return torch.randint(0, 2, shape, generator=gen).to(PRECISION).mul_(2).sub_(1)
-    raise ValueError(f"unknown perturbation direction {kind!r} (gaussian or rademacher)")
-
-
-def loss(adapter, batch) -> float:
-    """The adapter's loss on one batch, no gradients, as a float in the scoring precision."""
-    with torch.no_grad():
-        return float(adapter.loss(batch).detach().to(PRECISION))
-
-
-@contextmanager
-def replayed(skipped: list[nn.Module], outputs: list[Any] | None) -> Iterator[Callable[[int], None]]:
-    """Replay the blocks before the perturbed one from their stored outputs (nothing to replay: no-op)."""
-    if skipped and outputs is not None:
-        with replaying(skipped, outputs) as select:
-            yield select
-    else:
-        yield lambda index: None
 
 
 def exact_gradients(adapter, batch) -> dict[str, dict[str, torch.Tensor]]:
@@ -109,7 +70,7 @@ def study(adapter, batch, directions: int, eps: float) -> dict[str, Any]:
     blocks = adapter.blocks()
     grads = exact_gradients(adapter, batch)
     start = time.perf_counter()
-    base = loss(adapter, batch)
+    base = batch_loss(adapter, batch)
     forward_s = time.perf_counter() - start
     rows: dict[str, Any] = {}
     previous = None
@@ -119,18 +80,18 @@ def study(adapter, batch, directions: int, eps: float) -> dict[str, Any]:
         g = grads[block.name]
         row: dict[str, Any] = {"exact_norm": math.sqrt(sum(float(t.pow(2).sum()) for t in g.values()))}
         skipped = [b.module for b in blocks[: block.index]]
-        with replayed(skipped, previous) as select:
+        with replays([], skipped, previous) as select:
             select(0)
             for kind in KINDS:
                 records = []
                 for k in range(directions):
-                    z = {n: direction(lin.weight.shape, (0, k, 0, n), kind) for n, lin in linears.items()}
+                    z = {n: seeded_direction(lin.weight.shape, (0, k, 0, n), kind) for n, lin in linears.items()}
                     exact = sum(float((g[n] * z[n]).sum()) for n in z)
                     t0 = time.perf_counter()
                     with perturbed(linears, {n: eps * v for n, v in z.items()}):
-                        plus = loss(adapter, batch)
+                        plus = batch_loss(adapter, batch)
                     with perturbed(linears, {n: -eps * v for n, v in z.items()}):
-                        minus = loss(adapter, batch)
+                        minus = batch_loss(adapter, batch)
                     timings["plus_minus_s"] += time.perf_counter() - t0
                     timings["passes"] += 2
                     records.append({"exact": exact, "plus": plus, "minus": minus})

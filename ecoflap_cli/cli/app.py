@@ -400,13 +400,13 @@ def prune(
 @user_errors
 def evaluate(
     checkpoint: Annotated[str, typer.Argument(help="Pruned checkpoint directory (or any model id / .gguf).")],
-    text: Annotated[Optional[Path], typer.Option(help="Text file (.txt/.jsonl) for perplexity (BLIP-2: of its language model, text only).")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="CLIP zero-shot classification: a folder with one subfolder of images per class.")] = None,
+    text: Annotated[Optional[Path], typer.Option(help="Text file (.txt/.jsonl) for perplexity (BLIP-2: its language model; LLaVA: the model on text alone).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="CLIP / SigLIP zero-shot classification: a folder with one subfolder of images per class.")] = None,
     template: Annotated[Optional[list[str]], typer.Option(help="Zero-shot prompt template, {} is the class name (repeat; default 'a photo of a {}.').")] = None,
     template_file: Annotated[Optional[Path], typer.Option(help="Zero-shot prompt templates, one per line.")] = None,
-    retrieval: Annotated[Optional[Path], typer.Option(help="CLIP image-text retrieval R@1/5/10: JSONL of {image, caption}.")] = None,
-    vqa: Annotated[Optional[Path], typer.Option(help="BLIP-2/InstructBLIP VQA soft accuracy: JSONL of {image, question, answers}.")] = None,
-    captions: Annotated[Optional[Path], typer.Option(help="BLIP-2/InstructBLIP captioning CIDEr-D: JSONL of {image, caption}.")] = None,
+    retrieval: Annotated[Optional[Path], typer.Option(help="CLIP / SigLIP image-text retrieval R@1/5/10: JSONL of {image, caption}.")] = None,
+    vqa: Annotated[Optional[Path], typer.Option(help="BLIP-2 / InstructBLIP / LLaVA VQA soft accuracy: JSONL of {image, question, answers}.")] = None,
+    captions: Annotated[Optional[Path], typer.Option(help="BLIP-2 / InstructBLIP / LLaVA captioning CIDEr-D: JSONL of {image, caption}.")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="Captioning prompt the model continues (default 'a photo of'; '' for none).")] = None,
     question_template: Annotated[Optional[str], typer.Option(help="VQA prompt with {question} (default 'Question: {question} Answer:').")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Tokens to generate (default 10 for VQA, 20 for captions).")] = None,

@@ -128,7 +128,7 @@ def _inspect_table(title: str, first: str, rows: list[dict[str, Any]], extra: tu
     return table
 
 
-TASK_TITLES = {"zero_shot": "CLIP zero-shot", "retrieval": "CLIP retrieval", "vqa": "VQA",
+TASK_TITLES = {"zero_shot": "zero-shot", "retrieval": "retrieval", "vqa": "VQA",
                "captioning": "captioning"}  # fmt: skip
 METRIC_LABELS = {"top1": "top-1 accuracy", "top5": "top-5 accuracy",
                  "vqa_accuracy": "VQAv2 soft accuracy", "exact_match": "exact match",

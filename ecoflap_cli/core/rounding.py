@@ -18,10 +18,10 @@ def largest_remainder(shares: Sequence[float], caps: Sequence[int] | None, total
     result is a pure function of the arguments.  Raises PlanError when the caps cannot hold
     ``total`` (or ``total`` is negative and nothing can be taken back).
     """
-    limits = [math.inf] * len(shares) if caps is None else list(caps)
-    counts = [min(math.floor(s), c) for s, c in zip(shares, limits)]
+    limits: list[float] = [math.inf] * len(shares) if caps is None else [float(c) for c in caps]
+    counts: list[int] = [int(min(math.floor(s), c)) for s, c in zip(shares, limits)]
     order = sorted(range(len(shares)), key=lambda i: (-(shares[i] - math.floor(shares[i])), i))
-    left = total - sum(counts)
+    left = int(total - sum(counts))
     while left > 0:
         open_groups = [i for i in order if counts[i] < limits[i]][:left]
         if not open_groups:

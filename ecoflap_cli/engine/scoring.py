@@ -407,12 +407,6 @@ def _nothing() -> Iterator[None]:
     yield
 
 
-# Old private names, still imported by benchmark scripts: use the public ones.
-_block_linears = block_linears
-_direction = seeded_direction
-_loss = batch_loss
-_replays = replays
-
 
 # --- OWL outlier ratios -----------------------------------------------------------------------
 

@@ -178,19 +178,19 @@ def _perplexity_module(loaded: LoadedModel, label: str) -> Any:
 
 
 def _run_task(loaded: LoadedModel, task: _PreparedTask, batch_size: int) -> dict[str, Any]:
-    from ecoflap_cli.data import multimodal
+    from ecoflap_cli.evaluation import vlm
 
     model, processor, s = loaded.model, loaded.processor, task.settings
     start = time.perf_counter()
     if task.name == "zero_shot":
-        result = multimodal.clip_zero_shot(model, processor, task.data, s["templates"], batch_size=batch_size)
+        result = vlm.clip_zero_shot(model, processor, task.data, s["templates"], batch_size=batch_size)
     elif task.name == "retrieval":
-        result = multimodal.clip_retrieval(model, processor, task.records, batch_size=batch_size)
+        result = vlm.clip_retrieval(model, processor, task.records, batch_size=batch_size)
     elif task.name == "vqa":
-        result = multimodal.vqa_eval(model, processor, task.records, s["question_template"],
+        result = vlm.vqa_eval(model, processor, task.records, s["question_template"],
                                      s["max_new_tokens"], batch_size=batch_size)
     else:
-        result = multimodal.caption_eval(model, processor, task.records, s["prompt"],
+        result = vlm.caption_eval(model, processor, task.records, s["prompt"],
                                          s["max_new_tokens"], batch_size=batch_size)
     return {**result, "time_s": round(time.perf_counter() - start, 3)}
 

@@ -162,6 +162,10 @@ class Adapter:
         """Wanda's comparison group: per output row by default (language layers)."""
         return "row"
 
+    def uncovered_hint(self, tensor_names: list[str]) -> str:
+        """A hint for a plan that prunes tensors outside this run's towers (e.g. an opt-in tower)."""
+        return ""
+
     def dense_parts(self) -> list[str]:
         """Human description of what stays dense (for reports)."""
         return ["embeddings", "lm_head", "norms", "biases"]

@@ -119,6 +119,11 @@ class Blip2Adapter(Adapter):
         # The reference compares Wanda scores over the whole matrix for ViT layers.
         return "matrix" if block.tower == "vision" else "row"
 
+    def uncovered_hint(self, tensor_names: list[str]) -> str:
+        qformer = module_path(self.model, self.model.qformer)
+        inside = any(name.startswith(qformer + ".") for name in tensor_names)
+        return " (pass --include-qformer)" if inside and not self.include_qformer else ""
+
     def dense_parts(self) -> list[str]:
         parts = ["patch/position embeddings", "query tokens"]
         if not self.include_qformer:

@@ -78,7 +78,7 @@ def calibration_batches(
     from ecoflap_cli.data import multimodal
 
     if opts.calib is None:
-        raise DataError(f"{adapter.family} models need image-text calibration data: pass --calib FILE.jsonl")
+        raise DataError(f"{adapter.display_name} models need image-text calibration data: pass --calib FILE.jsonl")
     records = multimodal.read_image_text_jsonl(opts.calib)
     if len(records) > opts.samples:  # a seeded sample, in file order (files are often sorted by image)
         chosen = sorted(random.Random(opts.seed).sample(range(len(records)), opts.samples))
@@ -218,7 +218,7 @@ def prune(
     covered = {t for b in adapter.blocks() for t in b.tensor_names()}
     uncovered = sorted(set(artifacts.prune_counts(plan)) - covered)
     if uncovered:
-        hint = " (pass --include-qformer)" if any("qformer" in t for t in uncovered) else ""
+        hint = adapter.uncovered_hint(uncovered)
         raise PlanError(f"the plan prunes {len(uncovered)} tensors that this run does not cover, "
                         f"e.g. {uncovered[0]}{hint}")
     unknown = sorted(set(settings.compare_groups) - set(adapter.towers()))

@@ -261,7 +261,7 @@ class SweepConfig:
             raise PlanError("--repeats must be at least 1")
         if any(s.peer for s in specs) and not self.llmc_python:
             raise PlanError("llmc:* methods need llm-compressor's Python: pass --llmc-python PATH "
-                            "(or --llmc-venv to create one)")
+                            "(`python -m ecoflap_cli.bench.llmc_env` creates one and prints its path)")
         for path, what in ((self.calib, "--calib"), (self.text, "--text"),
                            *((t, "--extra-text") for t in self.extra_texts or [])):
             if not Path(path).is_file():
