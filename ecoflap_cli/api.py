@@ -1,8 +1,8 @@
 """The Python API.
 
-    from ecoflap_cli.api import load_pruned
+from ecoflap_cli.api import load_pruned
 
-    model = load_pruned("out/")                      # dense or packed, as written by `ecoflap prune`
+model = load_pruned("out/")                      # dense or packed, as written by `ecoflap prune`
 """
 
 from __future__ import annotations

@@ -7,7 +7,38 @@ from pathlib import Path
 
 import torch
 
-WORDS = ["the", "cat", "dog", "sat", "on", "a", "mat", "and", "ran", "to", "big", "small", "red", "blue", "house", "tree", "river", "stone", "walks", "eats", "sleeps", "sings", "under", "over", "near", "far", "bright", "dark", "quick", "slow"]
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "and",
+    "ran",
+    "to",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "house",
+    "tree",
+    "river",
+    "stone",
+    "walks",
+    "eats",
+    "sleeps",
+    "sings",
+    "under",
+    "over",
+    "near",
+    "far",
+    "bright",
+    "dark",
+    "quick",
+    "slow",
+]
 
 
 def make_tokenizer(vocab_size: int = 128):
@@ -18,11 +49,16 @@ def make_tokenizer(vocab_size: int = 128):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([make_text(50, seed=1)], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                   bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def make_text(sentences: int, seed: int = 0) -> str:
@@ -37,13 +73,31 @@ def tiny_config(family: str, vocab_size: int):
     from transformers import LlamaConfig, OPTConfig
 
     if family == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           bos_token_id=2, eos_token_id=3, pad_token_id=1)
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=1,
+        )
     if family == "opt":
-        return OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=3,
-                         num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
-                         pad_token_id=1, bos_token_id=2, eos_token_id=3)
+        return OPTConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
     raise ValueError(family)
 
 

@@ -18,8 +18,9 @@ target_st = st.floats(min_value=0.0, max_value=0.95)
 @st.composite
 def request(draw):
     sizes = draw(sizes_st)
-    scores = draw(st.lists(st.floats(min_value=0.0, max_value=1e3, allow_nan=False),
-                           min_size=len(sizes), max_size=len(sizes)))
+    scores = draw(
+        st.lists(st.floats(min_value=0.0, max_value=1e3, allow_nan=False), min_size=len(sizes), max_size=len(sizes))
+    )
     target = draw(target_st)
     cap = draw(st.floats(min_value=target, max_value=1.0))
     return sizes, scores, target, cap
@@ -148,8 +149,10 @@ def test_temperature_one_is_the_paper_rule_and_higher_flattens():
     sizes, scores = [10_000] * 6, [9.0, 5.0, 3.0, 2.0, 1.5, 1.0]
     paper = allocation.ecoflap(sizes, scores, 0.6)
     assert allocation.ecoflap(sizes, scores, 0.6, temperature=1.0) == paper
-    spreads = [max(a.sparsities) - min(a.sparsities)
-               for a in (allocation.ecoflap(sizes, scores, 0.6, temperature=t) for t in (0.5, 1.0, 2.0, 8.0))]
+    spreads = [
+        max(a.sparsities) - min(a.sparsities)
+        for a in (allocation.ecoflap(sizes, scores, 0.6, temperature=t) for t in (0.5, 1.0, 2.0, 8.0))
+    ]
     assert spreads == sorted(spreads, reverse=True) and spreads[0] > spreads[-1]
     with pytest.raises(PlanError, match="temperature"):
         allocation.ecoflap(sizes, scores, 0.6, temperature=0.0)
@@ -171,8 +174,11 @@ def test_rank_exact_budget(req, lam):
     assert all(0 <= k <= n for k, n in zip(alloc.keep_counts, sizes))
 
 
-@given(st.lists(st.floats(0.0, 1e3, allow_nan=False), min_size=2, max_size=24, unique=True),
-       st.floats(0.2, 0.8), st.floats(0.0, 0.15))
+@given(
+    st.lists(st.floats(0.0, 1e3, allow_nan=False), min_size=2, max_size=24, unique=True),
+    st.floats(0.2, 0.8),
+    st.floats(0.0, 0.15),
+)
 @settings(max_examples=200, deadline=None)
 def test_rank_more_important_is_pruned_less_within_range(scores, target, lam):
     # ranks are only defined for scores that stay distinct after the monotone squash below
@@ -210,8 +216,18 @@ def test_mix_ends_are_depth_and_rank():
 
 def test_plan_records_allocator_settings():
     from ecoflap_cli.stages import driver
-    groups = [{"name": f"b{i}", "tower": "lm", "index": i, "params": 100, "score": float(s),
-               "tensors": [{"name": f"b{i}.w", "numel": 100}]} for i, s in enumerate([3, 1, 2, 5])]
+
+    groups = [
+        {
+            "name": f"b{i}",
+            "tower": "lm",
+            "index": i,
+            "params": 100,
+            "score": float(s),
+            "tensors": [{"name": f"b{i}.w", "numel": 100}],
+        }
+        for i, s in enumerate([3, 1, 2, 5])
+    ]
     doc = {"model": {"id": "m"}, "groups": groups, "method": {"name": "first"}}
     plan = driver.allocate(doc, 0.5, "mix", {"lam": 0.2, "alpha": 0.25})
     assert plan["allocator"] == {"name": "mix", "per_tower": False, "lam": 0.2, "alpha": 0.25}
@@ -224,8 +240,18 @@ def test_auto_allocator_follows_towers_and_score_kind():
     from ecoflap_cli.stages import driver
 
     def doc(towers, method="first"):
-        groups = [{"name": f"{t}{i}", "tower": t, "index": i, "params": 100, "score": float(i + 1),
-                   "tensors": [{"name": f"{t}{i}.w", "numel": 100}]} for t in towers for i in range(3)]
+        groups = [
+            {
+                "name": f"{t}{i}",
+                "tower": t,
+                "index": i,
+                "params": 100,
+                "score": float(i + 1),
+                "tensors": [{"name": f"{t}{i}.w", "numel": 100}],
+            }
+            for t in towers
+            for i in range(3)
+        ]
         return {"model": {"id": "m"}, "groups": groups, "method": {"name": method}}
 
     one = driver.allocate(doc(["language"]), 0.5, "auto")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from ecoflap_cli.engine import score_methods
-from ecoflap_cli.stages import driver
 from ecoflap_cli.io.loading import LoadOptions, load_model
 from ecoflap_cli.models import get_adapter
+from ecoflap_cli.stages import driver
 
 
 def _batches():

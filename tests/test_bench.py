@@ -14,13 +14,28 @@ import pytest
 import torch
 from tiny import make_text
 
-SCRIPTS = ("alloc_study", "cuda_check", "estimator_study", "hybrid_blip2", "llmc_env", "llmc_runner",
-           "offload_memory", "packed_size", "quality", "scoring_cost")
+SCRIPTS = (
+    "alloc_study",
+    "cuda_check",
+    "estimator_study",
+    "hybrid_blip2",
+    "llmc_env",
+    "llmc_runner",
+    "offload_memory",
+    "packed_size",
+    "quality",
+    "scoring_cost",
+)
 
 
 def _env(cache: Path) -> dict[str, str]:
-    return {**os.environ, "ECOFLAP_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "ECOFLAP_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 @pytest.fixture
@@ -32,8 +47,9 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def fake_assets(cache: Path, tiny_llama: Path, calib_text: Path, eval_text: Path,
-                monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+def fake_assets(
+    cache: Path, tiny_llama: Path, calib_text: Path, eval_text: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Path]:
     """SmolLM2, the Wikipedia splits and the Shakespeare text replaced by tiny local stand-ins."""
     from ecoflap_cli.data import assets
 
@@ -49,8 +65,9 @@ def fake_assets(cache: Path, tiny_llama: Path, calib_text: Path, eval_text: Path
 def _tiny_batch(model_dir: Path, samples: int = 4, seqlen: int = 16):
     from ecoflap_cli.bench.smollm import smollm2_batches
 
-    loaded, adapter, batches = smollm2_batches("calib", samples, seqlen, batch_size=samples, model=str(model_dir),
-                                               text=str(_text_file(model_dir)))
+    loaded, adapter, batches = smollm2_batches(
+        "calib", samples, seqlen, batch_size=samples, model=str(model_dir), text=str(_text_file(model_dir))
+    )
     return loaded, adapter, batches
 
 
@@ -66,8 +83,13 @@ def _text_file(model_dir: Path) -> Path:
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help(script: str, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", f"ecoflap_cli.bench.{script}", "--help"], capture_output=True,
-                          text=True, env=_env(tmp_path / "cache"), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"ecoflap_cli.bench.{script}", "--help"],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path / "cache"),
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
     assert not (tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()  # --help fetches nothing
@@ -81,8 +103,10 @@ def test_every_script_is_covered() -> None:
     assert found == set(SCRIPTS)
 
 
-DOCS = [Path(__file__).resolve().parents[1] / "README.md",
-        *sorted((Path(__file__).resolve().parents[1] / "docs").glob("*.md"))]
+DOCS = [
+    Path(__file__).resolve().parents[1] / "README.md",
+    *sorted((Path(__file__).resolve().parents[1] / "docs").glob("*.md")),
+]
 #: placeholders the docs use in command lines, and a value that parses in their place
 PLACEHOLDERS = {"P": "0.5"}
 
@@ -149,16 +173,18 @@ def test_smollm2_config(fake_assets: dict[str, Path], cache: Path) -> None:
     assert cfg.title == "SmolLM2-135M, Wikipedia test split"
     cfg.check()
     # llm-compressor methods with a given venv Python: nothing is created
-    peer = smollm2_config("out", "valid", ["llmc:wanda", "uniform:wanda"], [0.5], llmc_python="/venv/bin/python",
-                          samples=4, seed=None)
+    peer = smollm2_config(
+        "out", "valid", ["llmc:wanda", "uniform:wanda"], [0.5], llmc_python="/venv/bin/python", samples=4, seed=None
+    )
     assert peer.llmc_python == "/venv/bin/python" and peer.text == str(fake_assets["valid"])
     assert peer.timing_methods == ["uniform:wanda", "llmc:wanda"] and peer.samples == 4 and peer.seed == 0
     with pytest.raises(ValueError):
         smollm2_config(split="train")
 
 
-def test_smollm2_config_takes_other_model_and_data(tiny_llama: Path, calib_text: Path, eval_text: Path,
-                                                   cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_smollm2_config_takes_other_model_and_data(
+    tiny_llama: Path, calib_text: Path, eval_text: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from ecoflap_cli.bench.smollm import smollm2_config
     from ecoflap_cli.data import assets
 
@@ -249,11 +275,16 @@ def _tiny_smol_like(directory: Path) -> Path:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>", "<pad>", "<s>", "</s>", "<empty_output>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=160,
+        special_tokens=["<unk>", "<pad>", "<s>", "</s>", "<empty_output>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([make_text(50, seed=1)], trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                        bos_token="<s>", eos_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)))
     model.save_pretrained(directory)
@@ -350,8 +381,22 @@ def test_offload_memory_on_a_tiny_model(tiny_llama: Path, calib_text: Path, tmp_
     from ecoflap_cli.bench import offload_memory
 
     out = tmp_path / "offload.json"
-    code = offload_memory.main(["--model", str(tiny_llama), "--calib", str(calib_text), "--samples", "4",
-                                "--seqlen", "32", "--out", str(out), "--work", str(tmp_path / "runs")])
+    code = offload_memory.main(
+        [
+            "--model",
+            str(tiny_llama),
+            "--calib",
+            str(calib_text),
+            "--samples",
+            "4",
+            "--seqlen",
+            "32",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "runs"),
+        ]
+    )
     summary = json.loads(out.read_text())
     assert code == 0 and summary["pruned_weights_bit_identical"]
     for run in summary["runs"].values():
@@ -369,9 +414,24 @@ def test_packed_size_measures_a_dense_and_packed_pair(tiny_llama: Path, tmp_path
 
     dense, packed = tmp_path / "dense", tmp_path / "packed"
     runner = CliRunner()
-    for args in (["prune", "-m", str(tiny_llama), "--sparsity", "0.7", "--allocator", "uniform", "--solver",
-                  "magnitude", "--dtype", "float16", "-o", str(dense)],
-                 ["convert", str(dense), "-o", str(packed), "--to", "packed"]):
+    for args in (
+        [
+            "prune",
+            "-m",
+            str(tiny_llama),
+            "--sparsity",
+            "0.7",
+            "--allocator",
+            "uniform",
+            "--solver",
+            "magnitude",
+            "--dtype",
+            "float16",
+            "-o",
+            str(dense),
+        ],
+        ["convert", str(dense), "-o", str(packed), "--to", "packed"],
+    ):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
     row = measure(dense, packed, "float16", 0.7, repeats=1)
@@ -385,8 +445,25 @@ def test_packed_size_on_a_tiny_model(tiny_llama: Path, tmp_path: Path, cache: Pa
     from ecoflap_cli.bench import packed_size
 
     out = tmp_path / "packed.json"
-    assert packed_size.main(["--model", str(tiny_llama), "--dtype", "float16", "--sparsity", "0.7",
-                             "--repeats", "1", "--out", str(out), "--work", str(tmp_path / "runs")]) == 0
+    assert (
+        packed_size.main(
+            [
+                "--model",
+                str(tiny_llama),
+                "--dtype",
+                "float16",
+                "--sparsity",
+                "0.7",
+                "--repeats",
+                "1",
+                "--out",
+                str(out),
+                "--work",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 0
+    )
     (row,) = json.loads(out.read_text())
     assert row["dtype"] == "float16" and row["sparsity"] == 0.7
     assert row["packed_file_bytes"] > 0 and row["pruned_tensors_dense_bytes"] > 0
@@ -395,15 +472,38 @@ def test_packed_size_on_a_tiny_model(tiny_llama: Path, tmp_path: Path, cache: Pa
 # --- quality ----------------------------------------------------------------------------------
 
 
-def test_quality_on_a_tiny_model(fake_assets: dict[str, Path], tmp_path: Path,
-                                 capsys: pytest.CaptureFixture) -> None:
+def test_quality_on_a_tiny_model(fake_assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from ecoflap_cli.bench import quality
 
     out = tmp_path / "sweep"
-    args = ["--no-peer", "--method", "uniform:magnitude", "--method", "owl:wanda@m=5,lam=0.08", "-s", "0.5",
-            "--samples", "4", "--seqlen", "32", "--score-samples", "4", "--score-seqlen", "32",
-            "--eval-seqlen", "32", "--eval-windows", "2", "--repeats", "1", "--threads", "1", "--no-plot",
-            "-o", str(out)]
+    args = [
+        "--no-peer",
+        "--method",
+        "uniform:magnitude",
+        "--method",
+        "owl:wanda@m=5,lam=0.08",
+        "-s",
+        "0.5",
+        "--samples",
+        "4",
+        "--seqlen",
+        "32",
+        "--score-samples",
+        "4",
+        "--score-seqlen",
+        "32",
+        "--eval-seqlen",
+        "32",
+        "--eval-windows",
+        "2",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--no-plot",
+        "-o",
+        str(out),
+    ]
     assert quality.main(args) == 0
     summary = json.loads((out / "sweep.json").read_text())
     runs = {(r["method"], r["sparsity"]) for r in summary["runs"] if "error" not in r}
@@ -429,15 +529,17 @@ def test_scoring_cost_modes_on_a_tiny_model(tiny_llama: Path) -> None:
         scores = fn(adapter, batches, 0)
         assert list(scores) == names and all(v >= 0 for v in scores.values()), mode
     sub = sc.SubsetAdapter(adapter, {names[0], names[-1]})
-    ref = zeroth_order_scores(sub, batches, ZerothOrderSettings(granularity="tensor", reuse_activations=False,
-                                                                head="exact"))
+    ref = zeroth_order_scores(
+        sub, batches, ZerothOrderSettings(granularity="tensor", reuse_activations=False, head="exact")
+    )
     assert list(ref) == [names[0], names[-1]]
     assert sc.spearman([1.0, 2.0, 3.0], [10.0, 20.0, 30.0]) == pytest.approx(1.0)
     assert sc.spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
 
 
-def test_scoring_cost_quality_stage_on_a_tiny_model(tiny_llama: Path, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scoring_cost_quality_stage_on_a_tiny_model(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The perplexity-after-pruning stage, with SmolLM2 and its 512-token windows swapped for the tiny model."""
     from ecoflap_cli.bench import scoring_cost as sc
 

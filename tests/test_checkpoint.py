@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from ecoflap_cli.io.pruned import load_pruned
+from ecoflap_cli.cli.app import app
+from ecoflap_cli.errors import ArtifactError, EcoflapError
 from ecoflap_cli.io.checkpoint import (
     checkpoint_layout,
     convert_checkpoint,
@@ -25,10 +26,9 @@ from ecoflap_cli.io.checkpoint import (
     weight_bytes,
     weight_files,
 )
-from ecoflap_cli.cli.app import app
-from ecoflap_cli.errors import ArtifactError, EcoflapError
 from ecoflap_cli.io.loading import LoadOptions, load_model
 from ecoflap_cli.io.packed import INDEX_FILE, INDEX_KEY, PART_SEPARATOR, SINGLE_FILE, load_sharded, save_sharded
+from ecoflap_cli.io.pruned import load_pruned
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 runner = CliRunner(env={"HF_HUB_OFFLINE": "1"})
@@ -44,8 +44,26 @@ def cli(*args: str, ok: bool = True):
 
 
 def prune(model: Path, out: Path, calib: Path, *extra: str) -> Path:
-    cli("prune", "-m", model, "-o", out, "-s", "0.5", "--allocator", "uniform", "--calib", calib,
-        "--samples", "4", "--seqlen", "16", "--device", "cpu", *extra)
+    cli(
+        "prune",
+        "-m",
+        model,
+        "-o",
+        out,
+        "-s",
+        "0.5",
+        "--allocator",
+        "uniform",
+        "--calib",
+        calib,
+        "--samples",
+        "4",
+        "--seqlen",
+        "16",
+        "--device",
+        "cpu",
+        *extra,
+    )
     return out
 
 
@@ -54,8 +72,9 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
     for name, t in a.items():
         u = b[name]
         assert t.dtype == u.dtype and t.shape == u.shape, name
-        assert torch.equal(t.contiguous().view(INT_VIEW[t.element_size()]),
-                           u.contiguous().view(INT_VIEW[u.element_size()])), name
+        assert torch.equal(
+            t.contiguous().view(INT_VIEW[t.element_size()]), u.contiguous().view(INT_VIEW[u.element_size()])
+        ), name
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
@@ -124,8 +143,14 @@ def test_prune_packed_matches_dense_prune(opt_pair):
     assert_same_state(load_sharded(dense), load_sharded(packed))
     names = {p.name for p in packed.iterdir()}
     assert names == {p.name for p in dense.iterdir()}
-    assert {"config.json", "generation_config.json", "plan.json", "ecoflap_report.json",
-            "tokenizer.json", SINGLE_FILE} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "plan.json",
+        "ecoflap_report.json",
+        "tokenizer.json",
+        SINGLE_FILE,
+    } <= names
     # the tied lm_head is dropped as save_pretrained drops it, and tied again on load
     assert "lm_head.weight" not in load_sharded(packed)
     model = load_pruned(packed)
@@ -135,15 +160,20 @@ def test_prune_packed_matches_dense_prune(opt_pair):
 def test_packed_is_smaller_for_pruned_tensors(opt_pair):
     dense, packed = opt_pair
     index = packed_index(packed / SINGLE_FILE)
-    with safe_open(str(dense / SINGLE_FILE), framework="pt") as d, \
-            safe_open(str(packed / SINGLE_FILE), framework="pt") as p:
+    with (
+        safe_open(str(dense / SINGLE_FILE), framework="pt") as d,
+        safe_open(str(packed / SINGLE_FILE), framework="pt") as p,
+    ):
         parts = [k for k in p.keys() if PART_SEPARATOR in k]  # noqa: SIM118
         for name in plan_tensors(dense):
             entry = index[name]
             assert entry["layout"] == "bitmask" and entry["sparsity"] == pytest.approx(0.5)
             dense_bytes = d.get_tensor(name).numel() * 4
-            packed_bytes = sum(p.get_tensor(k).numel() * p.get_tensor(k).element_size()
-                               for k in parts if k.startswith(name + PART_SEPARATOR))
+            packed_bytes = sum(
+                p.get_tensor(k).numel() * p.get_tensor(k).element_size()
+                for k in parts
+                if k.startswith(name + PART_SEPARATOR)
+            )
             assert packed_bytes < 0.6 * dense_bytes
     with safe_open(str(packed / SINGLE_FILE), framework="pt") as fh:
         meta = fh.metadata()
@@ -157,8 +187,18 @@ def test_output_directory_is_not_private(opt_pair):
 
 
 def test_nm_layout_when_pruned_nm(tmp_path, tiny_llama, calib_text):
-    out = prune(tiny_llama, tmp_path / "nm", calib_text, "--solver", "magnitude", "--nm", "2:4",
-                "--packed", "--dtype", "float16")
+    out = prune(
+        tiny_llama,
+        tmp_path / "nm",
+        calib_text,
+        "--solver",
+        "magnitude",
+        "--nm",
+        "2:4",
+        "--packed",
+        "--dtype",
+        "float16",
+    )
     index = packed_index(out / SINGLE_FILE)
     assert {index[n]["layout"] for n in plan_tensors(out)} == {"nm"}
     assert all(index[n]["n_m"] == [2, 4] for n in plan_tensors(out))
@@ -171,15 +211,13 @@ def test_nm_layout_when_pruned_nm(tmp_path, tiny_llama, calib_text):
 @pytest.mark.parametrize("packed", [False, True])
 def test_sharding_respects_max_shard_size(packed, tmp_path, tiny_llama, calib_text):
     extra = ["--packed"] if packed else []
-    out = prune(tiny_llama, tmp_path / "out", calib_text, "--solver", "magnitude",
-                "--max-shard-size", "40KB", *extra)
+    out = prune(tiny_llama, tmp_path / "out", calib_text, "--solver", "magnitude", "--max-shard-size", "40KB", *extra)
     files = weight_files(out)
     assert len(files) > 1 and (out / INDEX_FILE).is_file() and not (out / SINGLE_FILE).exists()
     assert checkpoint_layout(out) == ("packed" if packed else "dense")
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
-            sizes = [fh.get_tensor(k).numel() * fh.get_tensor(k).element_size()
-                     for k in fh.keys()]  # noqa: SIM118
+            sizes = [fh.get_tensor(k).numel() * fh.get_tensor(k).element_size() for k in fh.keys()]  # noqa: SIM118
         assert sum(sizes) <= 40_000 or len(sizes) == 1
     weight_map = json.loads((out / INDEX_FILE).read_text())["weight_map"]
     assert set(weight_map) == set(load_sharded(out))
@@ -264,8 +302,12 @@ def corrupt_copy(source: Path, tmp_path: Path, how: str) -> Path:
     return work
 
 
-CORRUPTIONS = {"truncate": "cannot read safetensors file", "version": "unsupported packed format version 2",
-               "mask": "bitmask has shape", "values": "values are stored"}
+CORRUPTIONS = {
+    "truncate": "cannot read safetensors file",
+    "version": "unsupported packed format version 2",
+    "mask": "bitmask has shape",
+    "values": "values are stored",
+}
 
 
 @pytest.mark.parametrize("how", list(CORRUPTIONS))
@@ -273,8 +315,11 @@ def test_corrupt_packed_checkpoint_is_a_clean_error(how, opt_pair, tmp_path):
     work = corrupt_copy(opt_pair[1], tmp_path, how)
     with pytest.raises(ArtifactError, match=CORRUPTIONS[how]):
         load_pruned(work)
-    commands = (["eval", work, "--device", "cpu"], ["inspect", work],
-                ["convert", work, "-o", tmp_path / "out", "--to", "dense"])
+    commands = (
+        ["eval", work, "--device", "cpu"],
+        ["inspect", work],
+        ["convert", work, "-o", tmp_path / "out", "--to", "dense"],
+    )
     for args in commands:
         result = cli(*args, ok=False)
         assert result.exit_code == 2, result.output
@@ -288,8 +333,13 @@ def test_corrupt_packed_checkpoint_is_a_clean_error(how, opt_pair, tmp_path):
 def test_corrupt_packed_in_a_real_process(opt_pair, tmp_path):
     work = corrupt_copy(opt_pair[1], tmp_path, "truncate")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "ecoflap_cli", "eval", str(work), "--device", "cpu"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ecoflap_cli", "eval", str(work), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read safetensors file")
@@ -314,22 +364,46 @@ def test_parse_size():
     for bad in ("", "lots", "5 XB", "0", "-1GB"):
         with pytest.raises(EcoflapError):
             parse_size(bad)
-    result = cli("prune", "-m", "x", "-s", "0.5", "--max-shard-size", "huge", "-o", "/nonexistent/out",
-                 ok=False)
+    result = cli("prune", "-m", "x", "-s", "0.5", "--max-shard-size", "huge", "-o", "/nonexistent/out", ok=False)
     assert result.exit_code == 2 and "cannot read size" in result.output
 
 
 # --- vision-language models -------------------------------------------------------------------
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              image_size=32, patch_size=8)
-QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               vocab_size=100, max_position_embeddings=64, cross_attention_frequency=1)
-OPT_TEXT = dict(model_type="opt", vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
-                pad_token_id=1, bos_token_id=2, eos_token_id=2)
-CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 vocab_size=100, max_position_embeddings=32, eos_token_id=2)
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
+QFORMER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=100,
+    max_position_embeddings=64,
+    cross_attention_frequency=1,
+)
+OPT_TEXT = dict(
+    model_type="opt",
+    vocab_size=100,
+    hidden_size=32,
+    ffn_dim=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    word_embed_proj_dim=32,
+    pad_token_id=1,
+    bos_token_id=2,
+    eos_token_id=2,
+)
+CLIP_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=100,
+    max_position_embeddings=32,
+    eos_token_id=2,
+)
 
 
 def tiny_vlm(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -339,8 +413,9 @@ def tiny_vlm(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     pixels = torch.randn(1, 3, 32, 32)
     if family == "blip2":
-        config = Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=OPT_TEXT,
-                             num_query_tokens=4, image_token_index=99)
+        config = Blip2Config(
+            vision_config=VISION, qformer_config=QFORMER, text_config=OPT_TEXT, num_query_tokens=4, image_token_index=99
+        )
         ids = torch.cat([torch.full((1, 4), 99), torch.tensor([[2, 11, 23, 35, 47]])], dim=1)
         return Blip2ForConditionalGeneration(config).eval(), {"input_ids": ids, "pixel_values": pixels}
     config = CLIPConfig(text_config=CLIP_TEXT, vision_config=VISION, projection_dim=16)

@@ -21,8 +21,9 @@ ECOFLAP = f"{shlex.quote(sys.executable)} -m ecoflap_cli"
 
 
 def sh(command: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=cwd, env=ENV,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{command}\nexit {result.returncode}\n{result.stderr[-3000:]}")
     return result
@@ -56,9 +57,11 @@ def test_stages_through_a_real_shell_pipe(fixture, request, tmp_path, calib_text
     assert json.loads((tmp_path / "plan.json").read_text()) == plan
     sparsities = [g["sparsity"] for g in plan["groups"]]
     assert max(sparsities) <= 0.6 + 0.15 + 0.02 and abs(plan["achieved_sparsity"] - 0.6) < 1e-3
-    code, out, err = run_cli(shlex.split(
-        f"eval out --text {eval_text} --seqlen 32 --max-windows 8 --compare {model} -o -"),
-        tmp_path, request.getfixturevalue("monkeypatch"))
+    code, out, err = run_cli(
+        shlex.split(f"eval out --text {eval_text} --seqlen 32 --max-windows 8 --compare {model} -o -"),
+        tmp_path,
+        request.getfixturevalue("monkeypatch"),
+    )
     assert code == 0, err
     results = json.loads(out)
     assert results["summary"]["mismatches"] == 0
@@ -69,13 +72,25 @@ def test_stages_through_a_real_shell_pipe(fixture, request, tmp_path, calib_text
 
 @pytest.mark.parametrize("solver", ["wanda", "sparsegpt", "magnitude"])
 def test_one_shot_prune_writes_reloadable_checkpoint(solver, tiny_llama, tmp_path, calib_text, monkeypatch):
-    code, _, err = run_cli(shlex.split(
-        f"prune --model {tiny_llama} --sparsity 0.5 --solver {solver} --calib {calib_text} "
-        f"--samples 8 --seqlen 32 --score-samples 4 -o out"), tmp_path, monkeypatch)
+    code, _, err = run_cli(
+        shlex.split(
+            f"prune --model {tiny_llama} --sparsity 0.5 --solver {solver} --calib {calib_text} "
+            f"--samples 8 --seqlen 32 --score-samples 4 -o out"
+        ),
+        tmp_path,
+        monkeypatch,
+    )
     assert code == 0, err
     out = tmp_path / "out"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
-                 "plan.json", "scores.json", "ecoflap_report.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "plan.json",
+        "scores.json",
+        "ecoflap_report.json",
+    ):
         assert (out / name).is_file(), name
     plan = assert_zeros_match_plan(out)
     report = json.loads((out / "ecoflap_report.json").read_text())
@@ -92,9 +107,14 @@ def test_one_shot_prune_writes_reloadable_checkpoint(solver, tiny_llama, tmp_pat
 
 
 def test_nm_prune_with_uniform_plan(tiny_llama, tmp_path, calib_text, monkeypatch):
-    code, _, err = run_cli(shlex.split(
-        f"prune -m {tiny_llama} --sparsity 0.5 --allocator uniform --nm 2:4 "
-        f"--calib {calib_text} --samples 4 --seqlen 32 -o out"), tmp_path, monkeypatch)
+    code, _, err = run_cli(
+        shlex.split(
+            f"prune -m {tiny_llama} --sparsity 0.5 --allocator uniform --nm 2:4 "
+            f"--calib {calib_text} --samples 4 --seqlen 32 -o out"
+        ),
+        tmp_path,
+        monkeypatch,
+    )
     assert code == 0, err
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     weight = model.model.layers[0].mlp.up_proj.weight
@@ -103,12 +123,15 @@ def test_nm_prune_with_uniform_plan(tiny_llama, tmp_path, calib_text, monkeypatc
 
 
 def test_inspecting_a_plan_before_pruning(tiny_opt, tmp_path, calib_text, monkeypatch):
-    code, _, err = run_cli(shlex.split(
-        f"score -m {tiny_opt} --calib {calib_text} --samples 4 --seqlen 32 --method first -o scores.json"),
-        tmp_path, monkeypatch)
+    code, _, err = run_cli(
+        shlex.split(f"score -m {tiny_opt} --calib {calib_text} --samples 4 --seqlen 32 --method first -o scores.json"),
+        tmp_path,
+        monkeypatch,
+    )
     assert code == 0, err
-    code, out, err = run_cli(shlex.split("allocate scores.json -s 0.5 --allocator depth -o plan.json"),
-                             tmp_path, monkeypatch)
+    code, out, err = run_cli(
+        shlex.split("allocate scores.json -s 0.5 --allocator depth -o plan.json"), tmp_path, monkeypatch
+    )
     assert code == 0 and "model.decoder.layers.0" in err and "budget per tower" in err
     assert out == ""
     plan = json.loads((tmp_path / "plan.json").read_text())
@@ -117,23 +140,29 @@ def test_inspecting_a_plan_before_pruning(tiny_opt, tmp_path, calib_text, monkey
 
 
 def test_allocate_rank_mix_and_temperature_record_their_settings(tiny_opt, tmp_path, calib_text, monkeypatch):
-    code, _, err = run_cli(shlex.split(
-        f"score -m {tiny_opt} --calib {calib_text} --samples 4 --seqlen 32 --method first -o scores.json"),
-        tmp_path, monkeypatch)
+    code, _, err = run_cli(
+        shlex.split(f"score -m {tiny_opt} --calib {calib_text} --samples 4 --seqlen 32 --method first -o scores.json"),
+        tmp_path,
+        monkeypatch,
+    )
     assert code == 0, err
-    cases = {"rank --lam 0.2": {"name": "rank", "lam": 0.2},
-             "mix --lam 0.1 --alpha 0.25": {"name": "mix", "lam": 0.1, "alpha": 0.25},
-             "mix": {"name": "mix", "lam": 0.15, "alpha": 0.5},
-             "ecoflap --temperature 2": {"name": "ecoflap", "temperature": 2.0, "max_sparsity": 0.6}}
+    cases = {
+        "rank --lam 0.2": {"name": "rank", "lam": 0.2},
+        "mix --lam 0.1 --alpha 0.25": {"name": "mix", "lam": 0.1, "alpha": 0.25},
+        "mix": {"name": "mix", "lam": 0.15, "alpha": 0.5},
+        "ecoflap --temperature 2": {"name": "ecoflap", "temperature": 2.0, "max_sparsity": 0.6},
+    }
     for i, (args, expected) in enumerate(cases.items()):
-        code, _, err = run_cli(shlex.split(f"allocate scores.json -s 0.5 --allocator {args} -o p{i}.json --no-show"),
-                               tmp_path, monkeypatch)
+        code, _, err = run_cli(
+            shlex.split(f"allocate scores.json -s 0.5 --allocator {args} -o p{i}.json --no-show"), tmp_path, monkeypatch
+        )
         assert code == 0, err
         plan = json.loads((tmp_path / f"p{i}.json").read_text())
         assert {k: plan["allocator"][k] for k in expected} == expected
         assert plan["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4)
-    code, _, err = run_cli(shlex.split("allocate scores.json -s 0.5 --allocator mix --alpha 2 -o bad.json"),
-                           tmp_path, monkeypatch)
+    code, _, err = run_cli(
+        shlex.split("allocate scores.json -s 0.5 --allocator mix --alpha 2 -o bad.json"), tmp_path, monkeypatch
+    )
     assert code != 0 and "alpha" in err and not (tmp_path / "bad.json").exists()
 
 
@@ -153,9 +182,22 @@ def artifacts_dir(tmp_path_factory, tiny_llama, calib_text):
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        for args in (["score", "-m", str(tiny_llama), "--calib", str(calib_text), "--samples", "2",
-                      "--seqlen", "16", "-o", "scores.json"],
-                     ["allocate", "scores.json", "-s", "0.6", "-o", "plan.json", "--no-show"]):
+        for args in (
+            [
+                "score",
+                "-m",
+                str(tiny_llama),
+                "--calib",
+                str(calib_text),
+                "--samples",
+                "2",
+                "--seqlen",
+                "16",
+                "-o",
+                "scores.json",
+            ],
+            ["allocate", "scores.json", "-s", "0.6", "-o", "plan.json", "--no-show"],
+        ):
             assert runner.invoke(app, args).exit_code == 0
     finally:
         os.chdir(cwd)
@@ -180,8 +222,9 @@ def artifacts_dir(tmp_path_factory, tiny_llama, calib_text):
         ("prune -m MODEL --plan plan.json --sparsity 0.5 -o o6", "exactly one of"),
     ],
 )
-def test_bad_input_is_one_line_error(command, message, tiny_llama, tiny_opt, tmp_path, calib_text,
-                                     artifacts_dir, monkeypatch):
+def test_bad_input_is_one_line_error(
+    command, message, tiny_llama, tiny_opt, tmp_path, calib_text, artifacts_dir, monkeypatch
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in ("scores.json", "plan.json"):
         (tmp_path / name).write_bytes((artifacts_dir / name).read_bytes())
@@ -189,8 +232,9 @@ def test_bad_input_is_one_line_error(command, message, tiny_llama, tiny_opt, tmp
     (tmp_path / "empty.json").write_text("")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "existing").mkdir()
-    command = (command.replace("MODEL", str(tiny_llama)).replace("OTHER", str(tiny_opt))
-               .replace("CALIB", str(calib_text)))
+    command = (
+        command.replace("MODEL", str(tiny_llama)).replace("OTHER", str(tiny_opt)).replace("CALIB", str(calib_text))
+    )
     code, _out, err = run_cli(shlex.split(command), tmp_path, monkeypatch)
     assert code != 0
     assert message in err, err
@@ -207,8 +251,13 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
 
 
 def test_compare_group_with_unknown_tower_is_refused(tiny_llama, tmp_path, calib_text, monkeypatch):
-    code, _, err = run_cli(shlex.split(
-        f"prune -m {tiny_llama} --sparsity 0.5 --allocator uniform --calib {calib_text} --samples 2 "
-        f"--seqlen 16 --compare-group visoin=row -o out"), tmp_path, monkeypatch)
+    code, _, err = run_cli(
+        shlex.split(
+            f"prune -m {tiny_llama} --sparsity 0.5 --allocator uniform --calib {calib_text} --samples 2 "
+            f"--seqlen 16 --compare-group visoin=row -o out"
+        ),
+        tmp_path,
+        monkeypatch,
+    )
     assert code != 0 and "unknown tower 'visoin'" in err and "language" in err
     assert not (tmp_path / "out").exists()

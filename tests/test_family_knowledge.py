@@ -103,8 +103,10 @@ def test_the_check_catches_family_branches(snippet: str) -> None:
 
 
 def test_the_check_lets_generic_code_through() -> None:
-    assert not violations('if task.name not in adapter.eval_tasks: pass\nif name == "zero_shot": pass\n'
-                          'info = {"model_type": getattr(config, "model_type", None)}')
+    assert not violations(
+        'if task.name not in adapter.eval_tasks: pass\nif name == "zero_shot": pass\n'
+        'info = {"model_type": getattr(config, "model_type", None)}'
+    )
 
 
 def test_every_family_answers_from_its_model_type() -> None:

@@ -82,8 +82,13 @@ def test_every_writer_gives_the_same_permissions(tmp_path, umask):
         (staging / "nested" / "config.json").write_text("{}")
         (staging / "copied.txt").write_bytes(private.read_bytes())
         (staging / "copied.txt").chmod(0o600)
-    files = [tmp_path / "plan.json", tmp_path / "one.safetensors", *shards,
-             tmp_path / "checkpoint" / "nested" / "config.json", tmp_path / "checkpoint" / "copied.txt"]
+    files = [
+        tmp_path / "plan.json",
+        tmp_path / "one.safetensors",
+        *shards,
+        tmp_path / "checkpoint" / "nested" / "config.json",
+        tmp_path / "checkpoint" / "copied.txt",
+    ]
     assert {f.name: oct(mode(f)) for f in files} == {f.name: oct(file_mode) for f in files}
     for directory in (tmp_path / "checkpoint", tmp_path / "checkpoint" / "nested"):
         assert mode(directory) == dir_mode
@@ -223,7 +228,7 @@ def test_stop_at_records_and_ends_the_pass():
     inputs: list = []
     with stop_at(model[1], inputs.append, inputs=True):
         model(x)
-    (args, kwargs), = inputs
+    ((args, kwargs),) = inputs
     assert torch.equal(args[0], model[0](x)) and kwargs == {}
     assert not model[0]._forward_hooks and not model[1]._forward_pre_hooks
     assert model(x).shape == (3, 2) and ran == ["last"]  # hooks gone: a plain pass runs to the end

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ecoflap_cli.io import artifacts
-from ecoflap_cli.stages import driver
 from ecoflap_cli.cli.app import app
 from ecoflap_cli.errors import ArtifactError
+from ecoflap_cli.io import artifacts
 from ecoflap_cli.io.inspect import inspect_artifact
+from ecoflap_cli.stages import driver
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 runner = CliRunner(env={"HF_HUB_OFFLINE": "1"})
@@ -58,8 +58,7 @@ def test_scores(artifacts_dir):
     assert summary["method"]["name"] == "first"  # --method auto picks first-order on a tiny model
     assert [b["score"] for b in summary["blocks"]] == [g["score"] for g in scores["groups"]]
     assert all(b["planned"] is None and b["achieved"] is None for b in summary["blocks"])
-    assert summary["towers"] == [{"name": "language", "blocks": 4, "params": 36864, "planned": None,
-                                  "achieved": None}]
+    assert summary["towers"] == [{"name": "language", "blocks": 4, "params": 36864, "planned": None, "achieved": None}]
     assert any("language" in line and "36,864" in line for line in result.stderr.splitlines())
     assert "planned" not in result.stderr  # a scores file has no sparsity columns
 
@@ -126,10 +125,17 @@ def test_shell_pipe(tiny_llama, calib_text):
     """A real pipe: score -> allocate -> inspect, artifacts on stdout, tables on stderr."""
     ecoflap = f"{sys.executable} -m ecoflap_cli"
     calib = " ".join(CALIB)
-    command = (f"{ecoflap} score -m {tiny_llama} --calib {calib_text} {calib} -o - "
-               f"| {ecoflap} allocate - -s 0.5 -o - | {ecoflap} inspect - --json")
-    proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    command = (
+        f"{ecoflap} score -m {tiny_llama} --calib {calib_text} {calib} -o - "
+        f"| {ecoflap} allocate - -s 0.5 -o - | {ecoflap} inspect - --json"
+    )
+    proc = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["kind"] == "plan" and summary["source"] == "stdin"
@@ -139,12 +145,25 @@ def test_shell_pipe(tiny_llama, calib_text):
 
 def test_two_towers_and_chart(tmp_path):
     """Per-tower aggregation on a synthetic vision + language plan, and the PNG chart."""
-    groups = [{"name": f"{tower}.{i}", "tower": tower, "index": i, "params": size,
-               "tensors": [{"name": f"{tower}.{i}.fc.weight", "numel": size}], "score": 1.0 + i}
-              for tower, size in (("vision", 100), ("language", 300)) for i in range(3)]
-    scores = {"format": artifacts.SCORES_FORMAT, "version": artifacts.VERSION,
-              "model": {"id": "synthetic", "fingerprint": "0" * 16}, "method": {"name": "zeroth"},
-              "groups": groups}
+    groups = [
+        {
+            "name": f"{tower}.{i}",
+            "tower": tower,
+            "index": i,
+            "params": size,
+            "tensors": [{"name": f"{tower}.{i}.fc.weight", "numel": size}],
+            "score": 1.0 + i,
+        }
+        for tower, size in (("vision", 100), ("language", 300))
+        for i in range(3)
+    ]
+    scores = {
+        "format": artifacts.SCORES_FORMAT,
+        "version": artifacts.VERSION,
+        "model": {"id": "synthetic", "fingerprint": "0" * 16},
+        "method": {"name": "zeroth"},
+        "groups": groups,
+    }
     plan = driver.allocate(scores, 0.5, "ecoflap")
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     summary = inspect_artifact(str(tmp_path / "plan.json"))
@@ -170,11 +189,14 @@ def test_chart_without_matplotlib(artifacts_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "c.png").exists()
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"format": "ecoflap.report", "version": 1}', "not a scores file, a plan or a checkpoint"),
-    ("not json", "not valid JSON"),
-    ('{"format": "ecoflap.plan", "version": 9}', "unsupported version 9"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"format": "ecoflap.report", "version": 1}', "not a scores file, a plan or a checkpoint"),
+        ("not json", "not valid JSON"),
+        ('{"format": "ecoflap.plan", "version": 9}', "unsupported version 9"),
+    ],
+)
 def test_not_an_artifact(tmp_path, content, message):
     path = tmp_path / "thing.json"
     path.write_text(content)

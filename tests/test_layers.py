@@ -21,8 +21,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 import ecoflap_cli
 
 ROOT = Path(ecoflap_cli.__file__).resolve().parent
@@ -85,10 +83,17 @@ def _imports(source: str, tree: ast.AST) -> list[Edge]:
                         edges.append(Edge(source, f"{base}.{alias.name}", (), child.lineno, local))
                 if plain or not child.names:
                     edges.append(Edge(source, base, plain, child.lineno, local))
-            elif (isinstance(child, ast.Call) and child.args and isinstance(child.args[0], ast.Constant)
-                  and isinstance(child.args[0].value, str) and child.args[0].value.startswith(PACKAGE)
-                  and ((isinstance(child.func, ast.Attribute) and child.func.attr == "import_module")
-                       or (isinstance(child.func, ast.Name) and child.func.id in ("import_module", "__import__")))):
+            elif (
+                isinstance(child, ast.Call)
+                and child.args
+                and isinstance(child.args[0], ast.Constant)
+                and isinstance(child.args[0].value, str)
+                and child.args[0].value.startswith(PACKAGE)
+                and (
+                    (isinstance(child.func, ast.Attribute) and child.func.attr == "import_module")
+                    or (isinstance(child.func, ast.Name) and child.func.id in ("import_module", "__import__"))
+                )
+            ):
                 edges.append(Edge(source, child.args[0].value, (), child.lineno, local))
             visit(child, inner)
 
@@ -209,8 +214,11 @@ def test_nothing_outside_bench_imports_bench() -> None:
 
 
 def test_nothing_outside_cli_imports_cli() -> None:
-    offenders = [str(e) for e in EDGES if in_subpackage(e.target, "cli") and not in_subpackage(e.source, "cli")
-                 and e.source != f"{PACKAGE}.__main__"]
+    offenders = [
+        str(e)
+        for e in EDGES
+        if in_subpackage(e.target, "cli") and not in_subpackage(e.source, "cli") and e.source != f"{PACKAGE}.__main__"
+    ]
     assert not offenders, "only ecoflap_cli/cli and __main__ may import ecoflap_cli.cli:\n" + "\n".join(offenders)
 
 
@@ -221,10 +229,16 @@ def test_core_imports_no_other_layer() -> None:
 
 
 def test_bench_uses_only_public_library_names() -> None:
-    offenders = [f"{e} imports {', '.join(n for n in e.names if n.startswith('_'))}" for e in EDGES
-                 if in_subpackage(e.source, "bench") and not in_subpackage(e.target, "bench")
-                 and (any(n.startswith("_") for n in e.names) or any(p.startswith("_") for p in e.target.split(".")[1:]
-                                                                       if p != "__init__"))]
+    offenders = [
+        f"{e} imports {', '.join(n for n in e.names if n.startswith('_'))}"
+        for e in EDGES
+        if in_subpackage(e.source, "bench")
+        and not in_subpackage(e.target, "bench")
+        and (
+            any(n.startswith("_") for n in e.names)
+            or any(p.startswith("_") for p in e.target.split(".")[1:] if p != "__init__")
+        )
+    ]
     assert not offenders, "bench scripts call the library like a user would:\n" + "\n".join(offenders)
 
 
@@ -255,8 +269,10 @@ def test_importing_the_cli_does_not_import_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", _TORCH_PROBE], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert not found["torch"], (f"`import ecoflap_cli.cli` imports torch, first from {found['first']}; "
-                                f"ecoflap modules it imported: {', '.join(found['ecoflap'])}")
+    assert not found["torch"], (
+        f"`import ecoflap_cli.cli` imports torch, first from {found['first']}; "
+        f"ecoflap modules it imported: {', '.join(found['ecoflap'])}"
+    )
 
 
 #: the layers in docs/architecture.md, lowest first: each imports only from layers before it
@@ -265,6 +281,7 @@ LAYER_ORDER = ["core", "models", "engine", "data", "io", "evaluation", "stages",
 
 def test_layers_import_only_lower_layers() -> None:
     rank = {name: i for i, name in enumerate(LAYER_ORDER)}
-    upward = [(a, b) for a, targets in layer_graph().items() for b in targets
-              if a in rank and b in rank and rank[b] > rank[a]]
+    upward = [
+        (a, b) for a, targets in layer_graph().items() for b in targets if a in rank and b in rank and rank[b] > rank[a]
+    ]
     assert not upward, f"imports against the documented layer order: {upward}"

@@ -168,16 +168,16 @@ def cli_ok(command: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return result.stdout
 
 
-def test_cli_score_allocate_prune_eval_and_reload(data: dict, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_score_allocate_prune_eval_and_reload(data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = save_model_dir("llava", tmp_path / "model")
     captions, vqa = data["captions"], data["vqa"]
     cli_ok(f"score -m {model} --calib {captions} --samples 6 --batch-size 3 -o scores.json", tmp_path, monkeypatch)
     cli_ok("allocate scores.json -s 0.5 -o plan.json", tmp_path, monkeypatch)
-    cli_ok(f"prune -m {model} --plan plan.json --calib {captions} --samples 6 --batch-size 3 -o out",
-           tmp_path, monkeypatch)
+    cli_ok(
+        f"prune -m {model} --plan plan.json --calib {captions} --samples 6 --batch-size 3 -o out", tmp_path, monkeypatch
+    )
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert {g["tower"] for g in plan["groups"]} == {"vision", "language"}
     assert "model.vision_tower.encoder.layers.2" not in {g["name"] for g in plan["groups"]}
@@ -208,8 +208,12 @@ def test_cli_score_allocate_prune_eval_and_reload(data: dict, tmp_path: Path,
 
     text = tmp_path / "text.txt"
     text.write_text("a photo of a red circle on a white background . " * 12)
-    stdout = cli_ok(f"eval out --vqa {vqa} --captions {captions} --max-new-tokens 3 --text {text} --seqlen 16 "
-                    f"--compare {model} --batch-size 3 -o -", tmp_path, monkeypatch)
+    stdout = cli_ok(
+        f"eval out --vqa {vqa} --captions {captions} --max-new-tokens 3 --text {text} --seqlen 16 "
+        f"--compare {model} --batch-size 3 -o -",
+        tmp_path,
+        monkeypatch,
+    )
     results = json.loads(stdout)
     assert results["summary"]["mismatches"] == 0
     assert results["summary"]["achieved"] == pytest.approx(0.5, abs=1e-3)

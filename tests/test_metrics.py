@@ -142,12 +142,7 @@ def test_cider_partial_match_with_length_penalty() -> None:
     # Order 3: hyp {abc}, ref {abc,bcd}: 1 / sqrt(2)
     # Order 4: hyp empty: 0
     # delta = bigram counts 2 - 3 = -1 -> penalty exp(-1 / (2 * 36))
-    expected = (
-        10
-        * math.exp(-1 / 72)
-        * (math.sqrt(3) / 2 + math.sqrt(2 / 3) + 1 / math.sqrt(2))
-        / 4
-    )
+    expected = 10 * math.exp(-1 / 72) * (math.sqrt(3) / 2 + math.sqrt(2 / 3) + 1 / math.sqrt(2)) / 4
     _, per_item = cider_d(["a b c", "e f g h"], [["a b c d"], ["e f g h"]])
     assert per_item[0] == pytest.approx(expected)
     assert per_item[1] == pytest.approx(10.0)
@@ -241,9 +236,7 @@ def test_retrieval_recalls_both_directions() -> None:
     out = retrieval_recalls(sim, [0, 0, 1, 1], ks=(1, 2))
     # text->image columns: t0 (0.1, 0.8) -> image 1, wrong @1;
     # t1 (0.9, 0.1) right; t2 (0.3, 0.2) wrong @1; t3 (0.2, 0.7) right.
-    assert out == pytest.approx(
-        {"i2t_r1": 50.0, "i2t_r2": 100.0, "t2i_r1": 50.0, "t2i_r2": 100.0}
-    )
+    assert out == pytest.approx({"i2t_r1": 50.0, "i2t_r2": 100.0, "t2i_r1": 50.0, "t2i_r2": 100.0})
 
 
 def test_retrieval_recalls_default_keys_and_errors() -> None:

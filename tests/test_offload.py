@@ -11,22 +11,31 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ecoflap_cli.cli.app import app
-from ecoflap_cli.errors import ModelError
-from ecoflap_cli.io.loading import LoadOptions, load_model
-from ecoflap_cli.models import get_adapter
 from ecoflap_cli.engine.offload import any_offloaded
 from ecoflap_cli.engine.pruning import PruneSettings, prune_model
 from ecoflap_cli.engine.scoring import ZerothOrderSettings, zeroth_order_scores
+from ecoflap_cli.errors import ModelError
+from ecoflap_cli.io.loading import LoadOptions, load_model
+from ecoflap_cli.models import get_adapter
 
-SPLIT_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
-             "model.layers.2": "disk", "model.layers.3": "disk", "model.norm": "cpu",
-             "model.rotary_emb": "cpu", "lm_head": "cpu"}
+SPLIT_MAP = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "cpu",
+    "model.layers.2": "disk",
+    "model.layers.3": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
 
 
 def _batches():
     gen = torch.Generator().manual_seed(0)
-    return [{"input_ids": (ids := torch.randint(3, 100, (2, 16), generator=gen)),
-             "attention_mask": torch.ones_like(ids)} for _ in range(2)]
+    return [
+        {"input_ids": (ids := torch.randint(3, 100, (2, 16), generator=gen)), "attention_mask": torch.ones_like(ids)}
+        for _ in range(2)
+    ]
 
 
 def _placements(tmp_path):
@@ -68,8 +77,10 @@ def test_cli_prune_with_disk_offload_matches_whole(tiny_llama, tmp_path, calib_t
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     # zeroth-order for both: auto would pick first-order in memory and zeroth-order when offloaded
-    base = (f"prune -m {tiny_llama} --sparsity 0.5 --calib {calib_text} --samples 4 --seqlen 16 --score-samples 2 "
-            "--score-method zeroth")
+    base = (
+        f"prune -m {tiny_llama} --sparsity 0.5 --calib {calib_text} --samples 4 --seqlen 16 --score-samples 2 "
+        "--score-method zeroth"
+    )
     assert runner.invoke(app, shlex.split(base + " -o whole")).exit_code == 0
     res = runner.invoke(app, shlex.split(base + " --offload disk --offload-folder off -o seq"))
     assert res.exit_code == 0, res.stderr
@@ -100,9 +111,13 @@ def test_bad_memory_settings_fail_before_work(opts, message, tiny_llama):
 
 def test_activation_budget_error_names_the_option(tiny_llama, tmp_path, calib_text, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(app, shlex.split(
-        f"prune -m {tiny_llama} --sparsity 0.5 --allocator uniform --calib {calib_text} "
-        f"--samples 1000000000 --seqlen 100 -o out"))
+    res = CliRunner().invoke(
+        app,
+        shlex.split(
+            f"prune -m {tiny_llama} --sparsity 0.5 --allocator uniform --calib {calib_text} "
+            f"--samples 1000000000 --seqlen 100 -o out"
+        ),
+    )
     assert res.exit_code != 0
     assert "lower --samples or --seqlen" in res.stderr
     assert not (tmp_path / "out").exists()

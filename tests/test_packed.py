@@ -424,9 +424,7 @@ def test_sharded_round_trip(tmp_path, packed):
     assert len(shards) >= 3
     assert (tmp_path / INDEX_FILE) in files and not (tmp_path / SINGLE_FILE).exists()
     total = len(shards)
-    assert [p.name for p in shards] == [
-        f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)
-    ]
+    assert [p.name for p in shards] == [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
     index = json.loads((tmp_path / INDEX_FILE).read_text())
     assert set(index["weight_map"]) == set(sd)
     assert index["metadata"]["total_size"] > 0

@@ -28,8 +28,14 @@ def _toy(groups: Groups, target: float, tilt: float) -> allocation.Allocation:
 
 @pytest.fixture
 def toy_allocator():
-    ALLOCATORS.add(Entry("toy", "A toy: sparsity tilted with depth.", _toy,
-                         params=(Param("tilt", 0.05, "Tilt of sparsity with depth.", low=0.0, high=0.3),)))
+    ALLOCATORS.add(
+        Entry(
+            "toy",
+            "A toy: sparsity tilted with depth.",
+            _toy,
+            params=(Param("tilt", 0.05, "Tilt of sparsity with depth.", low=0.0, high=0.3),),
+        )
+    )
     yield "toy"
     ALLOCATORS.remove("toy")
 
@@ -50,12 +56,16 @@ def _zeros(directory: Path) -> dict[str, int]:
 
 
 def test_a_registered_allocator_runs_through_allocate_prune_and_sweep(
-        toy_allocator, tiny_llama, calib_text, eval_text, tmp_path, monkeypatch):
+    toy_allocator, tiny_llama, calib_text, eval_text, tmp_path, monkeypatch
+):
     """Adding an allocator is one function and one entry: allocate, prune and sweep all take it."""
     common = ["--calib", calib_text, "--samples", 4, "--seqlen", 32, "--batch-size", 2]
     _cli(["score", "-m", tiny_llama, "--method", "first", *common, "-o", "scores.json"], tmp_path, monkeypatch)
-    _cli(["allocate", "scores.json", "-s", 0.5, "--allocator", "toy", "--param", "tilt=0.1", "-o", "plan.json"],
-         tmp_path, monkeypatch)
+    _cli(
+        ["allocate", "scores.json", "-s", 0.5, "--allocator", "toy", "--param", "tilt=0.1", "-o", "plan.json"],
+        tmp_path,
+        monkeypatch,
+    )
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["allocator"] == {"name": "toy", "per_tower": False, "tilt": 0.1}
     sparsities = [g["sparsity"] for g in plan["groups"]]
@@ -63,15 +73,36 @@ def test_a_registered_allocator_runs_through_allocate_prune_and_sweep(
     total = sum(g["params"] for g in plan["groups"])
     assert abs(sum(g["zeros"] for g in plan["groups"]) - round(0.5 * total)) <= 1
     _cli(["prune", "-m", tiny_llama, "--plan", "plan.json", *common, "-o", "staged"], tmp_path, monkeypatch)
-    _cli(["prune", "-m", tiny_llama, "-s", 0.5, "--allocator", "toy", "--param", "tilt=0.1", *common,
-          "-o", "oneshot"], tmp_path, monkeypatch)
+    _cli(
+        ["prune", "-m", tiny_llama, "-s", 0.5, "--allocator", "toy", "--param", "tilt=0.1", *common, "-o", "oneshot"],
+        tmp_path,
+        monkeypatch,
+    )
     assert _zeros(tmp_path / "oneshot") == _zeros(tmp_path / "staged")
-    bad = _cli(["allocate", "scores.json", "-s", 0.5, "--allocator", "toy", "--param", "tilt=0.9"],
-               tmp_path, monkeypatch, ok=False)
+    bad = _cli(
+        ["allocate", "scores.json", "-s", 0.5, "--allocator", "toy", "--param", "tilt=0.9"],
+        tmp_path,
+        monkeypatch,
+        ok=False,
+    )
     assert bad.exit_code != 0 and "tilt must be in [0, 0.3]" in bad.stderr
-    cfg = SweepConfig(model=str(tiny_llama), calib=str(calib_text), text=str(eval_text), methods=["toy:wanda@tilt=0.1"],
-                      sparsities=[0.5], output=str(tmp_path / "sweep"), samples=4, seqlen=32, score_samples=4,
-                      score_seqlen=16, batch_size=2, eval_seqlen=32, eval_windows=2, eval_batch_size=2, plot=False)
+    cfg = SweepConfig(
+        model=str(tiny_llama),
+        calib=str(calib_text),
+        text=str(eval_text),
+        methods=["toy:wanda@tilt=0.1"],
+        sparsities=[0.5],
+        output=str(tmp_path / "sweep"),
+        samples=4,
+        seqlen=32,
+        score_samples=4,
+        score_seqlen=16,
+        batch_size=2,
+        eval_seqlen=32,
+        eval_windows=2,
+        eval_batch_size=2,
+        plot=False,
+    )
     summary = run_sweep(cfg)
     run = summary["runs"][0]
     assert "error" not in run and run["method"] == "toy:wanda@tilt=0.1" and run["plan_matches"]
@@ -80,13 +111,15 @@ def test_a_registered_allocator_runs_through_allocate_prune_and_sweep(
 
 def test_unknown_names_fail_before_any_model_is_loaded(tmp_path, monkeypatch):
     """A typo in a method name is refused while the options are parsed (the model does not exist)."""
-    for args, word in ((["--solver", "wandaa"], "unknown solver 'wandaa'"),
-                       (["--allocator", "ecoflapp"], "unknown allocator 'ecoflapp'"),
-                       (["--score-method", "zeroth-order"], "unknown scoring method"),
-                       (["--lam", "nan"], "lam must be a finite number"),
-                       (["--allocator", "rank", "--alpha", "0.5"], "rank takes no parameter 'alpha'"),
-                       (["--solver-param", "damp=-1", "--solver", "sparsegpt"], "damp must be in"),
-                       (["--allocator", "uniform", "--score-method", "zeroth"], "uses no scores")):
+    for args, word in (
+        (["--solver", "wandaa"], "unknown solver 'wandaa'"),
+        (["--allocator", "ecoflapp"], "unknown allocator 'ecoflapp'"),
+        (["--score-method", "zeroth-order"], "unknown scoring method"),
+        (["--lam", "nan"], "lam must be a finite number"),
+        (["--allocator", "rank", "--alpha", "0.5"], "rank takes no parameter 'alpha'"),
+        (["--solver-param", "damp=-1", "--solver", "sparsegpt"], "damp must be in"),
+        (["--allocator", "uniform", "--score-method", "zeroth"], "uses no scores"),
+    ):
         result = _cli(["prune", "-m", tmp_path / "no-such-model", "-s", 0.5, *args], tmp_path, monkeypatch, ok=False)
         assert result.exit_code != 0, args
         assert word in result.output + result.stderr, (args, result.output, result.stderr)
@@ -109,9 +142,12 @@ def test_plans_are_checked_against_the_registry(tiny_llama, tmp_path):
     from ecoflap_cli.core.methods import check_plan_methods
 
     check_plan_methods({"allocator": {"name": "mix", "per_tower": False, "lam": 0.15, "alpha": 0.5}})
-    for record, word in (({"name": "nope"}, "unknown allocator"), ({"name": "mix", "lam": 7}, "lam must be in"),
-                         ({"name": "mix", "beta": 1}, "takes no parameter 'beta'"),
-                         ({"name": "depth", "step": "x"}, "takes a number")):
+    for record, word in (
+        ({"name": "nope"}, "unknown allocator"),
+        ({"name": "mix", "lam": 7}, "lam must be in"),
+        ({"name": "mix", "beta": 1}, "takes no parameter 'beta'"),
+        ({"name": "depth", "step": "x"}, "takes a number"),
+    ):
         with pytest.raises(PlanError, match=word):
             check_plan_methods({"allocator": record})
 
@@ -128,8 +164,10 @@ def test_sweep_keys_come_from_the_registries():
         parse_method("uniform:sparsegpt@damp=-1")
 
 
-@given(st.sampled_from(["eps", "lam", "alpha", "step", "temperature", "damp", "m"]),
-       st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5), st.booleans()))
+@given(
+    st.sampled_from(["eps", "lam", "alpha", "step", "temperature", "damp", "m"]),
+    st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5), st.booleans()),
+)
 @settings(max_examples=200, deadline=None)
 def test_every_param_check_accepts_only_valid_values(name, value):
     """Whatever the value, a parameter check either returns a value in range or raises PlanError."""
@@ -144,28 +182,78 @@ def test_every_param_check_accepts_only_valid_values(name, value):
         assert param.high is None or checked <= param.high
 
 
-@pytest.mark.parametrize("method, options", [
-    ("mix:wanda", []),  # the defaults: prune's auto allocator is mix for a one-tower LM, auto scoring
-    ("ecoflap-zeroth:sparsegpt@temp=2,damp=0.02",
-     ["--allocator", "ecoflap", "--temperature", 2, "--score-method", "zeroth", "--solver", "sparsegpt",
-      "--solver-param", "damp=0.02"]),
-])
-def test_a_sweep_row_and_prune_give_bit_identical_weights(method, options, tiny_llama, calib_text, eval_text,
-                                                          tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("mix:wanda", []),  # the defaults: prune's auto allocator is mix for a one-tower LM, auto scoring
+        (
+            "ecoflap-zeroth:sparsegpt@temp=2,damp=0.02",
+            [
+                "--allocator",
+                "ecoflap",
+                "--temperature",
+                2,
+                "--score-method",
+                "zeroth",
+                "--solver",
+                "sparsegpt",
+                "--solver-param",
+                "damp=0.02",
+            ],
+        ),
+    ],
+)
+def test_a_sweep_row_and_prune_give_bit_identical_weights(
+    method, options, tiny_llama, calib_text, eval_text, tmp_path, monkeypatch
+):
     import torch
 
     from ecoflap_cli.stages.sweep import SweepRunner
 
     sizes = dict(samples=4, seqlen=32, score_samples=4, score_seqlen=16, batch_size=2)
-    cfg = SweepConfig(model=str(tiny_llama), calib=str(calib_text), text=str(eval_text), methods=[method],
-                      sparsities=[0.5], output=str(tmp_path / "sweep"), eval_seqlen=32, eval_windows=2,
-                      eval_batch_size=2, plot=False, **sizes)
+    cfg = SweepConfig(
+        model=str(tiny_llama),
+        calib=str(calib_text),
+        text=str(eval_text),
+        methods=[method],
+        sparsities=[0.5],
+        output=str(tmp_path / "sweep"),
+        eval_seqlen=32,
+        eval_windows=2,
+        eval_batch_size=2,
+        plot=False,
+        **sizes,
+    )
     runner = SweepRunner(cfg)
     record = runner.run(parse_method(method), 0.5)
     assert "error" not in record, record.get("error")
     swept = {k: v.clone() for k, v in runner.loaded.model.state_dict().items()}
-    _cli(["prune", "-m", tiny_llama, "-s", 0.5, *options, "--calib", calib_text, "--samples", 4, "--seqlen", 32,
-          "--score-samples", 4, "--score-seqlen", 16, "--batch-size", 2, "-o", "out"], tmp_path, monkeypatch)
+    _cli(
+        [
+            "prune",
+            "-m",
+            tiny_llama,
+            "-s",
+            0.5,
+            *options,
+            "--calib",
+            calib_text,
+            "--samples",
+            4,
+            "--seqlen",
+            32,
+            "--score-samples",
+            4,
+            "--score-seqlen",
+            16,
+            "--batch-size",
+            2,
+            "-o",
+            "out",
+        ],
+        tmp_path,
+        monkeypatch,
+    )
     pruned = load_file(str(tmp_path / "out" / "model.safetensors"))
     compared = [k for k in pruned if k in swept]
     assert len(compared) >= 10 and any(int((pruned[k] == 0).sum()) > 0 for k in compared)

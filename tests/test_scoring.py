@@ -9,13 +9,13 @@ import torch
 from tiny import tiny_config
 from transformers import AutoModelForCausalLM
 
-from ecoflap_cli.models import get_adapter
 from ecoflap_cli.engine.scoring import (
     ZerothOrderSettings,
     first_order_scores,
     owl_outlier_ratios,
     zeroth_order_scores,
 )
+from ecoflap_cli.models import get_adapter
 
 
 def _model(family: str = "llama", seed: int = 0, dtype=torch.float32):
@@ -31,8 +31,10 @@ def _model(family: str = "llama", seed: int = 0, dtype=torch.float32):
 
 def _batches(n: int = 3, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    return [{"input_ids": (ids := torch.randint(0, 128, (2, 16), generator=gen)),
-             "attention_mask": torch.ones_like(ids)} for _ in range(n)]
+    return [
+        {"input_ids": (ids := torch.randint(0, 128, (2, 16), generator=gen)), "attention_mask": torch.ones_like(ids)}
+        for _ in range(n)
+    ]
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -125,8 +127,7 @@ def test_forward_difference_tracks_central_difference():
     adapter = get_adapter(_model())
     batches = _batches()
     central = zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=2, perturbations=8))
-    forward = zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=2, perturbations=8,
-                                                                        difference="forward"))
+    forward = zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=2, perturbations=8, difference="forward"))
     for name in central:
         assert forward[name] == pytest.approx(central[name], rel=0.05)
 

@@ -22,11 +22,11 @@ from ecoflap_cli.data.multimodal import (
     read_class_folders,
     read_image_text_jsonl,
 )
+from ecoflap_cli.errors import DataError
 from ecoflap_cli.evaluation.vlm import (
     clip_retrieval,
     clip_zero_shot,
 )
-from ecoflap_cli.errors import DataError
 from ecoflap_cli.models import adapter_class, get_adapter
 from ecoflap_cli.models.siglip import SiglipAdapter
 
@@ -135,16 +135,16 @@ def cli_ok(command: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return result.stdout
 
 
-def test_cli_score_allocate_prune_eval_and_reload(data: dict, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_score_allocate_prune_eval_and_reload(data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoProcessor, SiglipModel
 
     model = save_model_dir("siglip", tmp_path / "model")
     captions = data["captions"]
     cli_ok(f"score -m {model} --calib {captions} --samples 6 --batch-size 3 -o scores.json", tmp_path, monkeypatch)
     cli_ok("allocate scores.json -s 0.5 -o plan.json", tmp_path, monkeypatch)
-    cli_ok(f"prune -m {model} --plan plan.json --calib {captions} --samples 7 --batch-size 3 -o out",
-           tmp_path, monkeypatch)
+    cli_ok(
+        f"prune -m {model} --plan plan.json --calib {captions} --samples 7 --batch-size 3 -o out", tmp_path, monkeypatch
+    )
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert {g["tower"] for g in plan["groups"]} == {"vision", "text"}
     assert plan["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
@@ -165,8 +165,12 @@ def test_cli_score_allocate_prune_eval_and_reload(data: dict, tmp_path: Path,
 
     assert type(load_pruned(tmp_path / "out")) is SiglipModel  # the package's loader too
 
-    stdout = cli_ok(f"eval out --images {data['classes']} --template 'a {{}}' --retrieval {captions} "
-                    f"--compare {model} --batch-size 3 -o -", tmp_path, monkeypatch)
+    stdout = cli_ok(
+        f"eval out --images {data['classes']} --template 'a {{}}' --retrieval {captions} "
+        f"--compare {model} --batch-size 3 -o -",
+        tmp_path,
+        monkeypatch,
+    )
     results = json.loads(stdout)
     assert results["summary"]["mismatches"] == 0
     assert results["summary"]["achieved"] == pytest.approx(0.5, abs=1e-3)
@@ -176,8 +180,10 @@ def test_cli_score_allocate_prune_eval_and_reload(data: dict, tmp_path: Path,
         assert results["tasks"]["retrieval"][side]["i2t_r10"] == 100.0
 
     (tmp_path / "text.txt").write_text("a photo of a red circle . " * 20)
-    for options, message in ((f"--vqa {data['vqa']}", "--vqa needs a BLIP-2 / InstructBLIP model or a LLaVA model"),
-                             ("--text text.txt", "not a causal language model")):
+    for options, message in (
+        (f"--vqa {data['vqa']}", "--vqa needs a BLIP-2 / InstructBLIP model or a LLaVA model"),
+        ("--text text.txt", "not a causal language model"),
+    ):
         refused = run_cli(f"eval out {options} -o r.json", tmp_path, monkeypatch)
         assert refused.exit_code != 0 and message in refused.stderr, refused.stderr
     assert "SigLIP: use --images / --retrieval" in refused.stderr

@@ -14,22 +14,45 @@ from pathlib import Path
 import pytest
 
 from ecoflap_cli.engine import score_methods as pipeline
-
-from ecoflap_cli.stages import sweep
 from ecoflap_cli.errors import PlanError
+from ecoflap_cli.stages import sweep
 from ecoflap_cli.stages.sweep import SweepConfig, parse_method, run_sweep
 
-METHODS = ["uniform:magnitude", "uniform:wanda", "uniform:sparsegpt", "owl:wanda@m=5,lam=0.08",
-           "ecoflap-zeroth:wanda", "ecoflap-first:wanda", "ecoflap-zeroth:sparsegpt", "depth:wanda@step=0.02"]
+METHODS = [
+    "uniform:magnitude",
+    "uniform:wanda",
+    "uniform:sparsegpt",
+    "owl:wanda@m=5,lam=0.08",
+    "ecoflap-zeroth:wanda",
+    "ecoflap-first:wanda",
+    "ecoflap-zeroth:sparsegpt",
+    "depth:wanda@step=0.02",
+]
 
 
-def _config(model: Path, calib: Path, text: Path, out: Path, methods=METHODS, sparsities=(0.5, 0.7),
-            **kw) -> SweepConfig:
-    values = dict(samples=4, seqlen=32, score_samples=4, score_seqlen=16, batch_size=2,
-                  eval_seqlen=32, eval_windows=4, eval_batch_size=2)
+def _config(
+    model: Path, calib: Path, text: Path, out: Path, methods=METHODS, sparsities=(0.5, 0.7), **kw
+) -> SweepConfig:
+    values = dict(
+        samples=4,
+        seqlen=32,
+        score_samples=4,
+        score_seqlen=16,
+        batch_size=2,
+        eval_seqlen=32,
+        eval_windows=4,
+        eval_batch_size=2,
+    )
     values.update(kw)
-    return SweepConfig(model=str(model), calib=str(calib), text=str(text), methods=list(methods),
-                       sparsities=list(sparsities), output=str(out), **values)
+    return SweepConfig(
+        model=str(model),
+        calib=str(calib),
+        text=str(text),
+        methods=list(methods),
+        sparsities=list(sparsities),
+        output=str(out),
+        **values,
+    )
 
 
 @pytest.fixture
@@ -75,9 +98,18 @@ def test_parse_method_forms():
     assert (rank.allocator, rank.scoring) == ("rank", "first") and rank.score_key() == "first@metric=gradnorm"
     assert parse_method("mix:wanda@lam=0.2,alpha=0.25").param == {"lam": 0.2, "alpha": 0.25}
     assert parse_method("ecoflap-first:wanda@temp=2").name == "ecoflap-first:wanda@temp=2"
-    for bad in ("wanda:uniform", "uniform", "uniform-zeroth:wanda", "ecoflap-owl:wanda", "owl:wanda@x=1",
-                "llmc:magnitude", "ecoflap-zeroth:obs", "rank-owl:wanda", "mix:wanda@step=0.01",
-                "depth:wanda@temp=2"):
+    for bad in (
+        "wanda:uniform",
+        "uniform",
+        "uniform-zeroth:wanda",
+        "ecoflap-owl:wanda",
+        "owl:wanda@x=1",
+        "llmc:magnitude",
+        "ecoflap-zeroth:obs",
+        "rank-owl:wanda",
+        "mix:wanda@step=0.01",
+        "depth:wanda@temp=2",
+    ):
         with pytest.raises(PlanError):
             parse_method(bad)
 
@@ -121,8 +153,11 @@ def test_sweep_runs_writes_tables_and_reuses_stages(tiny_llama, calib_text, eval
 def test_sweep_restores_dense_weights_between_runs(tiny_llama, calib_text, eval_text, tmp_path):
     """Magnitude at 0.5 gives the same perplexity whether or not other methods ran before it."""
     alone = run_sweep(_config(tiny_llama, calib_text, eval_text, tmp_path / "a", ["uniform:magnitude"], [0.5]))
-    after = run_sweep(_config(tiny_llama, calib_text, eval_text, tmp_path / "b",
-                              ["uniform:sparsegpt", "uniform:magnitude"], [0.7, 0.5]))
+    after = run_sweep(
+        _config(
+            tiny_llama, calib_text, eval_text, tmp_path / "b", ["uniform:sparsegpt", "uniform:magnitude"], [0.7, 0.5]
+        )
+    )
     by = {(r["method"], r["sparsity"]): r["ppl"] for r in after["runs"]}
     assert by[("uniform:magnitude", 0.5)] == pytest.approx(alone["runs"][0]["ppl"], rel=1e-6)
     assert after["dense"]["ppl"] == pytest.approx(alone["dense"]["ppl"], rel=1e-6)
@@ -133,8 +168,17 @@ def test_sweep_resumes_from_cache_and_repeats_timings(tiny_llama, calib_text, ev
     run_sweep(_config(tiny_llama, calib_text, eval_text, out, ["ecoflap-zeroth:wanda"], [0.5]))
     assert counted["zeroth_order_scores"] == 1
     # a second sweep in the same directory: runs and scores come from the cache
-    summary = run_sweep(_config(tiny_llama, calib_text, eval_text, out,
-                                ["ecoflap-zeroth:wanda", "ecoflap-zeroth:sparsegpt"], [0.5], repeats=3))
+    summary = run_sweep(
+        _config(
+            tiny_llama,
+            calib_text,
+            eval_text,
+            out,
+            ["ecoflap-zeroth:wanda", "ecoflap-zeroth:sparsegpt"],
+            [0.5],
+            repeats=3,
+        )
+    )
     assert counted["zeroth_order_scores"] == 1
     for r in summary["runs"]:
         assert r["times"]["prune_n"] == 3 and len(r["times"]["prune_s"]) == 3
@@ -160,8 +204,11 @@ def test_plot_skipped_without_matplotlib(tiny_llama, calib_text, eval_text, tmp_
 
 def test_isolated_sweep_records_per_method_memory(tiny_llama, calib_text, eval_text, tmp_path):
     out = tmp_path / "sweep"
-    summary = run_sweep(_config(tiny_llama, calib_text, eval_text, out,
-                                ["uniform:magnitude", "ecoflap-zeroth:wanda"], [0.5], isolate=True))
+    summary = run_sweep(
+        _config(
+            tiny_llama, calib_text, eval_text, out, ["uniform:magnitude", "ecoflap-zeroth:wanda"], [0.5], isolate=True
+        )
+    )
     assert summary["dense"]["ppl"] > 1
     assert all(r["isolated"] and r["peak_rss_mib"] > 0 and r["ppl"] > 1 for r in summary["runs"])
 
@@ -173,15 +220,50 @@ def test_peer_methods_need_llmc_python(tiny_llama, calib_text, eval_text, tmp_pa
 
 def test_cli_sweep(tiny_llama, calib_text, eval_text, tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "ecoflap_cli", "sweep", "-m", str(tiny_llama), "--calib", str(calib_text),
-           "--text", str(eval_text), "--method", "uniform:wanda", "--method", "ecoflap-zeroth:wanda",
-           "-s", "0.5", "--samples", "4", "--seqlen", "32", "--score-samples", "4", "--score-seqlen", "16",
-           "--batch-size", "2", "--eval-seqlen", "32", "--eval-windows", "2", "-o", str(out), "--no-plot"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ecoflap_cli",
+        "sweep",
+        "-m",
+        str(tiny_llama),
+        "--calib",
+        str(calib_text),
+        "--text",
+        str(eval_text),
+        "--method",
+        "uniform:wanda",
+        "--method",
+        "ecoflap-zeroth:wanda",
+        "-s",
+        "0.5",
+        "--samples",
+        "4",
+        "--seqlen",
+        "32",
+        "--score-samples",
+        "4",
+        "--score-seqlen",
+        "16",
+        "--batch-size",
+        "2",
+        "--eval-seqlen",
+        "32",
+        "--eval-windows",
+        "2",
+        "-o",
+        str(out),
+        "--no-plot",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "ecoflap-zeroth:wanda" in (out / "sweep.md").read_text()
-    bad = subprocess.run(cmd[:6] + ["--method", "nope:wanda", "-s", "0.5", "--calib", str(calib_text),
-                                    "--text", str(eval_text), "-o", str(out)], capture_output=True, text=True)
+    bad = subprocess.run(
+        cmd[:6]
+        + ["--method", "nope:wanda", "-s", "0.5", "--calib", str(calib_text), "--text", str(eval_text), "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "unknown allocator" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -189,12 +271,23 @@ def test_sweep_new_allocators_and_extra_text(tiny_llama, calib_text, eval_text, 
     """rank / mix / temperature runs keep the exact budget and record their settings in the plan;
     every pruned model is also evaluated on the extra text, tokenised once."""
     other = tmp_path / "other.txt"
-    other.write_text("\n\n".join(f"Enter the {w} and {v}, with drums and colours." for w in
-                                  ("king", "queen", "ghost", "fool") for v in ("lords", "soldiers", "players")) * 8)
-    methods = ["uniform:wanda", "rank-first:wanda@metric=gradnorm,lam=0.15",
-               "mix-first:wanda@metric=gradnorm,lam=0.2,alpha=0.5", "ecoflap-first:wanda@metric=gradnorm,temp=3"]
-    summary = run_sweep(_config(tiny_llama, calib_text, eval_text, tmp_path / "s", methods, [0.6],
-                                extra_texts=[str(other)]))
+    other.write_text(
+        "\n\n".join(
+            f"Enter the {w} and {v}, with drums and colours."
+            for w in ("king", "queen", "ghost", "fool")
+            for v in ("lords", "soldiers", "players")
+        )
+        * 8
+    )
+    methods = [
+        "uniform:wanda",
+        "rank-first:wanda@metric=gradnorm,lam=0.15",
+        "mix-first:wanda@metric=gradnorm,lam=0.2,alpha=0.5",
+        "ecoflap-first:wanda@metric=gradnorm,temp=3",
+    ]
+    summary = run_sweep(
+        _config(tiny_llama, calib_text, eval_text, tmp_path / "s", methods, [0.6], extra_texts=[str(other)])
+    )
     assert counted["first_order_scores"] == 1  # one score doc for three allocators
     assert counted["tokenize_documents"] == 2
     assert summary["dense"]["ppl_extra"]["other"] > 1

@@ -24,25 +24,25 @@ from conftest_vlm import (
 )
 from torch import nn
 
-from ecoflap_cli.engine.blockwise import capture_inputs, capture_outputs, run_block
-from ecoflap_cli.errors import DataError
-from ecoflap_cli.models import REGISTRY, get_adapter
-from ecoflap_cli.models.base import Adapter, hidden_of
-from ecoflap_cli.models.blip2 import Blip2Adapter, InstructBlipAdapter
-from ecoflap_cli.models.clip import CLIPAdapter
 from ecoflap_cli.data.multimodal import (
     make_multimodal_batches,
     read_class_folders,
     read_image_text_jsonl,
 )
+from ecoflap_cli.engine.blockwise import capture_inputs, capture_outputs, run_block
+from ecoflap_cli.engine.pruning import PruneSettings, prune_model
+from ecoflap_cli.engine.scoring import ZerothOrderSettings, zeroth_order_scores
+from ecoflap_cli.errors import DataError
 from ecoflap_cli.evaluation.vlm import (
     caption_eval,
     clip_retrieval,
     clip_zero_shot,
     vqa_eval,
 )
-from ecoflap_cli.engine.pruning import PruneSettings, prune_model
-from ecoflap_cli.engine.scoring import ZerothOrderSettings, zeroth_order_scores
+from ecoflap_cli.models import REGISTRY, get_adapter
+from ecoflap_cli.models.base import Adapter, hidden_of
+from ecoflap_cli.models.blip2 import Blip2Adapter, InstructBlipAdapter
+from ecoflap_cli.models.clip import CLIPAdapter
 
 ALL_CASES = list(CASES)
 T5_CASES = [c for c in BLIP_CASES if c.endswith("-t5")]
@@ -321,9 +321,7 @@ def test_the_image_changes_the_loss(case: str, processors: dict, records: list[d
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("case", "include_qformer"), [(c, False) for c in ALL_CASES] + [("instructblip-opt", True)]
-)
+@pytest.mark.parametrize(("case", "include_qformer"), [(c, False) for c in ALL_CASES] + [("instructblip-opt", True)])
 def test_wanda_prunes_exactly_the_planned_tensors(
     case: str, include_qformer: bool, processors: dict, records: list[dict]
 ) -> None:
@@ -347,9 +345,7 @@ def test_wanda_prunes_exactly_the_planned_tensors(
 
 
 @pytest.mark.parametrize("case", ALL_CASES)
-def test_zeroth_order_replay_agrees_with_full_forwards(
-    case: str, processors: dict, records: list[dict]
-) -> None:
+def test_zeroth_order_replay_agrees_with_full_forwards(case: str, processors: dict, records: list[dict]) -> None:
     adapter = adapter_for(case, include_qformer=True)
     batches = batches_for(adapter, processors, case, records)
     before = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
@@ -364,9 +360,7 @@ def test_zeroth_order_replay_agrees_with_full_forwards(
 
 
 @pytest.mark.parametrize("case", ALL_CASES)
-def test_zeroth_order_linearized_head_agrees_with_exact_loss(
-    case: str, processors: dict, records: list[dict]
-) -> None:
+def test_zeroth_order_linearized_head_agrees_with_exact_loss(case: str, processors: dict, records: list[dict]) -> None:
     """Every tower's blocks (vision, Q-Former, encoder, decoder) get the same estimates when the
     passes stop at the last block; CLIP, whose loss reads both towers, keeps the exact loss."""
     adapter = adapter_for(case, include_qformer=True)

@@ -18,7 +18,6 @@ from conftest_vlm import CASES, PICTURES, save_model_dir, write_data
 from typer.testing import CliRunner
 
 from ecoflap_cli.cli.app import app
-from ecoflap_cli.io.loading import load_model
 from ecoflap_cli.data.multimodal import (
     read_image_text_jsonl,
 )
@@ -28,6 +27,7 @@ from ecoflap_cli.evaluation.vlm import (
     clip_zero_shot,
     vqa_eval,
 )
+from ecoflap_cli.io.loading import load_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 ECOFLAP = f"{shlex.quote(sys.executable)} -m ecoflap_cli"
@@ -136,16 +136,17 @@ def family(case: str) -> str:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_stages_reload_and_eval(case: str, model_dir, data: dict, tmp_path: Path,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stages_reload_and_eval(
+    case: str, model_dir, data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = model_dir(case)
     captions = data["captions"]
-    cli_ok(f"score -m {model} --calib {captions} --samples 6 --batch-size 3 -o scores.json",
-           tmp_path, monkeypatch)
+    cli_ok(f"score -m {model} --calib {captions} --samples 6 --batch-size 3 -o scores.json", tmp_path, monkeypatch)
     _, err = cli_ok("allocate scores.json -s 0.5 -o plan.json", tmp_path, monkeypatch)
     assert "budget per tower" in err and "vision" in err
-    cli_ok(f"prune -m {model} --plan plan.json --calib {captions} --samples 7 --batch-size 4 -o out",
-           tmp_path, monkeypatch)
+    cli_ok(
+        f"prune -m {model} --plan plan.json --calib {captions} --samples 7 --batch-size 4 -o out", tmp_path, monkeypatch
+    )
     out = tmp_path / "out"
     checked = check_checkpoint(case, model, out)
     plan = checked["plan"]
@@ -181,19 +182,20 @@ def test_stages_reload_and_eval(case: str, model_dir, data: dict, tmp_path: Path
     # the dense column is what the library computes on the input model with the same settings
     dense = load_model(str(model))
     if family(case) == "clip":
-        want = clip_zero_shot(dense.model, dense.processor, data["classes"], ["a photo of a {}.", "a {}"],
-                              batch_size=3)
+        want = clip_zero_shot(dense.model, dense.processor, data["classes"], ["a photo of a {}.", "a {}"], batch_size=3)
         got = results["tasks"]["zero_shot"]["dense"]
         assert {k: got[k] for k in want} == want and got["n_classes"] == 3
         want = clip_retrieval(dense.model, dense.processor, read_image_text_jsonl(captions), batch_size=3)
         assert {k: results["tasks"]["retrieval"]["dense"][k] for k in want} == want
         assert results["tasks"]["zero_shot"]["templates"] == ["a photo of a {}.", "a {}"]
     else:
-        want = vqa_eval(dense.model, dense.processor, read_image_text_jsonl(data["vqa"]), max_new_tokens=3,
-                        batch_size=3)
+        want = vqa_eval(
+            dense.model, dense.processor, read_image_text_jsonl(data["vqa"]), max_new_tokens=3, batch_size=3
+        )
         assert {k: results["tasks"]["vqa"]["dense"][k] for k in want} == want
-        want = caption_eval(dense.model, dense.processor, read_image_text_jsonl(captions), max_new_tokens=3,
-                            batch_size=3)
+        want = caption_eval(
+            dense.model, dense.processor, read_image_text_jsonl(captions), max_new_tokens=3, batch_size=3
+        )
         assert {k: results["tasks"]["captioning"]["dense"][k] for k in want} == want
         assert results["tasks"]["vqa"]["question_template"] == "Question: {question} Answer:"
         assert results["tasks"]["captioning"]["prompt"] == "a photo of"
@@ -208,8 +210,9 @@ def test_real_shell_pipe_blip2_opt(model_dir, data: dict, tmp_path: Path) -> Non
         f"| {ECOFLAP} prune -m {model} --plan - --calib {captions} --samples 7 --batch-size 4 -o out "
         f"&& {ECOFLAP} eval out --vqa {data['vqa']} --max-new-tokens 2 -o - > results.json"
     )
-    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=tmp_path, env=ENV,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "budget per tower" in result.stderr and "VQA" in result.stderr
     checked = check_checkpoint("blip2-opt", model, tmp_path / "out")
@@ -235,17 +238,18 @@ def tower_sparsity_from_eval(results: dict) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("include_qformer", [False, True])
-def test_joint_budget_and_per_tower(include_qformer: bool, model_dir, data: dict, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_joint_budget_and_per_tower(
+    include_qformer: bool, model_dir, data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, captions = model_dir("blip2-opt"), data["captions"]
     qformer = " --include-qformer" if include_qformer else ""
     target = 0.6
-    cli_ok(f"score -m {model} --calib {captions} --samples 6 --batch-size 3{qformer} -o scores.json",
-           tmp_path, monkeypatch)
+    cli_ok(
+        f"score -m {model} --calib {captions} --samples 6 --batch-size 3{qformer} -o scores.json", tmp_path, monkeypatch
+    )
     # the default for several towers is the paper's rule (auto), and the plan says so
     _, joint_err = cli_ok(f"allocate scores.json -s {target} -o joint.json", tmp_path, monkeypatch)
-    _, tower_err = cli_ok(f"allocate scores.json -s {target} --per-tower -o towers.json",
-                          tmp_path, monkeypatch)
+    _, tower_err = cli_ok(f"allocate scores.json -s {target} --per-tower -o towers.json", tmp_path, monkeypatch)
     joint = json.loads((tmp_path / "joint.json").read_text())
     per_tower = json.loads((tmp_path / "towers.json").read_text())
     towers = ["vision", "qformer", "language"] if include_qformer else ["vision", "language"]
@@ -265,8 +269,9 @@ def test_joint_budget_and_per_tower(include_qformer: bool, model_dir, data: dict
     cap = joint["allocator"]["max_sparsity"]
     assert all(g["sparsity"] <= cap + 1e-9 for g in joint["groups"])
     # the tower with more importance per weight keeps more of its weights
-    by_score = sorted(towers, key=lambda t: sum(g["score"] for g in joint["groups"] if g["tower"] == t)
-                      / joint["towers"][t]["params"])
+    by_score = sorted(
+        towers, key=lambda t: sum(g["score"] for g in joint["groups"] if g["tower"] == t) / joint["towers"][t]["params"]
+    )
     assert joint["towers"][by_score[0]]["sparsity"] >= joint["towers"][by_score[-1]]["sparsity"]
 
     # per tower: each tower holds the target on its own
@@ -278,8 +283,11 @@ def test_joint_budget_and_per_tower(include_qformer: bool, model_dir, data: dict
 
     # both plans prune to exactly what they say, tower by tower
     for name in ("joint", "towers"):
-        cli_ok(f"prune -m {model} --plan {name}.json --calib {captions} --samples 6{qformer} -o {name}-out",
-               tmp_path, monkeypatch)
+        cli_ok(
+            f"prune -m {model} --plan {name}.json --calib {captions} --samples 6{qformer} -o {name}-out",
+            tmp_path,
+            monkeypatch,
+        )
         stdout, _ = cli_ok(f"eval {name}-out -o -", tmp_path, monkeypatch)
         results = json.loads(stdout)
         plan = json.loads((tmp_path / f"{name}.json").read_text())
@@ -310,13 +318,13 @@ def spreads(out: Path) -> dict[str, list[int]]:
     return found
 
 
-def test_compare_group_override(model_dir, data: dict, tmp_path: Path,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compare_group_override(model_dir, data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, captions = model_dir("blip2-opt"), data["captions"]
     common = f"-m {model} --sparsity 0.5 --allocator uniform --calib {captions} --samples 6"
     cli_ok(f"prune {common} -o default", tmp_path, monkeypatch)
-    cli_ok(f"prune {common} --compare-group vision=row --compare-group language=matrix -o swapped",
-           tmp_path, monkeypatch)
+    cli_ok(
+        f"prune {common} --compare-group vision=row --compare-group language=matrix -o swapped", tmp_path, monkeypatch
+    )
     default, swapped = spreads(tmp_path / "default"), spreads(tmp_path / "swapped")
     # defaults: the whole matrix for the ViT (rows end up uneven), per row for the language model
     assert max(default["vision"]) > 1 and max(default["language"]) <= 1
@@ -328,8 +336,7 @@ def test_compare_group_override(model_dir, data: dict, tmp_path: Path,
         stdout, _ = cli_ok(f"eval {out} -o -", tmp_path, monkeypatch)
         assert json.loads(stdout)["summary"]["mismatches"] == 0
 
-    code, _, err = run_cli(shlex.split(f"prune {common} --compare-group vision=columns -o bad"), tmp_path,
-                           monkeypatch)
+    code, _, err = run_cli(shlex.split(f"prune {common} --compare-group vision=columns -o bad"), tmp_path, monkeypatch)
     assert code != 0 and "TOWER=row|matrix" in err and not (tmp_path / "bad").exists()
 
 
@@ -353,8 +360,9 @@ def test_compare_group_override(model_dir, data: dict, tmp_path: Path,
         ("clip", "--images {root}/images", "no class subfolders"),
     ],
 )
-def test_eval_refuses_with_one_line(case: str, options: str, message: str, model_dir, data: dict,
-                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eval_refuses_with_one_line(
+    case: str, options: str, message: str, model_dir, data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "text.txt").write_text("a photo of a red circle . " * 20)
     values = {k: str(v) for k, v in data.items()} | {"text": str(tmp_path / "text.txt")}
     command = f"eval {model_dir(case)} {options.format(**values)} -o res.json"
@@ -364,8 +372,9 @@ def test_eval_refuses_with_one_line(case: str, options: str, message: str, model
     assert not (tmp_path / "res.json").exists()
 
 
-def test_eval_blip2_perplexity_is_its_language_model(model_dir, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eval_blip2_perplexity_is_its_language_model(
+    model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """--text on BLIP-2 measures the language model on text alone, the same as the LM by itself."""
     from ecoflap_cli.data.text import tokenize_documents
     from ecoflap_cli.evaluation.measure import perplexity, windows_for_eval
@@ -381,12 +390,19 @@ def test_eval_blip2_perplexity_is_its_language_model(model_dir, tmp_path: Path,
     assert "perplexity" in err
 
 
-def test_qformer_plan_without_include_qformer_is_refused(model_dir, data: dict, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_qformer_plan_without_include_qformer_is_refused(
+    model_dir, data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, captions = model_dir("blip2-opt"), data["captions"]
-    cli_ok(f"score -m {model} --calib {captions} --samples 4 --batch-size 2 --include-qformer -o s.json",
-           tmp_path, monkeypatch)
+    cli_ok(
+        f"score -m {model} --calib {captions} --samples 4 --batch-size 2 --include-qformer -o s.json",
+        tmp_path,
+        monkeypatch,
+    )
     cli_ok("allocate s.json -s 0.5 --allocator uniform -o p.json --no-show", tmp_path, monkeypatch)
-    code, _, err = run_cli(shlex.split(f"prune -m {model} --plan p.json --calib {captions} --samples 4 "
-                                       f"--batch-size 2 -o out"), tmp_path, monkeypatch)
+    code, _, err = run_cli(
+        shlex.split(f"prune -m {model} --plan p.json --calib {captions} --samples 4 --batch-size 2 -o out"),
+        tmp_path,
+        monkeypatch,
+    )
     assert code != 0 and "--include-qformer" in err and not (tmp_path / "out").exists()

@@ -72,8 +72,7 @@ def test_image_matters_and_text_loss_is_smollm2s(hybrid: dict, smol) -> None:
     processor = AutoProcessor.from_pretrained(hybrid["model"])
     text = "A small red boat floats on the quiet lake at sunrise."
     images = sorted((hybrid["root"] / "data" / "images").glob("*.png"))[:2]
-    pixels = [processor(images=Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"]
-              for path in images]
+    pixels = [processor(images=Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"] for path in images]
     first, second = (text_losses(model, processor.tokenizer, px, text) for px in pixels)
     ids = torch.tensor([smol.tokenizer(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
@@ -95,9 +94,13 @@ def test_one_shot_prune_and_eval_through_the_cli(hybrid: dict, monkeypatch: pyte
 
     monkeypatch.chdir(hybrid["root"])
     runner = CliRunner()
-    result = runner.invoke(app, shlex.split(
-        f"prune --model {hybrid['model']} --sparsity 0.6 --calib {hybrid['calib']} --samples 4 "
-        f"--score-samples 4 --batch-size 4 -o pruned"))
+    result = runner.invoke(
+        app,
+        shlex.split(
+            f"prune --model {hybrid['model']} --sparsity 0.6 --calib {hybrid['calib']} --samples 4 "
+            f"--score-samples 4 --batch-size 4 -o pruned"
+        ),
+    )
     assert result.exit_code == 0, result.stderr
     plan = json.loads((hybrid["root"] / "pruned" / "plan.json").read_text())
     assert list(plan["towers"]) == ["vision", "language"]
@@ -105,9 +108,13 @@ def test_one_shot_prune_and_eval_through_the_cli(hybrid: dict, monkeypatch: pyte
     assert all(g["sparsity"] <= 0.7 + 1e-9 for g in plan["groups"])
     text = hybrid["root"] / "text.txt"
     text.write_text("The cat sat on the mat near the warm fire and slept through the long night. " * 8)
-    result = runner.invoke(app, shlex.split(
-        f"eval pruned --captions {hybrid['eval']} --max-new-tokens 4 --text {text} --seqlen 32 "
-        f"--max-windows 2 --compare {hybrid['model']} -o -"))
+    result = runner.invoke(
+        app,
+        shlex.split(
+            f"eval pruned --captions {hybrid['eval']} --max-new-tokens 4 --text {text} --seqlen 32 "
+            f"--max-windows 2 --compare {hybrid['model']} -o -"
+        ),
+    )
     assert result.exit_code == 0, result.stderr
     results = json.loads(result.stdout)
     assert results["summary"]["mismatches"] == 0

@@ -30,29 +30,46 @@ from ecoflap_cli.data import assets
 G = "metric=gradnorm"
 VALID_METHODS = [
     "uniform:wanda",
-    "owl:wanda@m=5,lam=0.08", "owl:wanda@m=5,lam=0.15",
-    "depth:wanda@step=0.005", "depth:wanda@step=0.01", "depth:wanda@step=0.015",
-    "ecoflap-zeroth:wanda", "ecoflap-zeroth:wanda@zseed=1",
-    f"ecoflap-first:wanda@{G}", f"ecoflap-first:wanda@{G},temp=2", f"ecoflap-first:wanda@{G},temp=4",
-    f"rank-first:wanda@{G},lam=0.1", f"rank-first:wanda@{G},lam=0.15", f"rank-first:wanda@{G},lam=0.2",
-    f"mix-first:wanda@{G},lam=0.15,alpha=0.5", f"mix-first:wanda@{G},lam=0.2,alpha=0.5",
-    f"mix-first:wanda@{G},lam=0.2,alpha=0.25", f"mix-first:wanda@{G},lam=0.2,alpha=0.75",
+    "owl:wanda@m=5,lam=0.08",
+    "owl:wanda@m=5,lam=0.15",
+    "depth:wanda@step=0.005",
+    "depth:wanda@step=0.01",
+    "depth:wanda@step=0.015",
+    "ecoflap-zeroth:wanda",
+    "ecoflap-zeroth:wanda@zseed=1",
+    f"ecoflap-first:wanda@{G}",
+    f"ecoflap-first:wanda@{G},temp=2",
+    f"ecoflap-first:wanda@{G},temp=4",
+    f"rank-first:wanda@{G},lam=0.1",
+    f"rank-first:wanda@{G},lam=0.15",
+    f"rank-first:wanda@{G},lam=0.2",
+    f"mix-first:wanda@{G},lam=0.15,alpha=0.5",
+    f"mix-first:wanda@{G},lam=0.2,alpha=0.5",
+    f"mix-first:wanda@{G},lam=0.2,alpha=0.25",
+    f"mix-first:wanda@{G},lam=0.2,alpha=0.75",
     f"mix-first:wanda@{G},lam=0.25,alpha=0.5",
-    "rank-zeroth:wanda@lam=0.2", "mix-zeroth:wanda@lam=0.2,alpha=0.5",
+    "rank-zeroth:wanda@lam=0.2",
+    "mix-zeroth:wanda@lam=0.2,alpha=0.5",
 ]
 TEST_METHODS = [
-    "uniform:wanda", "owl:wanda@m=5,lam=0.08", "depth:wanda@step=0.01",
-    "ecoflap-zeroth:wanda", f"ecoflap-first:wanda@{G}",
-    f"rank-first:wanda@{G},lam=0.15", f"mix-first:wanda@{G},lam=0.15,alpha=0.5",
+    "uniform:wanda",
+    "owl:wanda@m=5,lam=0.08",
+    "depth:wanda@step=0.01",
+    "ecoflap-zeroth:wanda",
+    f"ecoflap-first:wanda@{G}",
+    f"rank-first:wanda@{G},lam=0.15",
+    f"mix-first:wanda@{G},lam=0.15,alpha=0.5",
 ]
 
 
 def configs() -> dict[str, object]:
     root = assets.cache_dir() / "bench"
-    valid = smollm2_config(str(root / "smollm2-valid"), "valid", VALID_METHODS, [0.7, 0.6], peer=False,
-                           eval_windows=10, threads=1)
-    test = smollm2_config(str(root / "alloc-test"), "test", TEST_METHODS, [0.7, 0.6, 0.5], peer=False,
-                          eval_windows=20, threads=1)
+    valid = smollm2_config(
+        str(root / "smollm2-valid"), "valid", VALID_METHODS, [0.7, 0.6], peer=False, eval_windows=10, threads=1
+    )
+    test = smollm2_config(
+        str(root / "alloc-test"), "test", TEST_METHODS, [0.7, 0.6, 0.5], peer=False, eval_windows=20, threads=1
+    )
     test.extra_texts = [str(assets.shakespeare())]
     return {"valid": valid, "test": test}
 
@@ -79,8 +96,13 @@ def tables() -> str:
         texts = [("Wikipedia " + stage, None)] + [(Path(t).stem, Path(t).stem) for t in cfg.extra_texts or []]
         for title, extra in texts:
             head = "| allocator (scores) | " + " | ".join(f"{p:g}" for p in sorted(cfg.sparsities)) + " |"
-            lines += ["", f"### {title}" + (" (hyperparameter choice)" if stage == "valid" else ""), "", head,
-                      "|---|" + "---:|" * len(cfg.sparsities)]
+            lines += [
+                "",
+                f"### {title}" + (" (hyperparameter choice)" if stage == "valid" else ""),
+                "",
+                head,
+                "|---|" + "---:|" * len(cfg.sparsities),
+            ]
             d = dense.get("ppl") if extra is None else (dense.get("ppl_extra") or {}).get(extra)
             lines.append(f"| dense | {d:.2f} |" + " |" * (len(cfg.sparsities) - 1) if d else "| dense | - |")
             for name in names:

@@ -51,13 +51,18 @@ def _run(model_dir: Path, device: str, offload: str | None, plan: dict[str, Any]
         loaded = load_model(str(model_dir), LoadOptions(device=device, offload=offload))  # fresh dense weights
         adapter = get_adapter(loaded.model)
         start = time.perf_counter()
-        results = prune_model(adapter, artifacts.prune_counts(target), batches,
-                              PruneSettings(solver, store_device="cpu" if offload else None))
+        results = prune_model(
+            adapter,
+            artifacts.prune_counts(target),
+            batches,
+            PruneSettings(solver, store_device="cpu" if offload else None),
+        )
         out[f"{solver}_s"] = time.perf_counter() - start
         out[f"{solver}_exact"] = all(r.zeros == r.planned_zeros for r in results)
         out[f"{solver}_masks"] = {
             f"{path}.weight": (w.detach() == 0).cpu()
-            for b in adapter.blocks() for path, lin in b.linears.items()
+            for b in adapter.blocks()
+            for path, lin in b.linears.items()
             for w in [_materialised(lin)]
         }
         out[f"{solver}_ppl"] = perplexity(loaded.model, eval_windows.to(dev), batch_size=8)
@@ -81,8 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_tiny_model(Path(tmp) / "model", "llama")
         cpu = _run(model_dir, "cpu", None, None)
-        runs = {args.device: _run(model_dir, args.device, None, cpu["plan"]),
-                f"{args.device}-sequential": _run(model_dir, args.device, "cpu", cpu["plan"])}
+        runs = {
+            args.device: _run(model_dir, args.device, None, cpu["plan"]),
+            f"{args.device}-sequential": _run(model_dir, args.device, "cpu", cpu["plan"]),
+        }
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
     report: dict[str, Any] = {"device": name, "checks": {}}
     for name, run in runs.items():
@@ -90,10 +97,14 @@ def main(argv: list[str] | None = None) -> None:
         plan_gap = max(abs(a["zeros"] - b["zeros"]) for a, b in zip(run["plan"]["groups"], cpu["plan"]["groups"]))
         agree = min(float((run["wanda_masks"][n] == cpu["wanda_masks"][n]).float().mean()) for n in cpu["wanda_masks"])
         checks = {
-            "scores_rel_diff": rel, "scores_ok": rel < 1e-3,
-            "plan_max_zero_gap": plan_gap, "plan_ok": plan_gap <= 16,
-            "wanda_exact": run["wanda_exact"], "sparsegpt_exact": run["sparsegpt_exact"],
-            "wanda_mask_agreement": agree, "wanda_masks_ok": agree >= 0.999,
+            "scores_rel_diff": rel,
+            "scores_ok": rel < 1e-3,
+            "plan_max_zero_gap": plan_gap,
+            "plan_ok": plan_gap <= 16,
+            "wanda_exact": run["wanda_exact"],
+            "sparsegpt_exact": run["sparsegpt_exact"],
+            "wanda_mask_agreement": agree,
+            "wanda_masks_ok": agree >= 0.999,
             "ppl": {s: (cpu[f"{s}_ppl"], run[f"{s}_ppl"]) for s in ("wanda", "sparsegpt")},
             "ppl_ok": all(abs(run[f"{s}_ppl"] / cpu[f"{s}_ppl"] - 1) < 0.01 for s in ("wanda", "sparsegpt")),
             "times_s": {k: run[k] for k in ("score_s", "wanda_s", "sparsegpt_s")},

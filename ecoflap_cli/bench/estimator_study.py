@@ -56,8 +56,10 @@ def exact_gradients(adapter, batch) -> dict[str, dict[str, torch.Tensor]]:
             lin.weight.requires_grad_(True)
     model.zero_grad(set_to_none=True)
     adapter.loss(batch).backward()
-    grads = {name: {t: lin.weight.grad.detach().to(PRECISION).cpu().clone() for t, lin in m.items()}
-             for name, m in weights.items()}
+    grads = {
+        name: {t: lin.weight.grad.detach().to(PRECISION).cpu().clone() for t, lin in m.items()}
+        for name, m in weights.items()
+    }
     for m in weights.values():
         for lin in m.values():
             lin.weight.grad = None
@@ -101,9 +103,18 @@ def study(adapter, batch, directions: int, eps: float) -> dict[str, Any]:
         print(f"{block.name}: |g| {row['exact_norm']:.4f}", flush=True)
     seqlen = int(batch["input_ids"].shape[1])
     rows_in_batch = int(batch["input_ids"].shape[0])
-    return {"setup": {"batch": f"{rows_in_batch} x {seqlen}", "directions": directions, "eps": eps,
-                      "threads": torch.get_num_threads(), "base_loss": base},
-            "forward_s": forward_s, "timings": timings, "blocks": rows}
+    return {
+        "setup": {
+            "batch": f"{rows_in_batch} x {seqlen}",
+            "directions": directions,
+            "eps": eps,
+            "threads": torch.get_num_threads(),
+            "base_loss": base,
+        },
+        "forward_s": forward_s,
+        "timings": timings,
+        "blocks": rows,
+    }
 
 
 def run(out: Path, directions: int, eps: float, seqlen: int) -> dict[str, Any]:
@@ -137,18 +148,20 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         # finite-difference error against the exact directional derivative, relative to |g|
         fd = {}
         for diff in ("central", "forward"):
-            errs = [abs(a - e) / rows[n]["exact_norm"] for n in names
-                    for a, e in zip(per[n][diff], per[n]["exact"])]
+            errs = [abs(a - e) / rows[n]["exact_norm"] for n in names for a, e in zip(per[n][diff], per[n]["exact"])]
             fd[diff] = {"median_rel_error": statistics.median(errs), "max_rel_error": max(errs)}
         # spread of one-direction estimates of |g| (exact directional derivatives: direction noise only)
         abs_scale = math.sqrt(2 / math.pi) if kind == "gaussian" else None
         cv_abs = statistics.median(
             statistics.pstdev([abs(d) for d in per[n]["exact"]]) / statistics.fmean([abs(d) for d in per[n]["exact"]])
-            for n in names)
+            for n in names
+        )
         cv_sq = statistics.median(
-            statistics.pstdev([d * d for d in per[n]["exact"]]) / rows[n]["exact_norm"] ** 2 for n in names)
+            statistics.pstdev([d * d for d in per[n]["exact"]]) / rows[n]["exact_norm"] ** 2 for n in names
+        )
         bias_sq = statistics.median(
-            statistics.fmean([d * d for d in per[n]["exact"]]) / rows[n]["exact_norm"] ** 2 for n in names)
+            statistics.fmean([d * d for d in per[n]["exact"]]) / rows[n]["exact_norm"] ** 2 for n in names
+        )
         # rank correlation with the exact norms for k directions (disjoint subsets, averaged)
         ranks: dict[str, dict[str, float]] = {}
         k = 1
@@ -158,20 +171,30 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
                     values = []
                     for start in range(0, directions - k + 1, k):
                         if stat == "abs":
-                            s = [statistics.fmean(abs(d) for d in per[n][est][start:start + k]) for n in names]
+                            s = [statistics.fmean(abs(d) for d in per[n][est][start : start + k]) for n in names]
                         else:
-                            s = [math.sqrt(statistics.fmean(d * d for d in per[n][est][start:start + k]))
-                                 for n in names]
+                            s = [
+                                math.sqrt(statistics.fmean(d * d for d in per[n][est][start : start + k]))
+                                for n in names
+                            ]
                         values.append(spearman(s, exact_norms))
                     ranks.setdefault(f"{est}/{stat}", {})[str(k)] = statistics.fmean(values)
             k *= 2
-        summary[kind] = {"finite_difference": fd, "one_direction_cv_of_abs_d": cv_abs,
-                         "one_direction_cv_of_d_squared": cv_sq, "mean_d_squared_over_norm_squared": bias_sq,
-                         "abs_d_scale": abs_scale, "spearman_vs_exact_norm": ranks}
+        summary[kind] = {
+            "finite_difference": fd,
+            "one_direction_cv_of_abs_d": cv_abs,
+            "one_direction_cv_of_d_squared": cv_sq,
+            "mean_d_squared_over_norm_squared": bias_sq,
+            "abs_d_scale": abs_scale,
+            "spearman_vs_exact_norm": ranks,
+        }
     t = result["timings"]
-    summary["cost"] = {"seconds_per_pass": t["plus_minus_s"] / t["passes"], "forward_s": result["forward_s"],
-                       "central_passes_per_direction_per_block": 2,
-                       "forward_diff_passes_per_direction_per_block": 1}
+    summary["cost"] = {
+        "seconds_per_pass": t["plus_minus_s"] / t["passes"],
+        "forward_s": result["forward_s"],
+        "central_passes_per_direction_per_block": 2,
+        "forward_diff_passes_per_direction_per_block": 1,
+    }
     return summary
 
 

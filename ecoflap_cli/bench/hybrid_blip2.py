@@ -83,8 +83,11 @@ def image_tokenizer(tokenizer: Any) -> Any:
     vocab[IMAGE_TOKEN] = vocab.pop(PLACEHOLDER)
     backend = Tokenizer.from_str(json.dumps(state))
     renamed = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
-        pad_token=tokenizer.pad_token, unk_token=tokenizer.unk_token,
+        tokenizer_object=backend,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+        unk_token=tokenizer.unk_token,
         model_max_length=tokenizer.model_max_length,
     )
     if getattr(tokenizer, "chat_template", None):
@@ -101,8 +104,7 @@ def image_processor(size: int) -> Any:
     return cls(size={"height": size, "width": size})
 
 
-def build_hybrid(out: Path, gguf: Path | None = None, seed: int = 0, log: Log = _log,
-                 language: Any = None) -> Path:
+def build_hybrid(out: Path, gguf: Path | None = None, seed: int = 0, log: Log = _log, language: Any = None) -> Path:
     """Build and save the hybrid BLIP-2 (model + processor) into ``out``; returns ``out``.
 
     ``language``: SmolLM2 already loaded (a ``LoadedModel``; it is only read), else ``gguf`` (default:
@@ -239,8 +241,9 @@ def _drawn_pairs(count: int, seed: int) -> list[tuple[Any, str]]:
     return pairs
 
 
-def make_caption_data(out: Path, calib: int = 48, held_out: int = 16, seed: int = 0,
-                      source: str = "auto", log: Log = _log) -> dict[str, Any]:
+def make_caption_data(
+    out: Path, calib: int = 48, held_out: int = 16, seed: int = 0, source: str = "auto", log: Log = _log
+) -> dict[str, Any]:
     """Write ``out/images/*.png``, ``out/calib.jsonl`` and ``out/eval.jsonl`` (disjoint images).
 
     ``source``: ``tuxpaint``, ``skimage``, ``drawn`` or ``auto`` (the first that works, in that
@@ -250,7 +253,7 @@ def make_caption_data(out: Path, calib: int = 48, held_out: int = 16, seed: int 
 
     pairs: list[tuple[Any, str]] = []
     used = source
-    for name in (["tuxpaint", "skimage", "drawn"] if source == "auto" else [source]):
+    for name in ["tuxpaint", "skimage", "drawn"] if source == "auto" else [source]:
         try:
             if name == "tuxpaint":
                 pairs = list(tuxpaint_pairs(cache_dir() / "tuxpaint", log))
@@ -283,8 +286,13 @@ def make_caption_data(out: Path, calib: int = 48, held_out: int = 16, seed: int 
     (out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:n_eval]))
     (out / "calib.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[n_eval:]))
     log(f"{len(lines) - n_eval} calibration + {n_eval} held-out image-caption pairs from {used} in {out}")
-    return {"calib": out / "calib.jsonl", "eval": out / "eval.jsonl", "source": used,
-            "calib_pairs": len(lines) - n_eval, "eval_pairs": n_eval}
+    return {
+        "calib": out / "calib.jsonl",
+        "eval": out / "eval.jsonl",
+        "source": used,
+        "calib_pairs": len(lines) - n_eval,
+        "eval_pairs": n_eval,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,12 +321,17 @@ def text_losses(model: Any, tokenizer: Any, pixel_values: torch.Tensor, text: st
     masked[:, : image.shape[1]] = 0
 
     def loss(pixels: torch.Tensor, mask: torch.Tensor) -> float:
-        return float(model(pixel_values=pixels, input_ids=input_ids, attention_mask=mask, labels=labels,
-                           use_cache=False).loss)
+        return float(
+            model(pixel_values=pixels, input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        )
 
     alone = float(model.language_model(input_ids=ids, labels=ids, use_cache=False).loss)
-    return {"with_image": loss(pixel_values, seen), "blank_image": loss(torch.zeros_like(pixel_values), seen),
-            "image_masked": loss(pixel_values, masked), "language_model_alone": alone}
+    return {
+        "with_image": loss(pixel_values, seen),
+        "blank_image": loss(torch.zeros_like(pixel_values), seen),
+        "image_masked": loss(pixel_values, masked),
+        "language_model_alone": alone,
+    }
 
 
 @torch.no_grad()
@@ -355,9 +368,17 @@ def _run(command: list[str], log: Log, env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def run_benchmark(root: Path, sparsity: float = 0.6, samples: int = 32, score_samples: int = 16,
-                  threads: int = 1, text: Path | None = None, windows: int = 8, seqlen: int = 256,
-                  log: Log = _log) -> dict[str, Any]:
+def run_benchmark(
+    root: Path,
+    sparsity: float = 0.6,
+    samples: int = 32,
+    score_samples: int = 16,
+    threads: int = 1,
+    text: Path | None = None,
+    windows: int = 8,
+    seqlen: int = 256,
+    log: Log = _log,
+) -> dict[str, Any]:
     """``ecoflap prune`` (one-shot) and ``ecoflap eval`` on the hybrid; returns the summary."""
     model, data = root / "model", root / "data"
     pruned = root / f"pruned-{sparsity:g}"
@@ -402,7 +423,8 @@ def run_benchmark(root: Path, sparsity: float = 0.6, samples: int = 32, score_sa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Build (and optionally prune) the hybrid BLIP-2 with SmolLM2 as its language model.")
+        description="Build (and optionally prune) the hybrid BLIP-2 with SmolLM2 as its language model."
+    )
     parser.add_argument("--out", type=Path, default=None, help="Directory (default CACHE/hybrid-blip2).")
     parser.add_argument("--images", default="auto", choices=("auto", "tuxpaint", "skimage", "drawn"))
     parser.add_argument("--calib-pairs", type=int, default=48)
@@ -414,8 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=32, help="Pruning calibration samples.")
     parser.add_argument("--score-samples", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--text", type=Path, default=None,
-                        help="Perplexity text (default: the Wikipedia test split).")
+    parser.add_argument("--text", type=Path, default=None, help="Perplexity text (default: the Wikipedia test split).")
     parser.add_argument("--windows", type=int, default=8)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -429,8 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         provenance = {k: str(v) for k, v in made.items()}
         (root / "data.json").write_text(json.dumps(provenance, indent=2) + "\n")
     pruned = root / f"pruned-{args.sparsity:g}"
-    print(f"ecoflap prune --model {model} --sparsity {args.sparsity} --calib {data / 'calib.jsonl'} "
-          f"-o {pruned}")
+    print(f"ecoflap prune --model {model} --sparsity {args.sparsity} --calib {data / 'calib.jsonl'} -o {pruned}")
     print(f"ecoflap eval {pruned} --captions {data / 'eval.jsonl'} --compare {model}")
     if args.run:
         text = args.text
@@ -438,8 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             from ecoflap_cli.data.assets import wikipedia_splits
 
             text = wikipedia_splits()["test"]
-        summary = run_benchmark(root, args.sparsity, args.samples, args.score_samples, args.threads, text,
-                                args.windows)
+        summary = run_benchmark(root, args.sparsity, args.samples, args.score_samples, args.threads, text, args.windows)
         shown = ("towers", "achieved_sparsity", "times_s", "caption_loss")
         print(json.dumps({k: summary[k] for k in shown}, indent=2))
     return 0

@@ -60,13 +60,23 @@ def ensure_llmc_venv(root: Path, log=None) -> Path:
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise EcoflapError(f"could not set up llm-compressor's venv ({' '.join(cmd[:4])}...): {tail[0][:300]}")
-    check = subprocess.run([str(python), "-c", "import llmcompressor, transformers; print(transformers.__version__)"],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [str(python), "-c", "import llmcompressor, transformers; print(transformers.__version__)"],
+        capture_output=True,
+        text=True,
+    )
     if check.returncode != 0:
         raise EcoflapError(f"llm-compressor does not import in {root}: {check.stderr.strip()[-300:]}")
     seconds = round(time.perf_counter() - start, 1)
-    (root / MARKER).write_text(json.dumps({"requirements": LLMC_REQUIREMENTS, "install_s": seconds,
-                                           "transformers": (check.stdout.strip().splitlines() or ["?"])[-1]}))
+    (root / MARKER).write_text(
+        json.dumps(
+            {
+                "requirements": LLMC_REQUIREMENTS,
+                "install_s": seconds,
+                "transformers": (check.stdout.strip().splitlines() or ["?"])[-1],
+            }
+        )
+    )
     log(f"llm-compressor venv ready in {seconds} s")
     return python
 
@@ -74,8 +84,9 @@ def ensure_llmc_venv(root: Path, log=None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=None, help="The venv's directory (default: CACHE/llmc-venv).")
-    parser.add_argument("--no-create", action="store_true",
-                        help="Only locate: exit 1 when no finished venv is there (creates nothing).")
+    parser.add_argument(
+        "--no-create", action="store_true", help="Only locate: exit 1 when no finished venv is there (creates nothing)."
+    )
     args = parser.parse_args(argv)
     root = args.root or default_root()
 

@@ -72,12 +72,19 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     dataset, shape = _dataset(args.windows)
     result: dict = {
-        "modifier": args.modifier, "owl_m": args.owl_m, "owl_lmbda": args.owl_lmbda,
-        "samples": int(shape[0]), "seqlen": int(shape[1]), "batch_size": args.batch_size,
+        "modifier": args.modifier,
+        "owl_m": args.owl_m,
+        "owl_lmbda": args.owl_lmbda,
+        "samples": int(shape[0]),
+        "seqlen": int(shape[1]),
+        "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__,
-                     "llmcompressor": getattr(llmcompressor, "__version__", "?")},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "llmcompressor": getattr(llmcompressor, "__version__", "?"),
+        },
         "runs": [],
     }
     out_root = Path(args.out)
@@ -91,9 +98,13 @@ def run(args: argparse.Namespace) -> dict:
                 settings = modifier.model_dump() if hasattr(modifier, "model_dump") else {}
                 start, cpu = time.perf_counter(), time.process_time()
                 oneshot(
-                    model=model, dataset=dataset, recipe=modifier,
-                    num_calibration_samples=int(shape[0]), max_seq_length=int(shape[1]),
-                    batch_size=args.batch_size, shuffle_calibration_samples=False,
+                    model=model,
+                    dataset=dataset,
+                    recipe=modifier,
+                    num_calibration_samples=int(shape[0]),
+                    max_seq_length=int(shape[1]),
+                    batch_size=args.batch_size,
+                    shuffle_calibration_samples=False,
                 )
                 entry["oneshot_s"].append(round(time.perf_counter() - start, 3))
                 entry["oneshot_cpu_s"].append(round(time.process_time() - cpu, 3))

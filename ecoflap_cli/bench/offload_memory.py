@@ -49,8 +49,9 @@ def run_child(args: list[str], interval: float = 0.01) -> tuple[float, dict[str,
     """
     peaks = {"anon_kib": 0, "file_kib": 0, "total_kib": 0, "hwm_kib": 0}
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "ecoflap_cli", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ecoflap_cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     done = threading.Event()
 
     def sample() -> None:
@@ -91,17 +92,31 @@ def main(argv: list[str] | None = None) -> int:
 
         calib = str(wikipedia_splits()["calib"])
     args.work.mkdir(parents=True, exist_ok=True)
-    base = ["prune", "-m", model, "--sparsity", "0.5",
-            "--allocator", "uniform", "--calib", calib, "--samples", str(args.samples),
-            "--seqlen", str(args.seqlen), "--overwrite"]
+    base = [
+        "prune",
+        "-m",
+        model,
+        "--sparsity",
+        "0.5",
+        "--allocator",
+        "uniform",
+        "--calib",
+        calib,
+        "--samples",
+        str(args.samples),
+        "--seqlen",
+        str(args.seqlen),
+        "--overwrite",
+    ]
     modes = {
         "whole model in memory": base + ["-o", str(args.work / "whole")],
-        "sequential, blocks offloaded to disk": base + [
-            "--offload", "disk", "--offload-folder", str(args.work / "offload"), "-o", str(args.work / "seq")],
+        "sequential, blocks offloaded to disk": base
+        + ["--offload", "disk", "--offload-folder", str(args.work / "offload"), "-o", str(args.work / "seq")],
     }
     results: dict[str, dict[str, list[float]]] = {
         name: {"peak_anon_mib": [], "peak_file_mib": [], "peak_total_mib": [], "peak_hwm_mib": [], "wall_s": []}
-        for name in modes}
+        for name in modes
+    }
     for _ in range(args.repeats):
         for name, cmd in modes.items():
             shutil.rmtree(args.work / "offload", ignore_errors=True)
@@ -112,17 +127,29 @@ def main(argv: list[str] | None = None) -> int:
             for key in ("anon", "file", "total", "hwm"):
                 results[name][f"peak_{key}_mib"].append(peak[f"{key}_kib"] / 1024)
             results[name]["wall_s"].append(wall)
-            print(f"{name}: peak anon {peak['anon_kib'] / 1024:.0f} MiB, file {peak['file_kib'] / 1024:.0f} MiB, "
-                  f"VmHWM {peak['hwm_kib'] / 1024:.0f} MiB, {wall:.0f} s", flush=True)
+            print(
+                f"{name}: peak anon {peak['anon_kib'] / 1024:.0f} MiB, file {peak['file_kib'] / 1024:.0f} MiB, "
+                f"VmHWM {peak['hwm_kib'] / 1024:.0f} MiB, {wall:.0f} s",
+                flush=True,
+            )
     from safetensors.torch import load_file
 
     whole = load_file(args.work / "whole" / "model.safetensors")
     seq = load_file(args.work / "seq" / "model.safetensors")
     identical = whole.keys() == seq.keys() and all(bool((whole[k] == seq[k]).all()) for k in whole)
-    summary = {"setup": {"model": model, "samples": args.samples, "seqlen": args.seqlen,
-                         "repeats": args.repeats, "solver": "wanda", "sparsity": 0.5},
-               "runs": results, "pruned_weights_bit_identical": identical,
-               "weights_mib_fp32": sum(v.numel() * v.element_size() for v in whole.values()) / 2**20}
+    summary = {
+        "setup": {
+            "model": model,
+            "samples": args.samples,
+            "seqlen": args.seqlen,
+            "repeats": args.repeats,
+            "solver": "wanda",
+            "sparsity": 0.5,
+        },
+        "runs": results,
+        "pruned_weights_bit_identical": identical,
+        "weights_mib_fp32": sum(v.numel() * v.element_size() for v in whole.values()) / 2**20,
+    }
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0

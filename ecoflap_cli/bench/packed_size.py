@@ -30,8 +30,26 @@ def _weights_bytes(directory: Path) -> int:
 def prune_and_convert(model: str | Path, dtype: str, sparsity: float, dense: Path, packed: Path) -> None:
     """``ecoflap prune`` (uniform magnitude) into ``dense``, then ``ecoflap convert --to packed`` into ``packed``."""
     cli = [sys.executable, "-m", "ecoflap_cli"]
-    subprocess.run([*cli, "prune", "-m", str(model), "--sparsity", str(sparsity), "--allocator", "uniform",
-                    "--solver", "magnitude", "--dtype", dtype, "-o", str(dense), "--overwrite"], check=True)
+    subprocess.run(
+        [
+            *cli,
+            "prune",
+            "-m",
+            str(model),
+            "--sparsity",
+            str(sparsity),
+            "--allocator",
+            "uniform",
+            "--solver",
+            "magnitude",
+            "--dtype",
+            dtype,
+            "-o",
+            str(dense),
+            "--overwrite",
+        ],
+        check=True,
+    )
     subprocess.run([*cli, "convert", str(dense), "-o", str(packed), "--to", "packed", "--overwrite"], check=True)
 
 
@@ -50,12 +68,16 @@ def measure(dense: Path, packed: Path, dtype: str, sparsity: float, repeats: int
     itemsize = 2
     dense_bytes, packed_bytes = _weights_bytes(dense), _weights_bytes(packed)
     pruned_dense = pruned_params * itemsize
-    row = {"dtype": dtype, "sparsity": sparsity, "dense_file_bytes": dense_bytes,
-           "packed_file_bytes": packed_bytes,
-           "pruned_tensors_dense_bytes": pruned_dense,
-           "pruned_tensors_packed_bytes": packed_bytes - (dense_bytes - pruned_dense),
-           "load_s_median": {k: statistics.median(v) for k, v in times.items()},
-           "repeats": repeats}
+    row = {
+        "dtype": dtype,
+        "sparsity": sparsity,
+        "dense_file_bytes": dense_bytes,
+        "packed_file_bytes": packed_bytes,
+        "pruned_tensors_dense_bytes": pruned_dense,
+        "pruned_tensors_packed_bytes": packed_bytes - (dense_bytes - pruned_dense),
+        "load_s_median": {k: statistics.median(v) for k, v in times.items()},
+        "repeats": repeats,
+    }
     row["pruned_tensors_ratio"] = row["pruned_tensors_packed_bytes"] / pruned_dense
     return row
 

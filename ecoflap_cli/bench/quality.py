@@ -49,19 +49,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", action="append", help="Override the method list (repeat).")
     parser.add_argument("-s", "--sparsity", type=float, action="append", help="Override the sparsities (repeat).")
     parser.add_argument("--no-peer", action="store_true", help="Leave llm-compressor out.")
-    parser.add_argument("--llmc-python", help="Python of a venv with llmcompressor (default: the cached venv, "
-                                              "created once).")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="Prune-stage timings of the ecoflap/llm-compressor Wanda and SparseGPT runs (medians).")
-    parser.add_argument("--timing-sparsity", type=float, action="append",
-                        help="Sparsities that get the extra timing passes (default: 0.5).")
+    parser.add_argument(
+        "--llmc-python", help="Python of a venv with llmcompressor (default: the cached venv, created once)."
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="Prune-stage timings of the ecoflap/llm-compressor Wanda and SparseGPT runs (medians).",
+    )
+    parser.add_argument(
+        "--timing-sparsity",
+        type=float,
+        action="append",
+        help="Sparsities that get the extra timing passes (default: 0.5).",
+    )
     parser.add_argument("--isolate", action="store_true", help="One subprocess per method (per-method peak RSS).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own).")
-    parser.add_argument("--eval-windows", type=int, default=None,
-                        help="512-token windows of the split to evaluate (default 20).")
-    parser.add_argument("--extra-text", action="append",
-                        help="Also evaluate every pruned model on this text (repeat); 'shakespeare' = the "
-                             "other-domain text from ecoflap_cli.data.assets.")
+    parser.add_argument(
+        "--eval-windows", type=int, default=None, help="512-token windows of the split to evaluate (default 20)."
+    )
+    parser.add_argument(
+        "--extra-text",
+        action="append",
+        help="Also evaluate every pruned model on this text (repeat); 'shakespeare' = the "
+        "other-domain text from ecoflap_cli.data.assets.",
+    )
     sizes = parser.add_argument_group("data sizes (default: the benchmark's, see SETTINGS)")
     for name in ("samples", "seqlen", "score-samples", "score-seqlen", "batch-size", "eval-seqlen", "seed"):
         sizes.add_argument(f"--{name}", type=int, default=None)
@@ -73,20 +86,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="Device (auto, cpu, cuda, ...).")
     parser.add_argument("--no-plot", action="store_true", help="Write no sweep.png.")
     parser.add_argument("--fresh", action="store_true", help="Ignore cached runs and scores.")
-    parser.add_argument("--report-only", action="store_true",
-                        help="Only write the tables and plot from the runs cached so far.")
+    parser.add_argument(
+        "--report-only", action="store_true", help="Only write the tables and plot from the runs cached so far."
+    )
     args = parser.parse_args(argv)
 
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
-    cfg = smollm2_config(args.output, args.split, args.method, args.sparsity, not args.no_peer,
-                         llmc_python=args.llmc_python, log=log, model=args.model, calib=args.calib, text=args.text,
-                         repeats=args.repeats, isolate=args.isolate, threads=args.threads,
-                         timing_sparsities=args.timing_sparsity or [0.5], eval_windows=args.eval_windows,
-                         samples=args.samples, seqlen=args.seqlen, score_samples=args.score_samples,
-                         score_seqlen=args.score_seqlen, batch_size=args.batch_size, eval_seqlen=args.eval_seqlen,
-                         seed=args.seed, dtype=args.dtype, device=args.device)
+    cfg = smollm2_config(
+        args.output,
+        args.split,
+        args.method,
+        args.sparsity,
+        not args.no_peer,
+        llmc_python=args.llmc_python,
+        log=log,
+        model=args.model,
+        calib=args.calib,
+        text=args.text,
+        repeats=args.repeats,
+        isolate=args.isolate,
+        threads=args.threads,
+        timing_sparsities=args.timing_sparsity or [0.5],
+        eval_windows=args.eval_windows,
+        samples=args.samples,
+        seqlen=args.seqlen,
+        score_samples=args.score_samples,
+        score_seqlen=args.score_seqlen,
+        batch_size=args.batch_size,
+        eval_seqlen=args.eval_seqlen,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+    )
     cfg.resume = not args.fresh
     cfg.plot = not args.no_plot
     if args.extra_text:

@@ -97,23 +97,29 @@ def plain_forward(adapter: Adapter, batches: list) -> None:
 
 
 MODES: dict[str, Callable[[Adapter, list, int], dict[str, float]]] = {
-    "zeroth block+reuse central (default)": lambda a, b, s: zeroth_order_scores(
-        a, b, ZerothOrderSettings(seed=s)),
+    "zeroth block+reuse central (default)": lambda a, b, s: zeroth_order_scores(a, b, ZerothOrderSettings(seed=s)),
     "zeroth block+reuse forward-diff": lambda a, b, s: zeroth_order_scores(
-        a, b, ZerothOrderSettings(seed=s, difference="forward")),
+        a, b, ZerothOrderSettings(seed=s, difference="forward")
+    ),
     "first-order taylor, checkpointed": lambda a, b, s: first_order_scores(a, b, "taylor", True),
     "first-order gradnorm, checkpointed": lambda a, b, s: first_order_scores(a, b, "gradnorm", True),
     "first-order taylor, plain backprop": lambda a, b, s: first_order_scores(a, b, "taylor", False),
 }
 
 
-def run(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks: int,
-        zeroth_repeats: int = 1) -> dict[str, Any]:
+def run(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks: int, zeroth_repeats: int = 1) -> dict[str, Any]:
     torch.manual_seed(0)
     _, adapter, batches = smollm2_batches("calib", samples, seqlen)
-    results: dict[str, Any] = {"setup": {"samples": samples, "seqlen": seqlen, "batch_size": 8,
-                                         "repeats": repeats, "threads": torch.get_num_threads(),
-                                         "blocks": len(adapter.blocks())}}
+    results: dict[str, Any] = {
+        "setup": {
+            "samples": samples,
+            "seqlen": seqlen,
+            "batch_size": 8,
+            "repeats": repeats,
+            "threads": torch.get_num_threads(),
+            "blocks": len(adapter.blocks()),
+        }
+    }
     timings: dict[str, list[float]] = {"plain forward": []}
     memory: dict[str, list[int]] = {"plain forward": []}
     scores: dict[str, dict[str, float]] = {}
@@ -145,29 +151,31 @@ def run(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks: int,
     tensors_all = sum(len(b.linears) for b in adapter.blocks())
     ref_times = []
     for _ in range(zeroth_repeats):
-        _, t, m = measure(lambda: zeroth_order_scores(
-            sub, batches, ZerothOrderSettings(granularity="tensor", reuse_activations=False, head="exact")))
+        _, t, m = measure(
+            lambda: zeroth_order_scores(
+                sub, batches, ZerothOrderSettings(granularity="tensor", reuse_activations=False, head="exact")
+            )
+        )
         ref_times.append(t * tensors_all / tensors_sub)
         memory.setdefault("reference (per tensor, no reuse)", []).append(m)
     timings["reference (per tensor, no reuse), extrapolated"] = ref_times
     block_times = []
     for _ in range(zeroth_repeats):
-        _, t, m = measure(lambda: zeroth_order_scores(
-            sub, batches, ZerothOrderSettings(reuse_activations=False)))
+        _, t, m = measure(lambda: zeroth_order_scores(sub, batches, ZerothOrderSettings(reuse_activations=False)))
         block_times.append(t * len(names) / len(subset))
         memory.setdefault("zeroth block, no reuse", []).append(m)
     timings["zeroth block, no reuse, extrapolated"] = block_times
     results["reference_subset"] = {"blocks": sorted(subset), "tensors": tensors_sub, "of": tensors_all}
     # another seed: how stable is the ranking of a four-batch estimate?
     if "zeroth block+reuse central seed 1" not in scores:
-        scores["zeroth block+reuse central seed 1"] = zeroth_order_scores(
-            adapter, batches, ZerothOrderSettings(seed=1))
+        scores["zeroth block+reuse central seed 1"] = zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=1))
     _save(out, results, timings, memory, scores)
     return json.loads(out.read_text())
 
 
-def side_by_side(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks: int,
-                 corr_samples: int | None = None) -> dict[str, Any]:
+def side_by_side(
+    out: Path, repeats: int, samples: int, seqlen: int, ref_blocks: int, corr_samples: int | None = None
+) -> dict[str, Any]:
     """Reference vs default zeroth-order, interleaved in one process, repeated; plus score agreement.
 
     Each repeat times, back to back: one plain no-grad forward over the samples (the unit), the
@@ -189,20 +197,39 @@ def side_by_side(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks:
     tensors_sub = sum(len(b.linears) for b in sub.blocks())
     tensors_all = sum(len(b.linears) for b in adapter.blocks())
     res: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
-    res["setup"] = {"samples": samples, "seqlen": seqlen, "batch_size": 8, "threads": torch.get_num_threads(),
-                    "reference_blocks": sorted(subset), "reference_tensors": tensors_sub, "tensors": tensors_all}
+    res["setup"] = {
+        "samples": samples,
+        "seqlen": seqlen,
+        "batch_size": 8,
+        "threads": torch.get_num_threads(),
+        "reference_blocks": sorted(subset),
+        "reference_tensors": tensors_sub,
+        "tensors": tensors_all,
+    }
     runs: list[dict[str, float]] = res.setdefault("repeats", [])
     for r in range(len(runs), repeats):
         _, unit, _ = measure(lambda: plain_forward(adapter, batches))
         default, t_default, _ = measure(lambda: zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=0)))
-        _, t_ref, _ = measure(lambda: zeroth_order_scores(
-            sub, batches, ZerothOrderSettings(granularity="tensor", reuse_activations=False, head="exact")))
+        _, t_ref, _ = measure(
+            lambda: zeroth_order_scores(
+                sub, batches, ZerothOrderSettings(granularity="tensor", reuse_activations=False, head="exact")
+            )
+        )
         t_ref_all = t_ref * tensors_all / tensors_sub
-        runs.append({"plain_forward_s": unit, "default_s": t_default, "reference_extrapolated_s": t_ref_all,
-                     "ratio": t_ref_all / t_default})
+        runs.append(
+            {
+                "plain_forward_s": unit,
+                "default_s": t_default,
+                "reference_extrapolated_s": t_ref_all,
+                "ratio": t_ref_all / t_default,
+            }
+        )
         res.setdefault("scores", {})["default seed 0"] = default
-        print(f"repeat {r}: forward {unit:.2f}s, default {t_default:.1f}s, reference (extrapolated) "
-              f"{t_ref_all:.1f}s, ratio {t_ref_all / t_default:.2f}", flush=True)
+        print(
+            f"repeat {r}: forward {unit:.2f}s, default {t_default:.1f}s, reference (extrapolated) "
+            f"{t_ref_all:.1f}s, ratio {t_ref_all / t_default:.2f}",
+            flush=True,
+        )
         _summarise(res)
         artifacts.write_atomic(out, (json.dumps(res, indent=2) + "\n").encode())
     scores = res.setdefault("scores", {})
@@ -214,10 +241,12 @@ def side_by_side(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks:
         "default seed 0": lambda: zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=0)),
         "default seed 1": lambda: zeroth_order_scores(adapter, batches, ZerothOrderSettings(seed=1)),
         "exact gradient norm": lambda: first_order_scores(adapter, batches, "gradnorm", True),
-        "reference seed 0": lambda: zeroth_order_scores(adapter, batches, ZerothOrderSettings(granularity="tensor",
-                                                                                            head="exact")),
-        "reference seed 1": lambda: zeroth_order_scores(adapter, batches, ZerothOrderSettings(
-            granularity="tensor", head="exact", seed=1)),
+        "reference seed 0": lambda: zeroth_order_scores(
+            adapter, batches, ZerothOrderSettings(granularity="tensor", head="exact")
+        ),
+        "reference seed 1": lambda: zeroth_order_scores(
+            adapter, batches, ZerothOrderSettings(granularity="tensor", head="exact", seed=1)
+        ),
     }
     for key, job in jobs.items():
         if key not in scores:
@@ -244,10 +273,12 @@ def batch_sizes(out: Path, repeats: int, samples: int, seqlen: int, sizes: list[
             runs.setdefault(str(size), []).append(t)
             print(f"repeat {r}: batch {size}: {t:.1f}s", flush=True)
     base = str(sizes[0])
-    res = {"setup": {"samples": samples, "seqlen": seqlen, "threads": torch.get_num_threads()},
-           "seconds": runs, "median_s": {k: statistics.median(v) for k, v in runs.items()},
-           "ratio_to_first_size": {k: statistics.median(a / b for a, b in zip(v, runs[base]))
-                                   for k, v in runs.items()}}
+    res = {
+        "setup": {"samples": samples, "seqlen": seqlen, "threads": torch.get_num_threads()},
+        "seconds": runs,
+        "median_s": {k: statistics.median(v) for k, v in runs.items()},
+        "ratio_to_first_size": {k: statistics.median(a / b for a, b in zip(v, runs[base])) for k, v in runs.items()},
+    }
     artifacts.write_atomic(out, (json.dumps(res, indent=2) + "\n").encode())
     return res
 
@@ -262,17 +293,20 @@ def _summarise(res: dict[str, Any]) -> None:
             "reference_extrapolated_s": statistics.median(r["reference_extrapolated_s"] for r in runs),
             "ratio_reference_over_default": statistics.median(r["ratio"] for r in runs),
             "default_in_forwards": statistics.median(r["default_s"] / r["plain_forward_s"] for r in runs),
-            "reference_in_forwards": statistics.median(r["reference_extrapolated_s"] / r["plain_forward_s"]
-                                                       for r in runs),
+            "reference_in_forwards": statistics.median(
+                r["reference_extrapolated_s"] / r["plain_forward_s"] for r in runs
+            ),
         }
     for field in [k for k in res if k.startswith("scores")]:
         scores = res[field]
         keys = sorted(scores)
         if len(keys) > 1:
             names = list(scores[keys[0]])
-            res["spearman" + field[len("scores"):]] = {
+            res["spearman" + field[len("scores") :]] = {
                 f"{a} ~ {b}": spearman([scores[a][n] for n in names], [scores[b][n] for n in names])
-                for i, a in enumerate(keys) for b in keys[i + 1:]}
+                for i, a in enumerate(keys)
+                for b in keys[i + 1 :]
+            }
 
 
 def _save(out: Path, results: dict, timings: dict, memory: dict, scores: dict) -> None:
@@ -287,7 +321,8 @@ def _save(out: Path, results: dict, timings: dict, memory: dict, scores: dict) -
     if exact:
         names = list(exact)
         results["spearman_vs_exact_gradnorm"] = {
-            k: spearman([exact[n] for n in names], [v[n] for n in names]) for k, v in scores.items()}
+            k: spearman([exact[n] for n in names], [v[n] for n in names]) for k, v in scores.items()
+        }
     artifacts.write_atomic(out, (json.dumps(results, indent=2) + "\n").encode())
 
 
@@ -310,19 +345,26 @@ def quality(out: Path, modes: list[str], sparsity: float, calib_samples: int, ev
         prune_model(adapter, artifacts.prune_counts(plan), batches, PruneSettings("wanda"))
         ppl[mode] = perplexity(loaded.model, valid, batch_size=4)
         print(f"{mode}: valid ppl {ppl[mode]:.2f}", flush=True)
-        results["valid_setup"] = {"sparsity": sparsity, "calib": f"{calib_samples} x 512",
-                                  "valid_windows": f"{int(valid.shape[0])} x 512"}
+        results["valid_setup"] = {
+            "sparsity": sparsity,
+            "calib": f"{calib_samples} x 512",
+            "valid_windows": f"{int(valid.shape[0])} x 512",
+        }
         artifacts.write_atomic(out, (json.dumps(results, indent=2) + "\n").encode())
 
 
 def memory_child(mode: str, seqlen: int) -> None:
     """In a fresh process: load, run one mode on one batch of 8 x seqlen, print peak RSS growth."""
     _, adapter, batches = smollm2_batches("valid", 8, seqlen)
-    fns = {"plain forward": lambda: plain_forward(adapter, batches), **{
-        k: (lambda fn=fn: fn(adapter, batches, 0)) for k, fn in MODES.items()}}
+    fns = {
+        "plain forward": lambda: plain_forward(adapter, batches),
+        **{k: (lambda fn=fn: fn(adapter, batches, 0)) for k, fn in MODES.items()},
+    }
     fns["reference (per tensor, no reuse)"] = lambda: zeroth_order_scores(
-        SubsetAdapter(adapter, {adapter.blocks()[0].name}), batches,
-        ZerothOrderSettings(granularity="tensor", reuse_activations=False, head="exact"))
+        SubsetAdapter(adapter, {adapter.blocks()[0].name}),
+        batches,
+        ZerothOrderSettings(granularity="tensor", reuse_activations=False, head="exact"),
+    )
     _, _, peak = measure(fns[mode])
     print(json.dumps({"mode": mode, "peak_bytes": peak}))
 
@@ -335,8 +377,12 @@ def memory(out: Path, seqlen: int) -> None:
     results = json.loads(out.read_text())
     peaks = results.setdefault("peak_mib_isolated", {})
     for mode in ["plain forward", *MODES, "reference (per tensor, no reuse)"]:
-        proc = subprocess.run([sys.executable, "-m", "ecoflap_cli.bench.scoring_cost", "--memory-child", mode,
-                               "--seqlen", str(seqlen)], capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ecoflap_cli.bench.scoring_cost", "--memory-child", mode, "--seqlen", str(seqlen)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         peaks[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**20
         print(f"memory {mode}: +{peaks[mode]:.1f} MiB", flush=True)
     base = peaks["plain forward"]
@@ -357,12 +403,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quality-windows", type=int, default=20)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--skip-quality", action="store_true")
-    parser.add_argument("--side-by-side", action="store_true",
-                        help="only the interleaved reference-vs-default timing and score agreement")
-    parser.add_argument("--corr-samples", type=int, default=None,
-                        help="samples for the score-agreement part of --side-by-side (default: --samples)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
-                        help="only time the default mode on the same samples in batches of these sizes")
+    parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="only the interleaved reference-vs-default timing and score agreement",
+    )
+    parser.add_argument(
+        "--corr-samples",
+        type=int,
+        default=None,
+        help="samples for the score-agreement part of --side-by-side (default: --samples)",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="only time the default mode on the same samples in batches of these sizes",
+    )
     args = parser.parse_args(argv)
     if args.batch_sizes:
         batch_sizes(args.out, args.repeats, args.samples, args.seqlen, args.batch_sizes)
@@ -378,9 +436,18 @@ def main(argv: list[str] | None = None) -> None:
     memory(args.out, args.seqlen)
     if args.skip_quality:
         return
-    quality(args.out, ["zeroth block+reuse central (default)", "first-order gradnorm, checkpointed",
-                       "first-order taylor, checkpointed", "zeroth block+reuse forward-diff"],
-            0.6, 16, args.quality_windows)
+    quality(
+        args.out,
+        [
+            "zeroth block+reuse central (default)",
+            "first-order gradnorm, checkpointed",
+            "first-order taylor, checkpointed",
+            "zeroth block+reuse forward-diff",
+        ],
+        0.6,
+        16,
+        args.quality_windows,
+    )
 
 
 if __name__ == "__main__":

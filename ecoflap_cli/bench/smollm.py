@@ -38,16 +38,32 @@ PEER_METHODS = ["llmc:wanda", "llmc:sparsegpt", "llmc-owl:wanda@m=5,lam=0.08"]
 #: run order with the peer: each llm-compressor method right after its ecoflap counterpart, so the
 #: pairs whose times are compared run back to back (machine noise hits both alike)
 INTERLEAVED = [
-    "uniform:magnitude", "uniform:wanda", "llmc:wanda", "uniform:sparsegpt", "llmc:sparsegpt",
-    "owl:wanda@m=5,lam=0.08", "llmc-owl:wanda@m=5,lam=0.08",
-    "ecoflap-zeroth:wanda", "ecoflap-first:wanda", "ecoflap-zeroth:sparsegpt",
+    "uniform:magnitude",
+    "uniform:wanda",
+    "llmc:wanda",
+    "uniform:sparsegpt",
+    "llmc:sparsegpt",
+    "owl:wanda@m=5,lam=0.08",
+    "llmc-owl:wanda@m=5,lam=0.08",
+    "ecoflap-zeroth:wanda",
+    "ecoflap-first:wanda",
+    "ecoflap-zeroth:sparsegpt",
 ]
 SPARSITIES = [0.5, 0.6, 0.7]
 #: extra prune-stage timing passes (--repeats) go to the solvers compared with llm-compressor
 TIMING_METHODS = ["uniform:wanda", "llmc:wanda", "uniform:sparsegpt", "llmc:sparsegpt"]
 #: the preset's data sizes (CPU-friendly): pruning calibration, scoring, evaluation
-SETTINGS = {"samples": 16, "seqlen": 512, "score_samples": 32, "score_seqlen": 128,
-            "eval_windows": 20, "eval_seqlen": 512, "batch_size": 8, "eval_batch_size": 4, "seed": 0}
+SETTINGS = {
+    "samples": 16,
+    "seqlen": 512,
+    "score_samples": 32,
+    "score_seqlen": 128,
+    "eval_windows": 20,
+    "eval_seqlen": 512,
+    "batch_size": 8,
+    "eval_batch_size": 4,
+    "seed": 0,
+}
 
 
 def smollm2_config(
@@ -86,19 +102,33 @@ def smollm2_config(
         from ecoflap_cli.bench.llmc_env import default_root, ensure_llmc_venv
 
         llmc_python = str(ensure_llmc_venv(default_root(), log))
-    values = {**SETTINGS, "timing_methods": [m for m in TIMING_METHODS if m in chosen] or None,
-              **{k: v for k, v in overrides.items() if v is not None}}
+    values = {
+        **SETTINGS,
+        "timing_methods": [m for m in TIMING_METHODS if m in chosen] or None,
+        **{k: v for k, v in overrides.items() if v is not None},
+    }
     values.setdefault("title", f"SmolLM2-135M, Wikipedia {split} split" if default_title else None)
     return SweepConfig(
-        model=model, calib=calib, text=text, methods=chosen,
+        model=model,
+        calib=calib,
+        text=text,
+        methods=chosen,
         sparsities=list(sparsities or SPARSITIES),
         output=output or str(assets.cache_dir() / "bench" / f"smollm2-{split}"),
-        llmc_python=llmc_python, **values,
+        llmc_python=llmc_python,
+        **values,
     )
 
 
-def smollm2_batches(split: str, samples: int, seqlen: int, batch_size: int = 8, seed: int = 0,
-                    model: str | None = None, text: str | None = None) -> tuple[Any, Adapter, list]:
+def smollm2_batches(
+    split: str,
+    samples: int,
+    seqlen: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    model: str | None = None,
+    text: str | None = None,
+) -> tuple[Any, Adapter, list]:
     """SmolLM2, its adapter, and seeded windows of a Wikipedia split in batches (every study's setup).
 
     ``model`` / ``text`` replace SmolLM2 / the split's file (a tiny model in the smoke tests).

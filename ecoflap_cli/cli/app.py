@@ -94,8 +94,9 @@ def registry_option(registry: Registry, help: str, *decls: str, extra: tuple[str
 
         return [CompletionItem(n) for n in names() if n.startswith(incomplete)]
 
-    return typer.Option(*decls, help=help, metavar="[" + "|".join(names()) + "]", callback=check,
-                        shell_complete=complete)
+    return typer.Option(
+        *decls, help=help, metavar="[" + "|".join(names()) + "]", callback=check, shell_complete=complete
+    )
 
 
 def _param_help(registry: Registry, name: str, param: str, fallback: str = "") -> str:
@@ -122,30 +123,68 @@ RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow mode
 DeviceMapOpt = Annotated[Optional[str], typer.Option(help="accelerate device map: auto, balanced, sequential or JSON.")]
 MaxMemOpt = Annotated[Optional[list[str]], typer.Option(help="Per-device budget, e.g. 0=20GiB or cpu=64GiB (repeat).")]
 OffloadOpt = Annotated[Optional[Path], typer.Option(help="Folder for weights that fit on no device.")]
-SequentialOpt = Annotated[Optional[str], typer.Option(
-    "--offload", help="Sequential mode: keep every block on cpu or disk (needs --offload-folder) and move "
-    "it to the compute device only while it runs.")]
-CalibOpt = Annotated[Optional[str], typer.Option(help="Calibration data: .txt/.jsonl text, image-text .jsonl, or hub:NAME.")]
-SeqlenOpt = Annotated[Optional[int], typer.Option(help="Tokens per calibration sample (default: context length, at most 2048).")]
+SequentialOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--offload",
+        help="Sequential mode: keep every block on cpu or disk (needs --offload-folder) and move "
+        "it to the compute device only while it runs.",
+    ),
+]
+CalibOpt = Annotated[
+    Optional[str], typer.Option(help="Calibration data: .txt/.jsonl text, image-text .jsonl, or hub:NAME.")
+]
+SeqlenOpt = Annotated[
+    Optional[int], typer.Option(help="Tokens per calibration sample (default: context length, at most 2048).")
+]
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling calibration windows and perturbations.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field holding the text in .jsonl records.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
-AllocatorOpt = Annotated[str, registry_option(
-    ALLOCATORS, _methods_help(ALLOCATORS, "Allocator; auto: mix for one-tower language models, ecoflap for "
-                              "multi-tower models (the plan records which and why)."), extra=("auto",))]
-ScoreMethodOpt = Annotated[str, registry_option(SCORING, _methods_help(
-    SCORING, "Scoring; auto: exact first-order gradient norms when backprop fits in memory, else zeroth-order."))]
+AllocatorOpt = Annotated[
+    str,
+    registry_option(
+        ALLOCATORS,
+        _methods_help(
+            ALLOCATORS,
+            "Allocator; auto: mix for one-tower language models, ecoflap for "
+            "multi-tower models (the plan records which and why).",
+        ),
+        extra=("auto",),
+    ),
+]
+ScoreMethodOpt = Annotated[
+    str,
+    registry_option(
+        SCORING,
+        _methods_help(
+            SCORING, "Scoring; auto: exact first-order gradient norms when backprop fits in memory, else zeroth-order."
+        ),
+    ),
+]
 SolverOpt = Annotated[str, registry_option(SOLVERS, _methods_help(SOLVERS, "Layer-wise solver."))]
-MaxSparsityOpt = Annotated[Optional[float], typer.Option(help="ecoflap: " + _param_help(ALLOCATORS, "ecoflap", "max_sparsity"))]
-TemperatureOpt = Annotated[Optional[float], typer.Option(help="ecoflap: " + _param_help(ALLOCATORS, "ecoflap", "temperature"))]
+MaxSparsityOpt = Annotated[
+    Optional[float], typer.Option(help="ecoflap: " + _param_help(ALLOCATORS, "ecoflap", "max_sparsity"))
+]
+TemperatureOpt = Annotated[
+    Optional[float], typer.Option(help="ecoflap: " + _param_help(ALLOCATORS, "ecoflap", "temperature"))
+]
 DepthStepOpt = Annotated[Optional[float], typer.Option(help="depth: " + _param_help(ALLOCATORS, "depth", "step"))]
-LamOpt = Annotated[Optional[float], typer.Option(help="owl/rank/mix: half-range of block sparsities around the target "
-                                                 "(defaults " + " / ".join(f"{ALLOCATORS.get(n).defaults()['lam']:g}" for n in ("owl", "rank", "mix")) + ").")]
+LamOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        help="owl/rank/mix: half-range of block sparsities around the target "
+        "(defaults " + " / ".join(f"{ALLOCATORS.get(n).defaults()['lam']:g}" for n in ("owl", "rank", "mix")) + ")."
+    ),
+]
 AlphaOpt = Annotated[Optional[float], typer.Option(help="mix: " + _param_help(ALLOCATORS, "mix", "alpha"))]
-ParamOpt = Annotated[Optional[list[str]], typer.Option(
-    "--param", "-p", help="Any allocator setting as NAME=VALUE (repeat); see docs/methods.md.")]
-SolverParamOpt = Annotated[Optional[list[str]], typer.Option(
-    help="A solver setting as NAME=VALUE (repeat), e.g. damp=0.02 for sparsegpt; see docs/methods.md.")]
+ParamOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--param", "-p", help="Any allocator setting as NAME=VALUE (repeat); see docs/methods.md."),
+]
+SolverParamOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(help="A solver setting as NAME=VALUE (repeat), e.g. damp=0.02 for sparsegpt; see docs/methods.md."),
+]
 
 
 def _allocator_settings(params: list[str] | None, **options: float | None) -> dict[str, Any]:
@@ -162,8 +201,16 @@ def _check_allocator(allocator: str, settings: dict[str, Any], sparsity: float |
     check_allocator_request(allocator, settings, sparsity)
 
 
-def _load(model: str, dtype: str, device: str, trust_remote_code: bool, device_map: str | None,
-          max_memory: list[str] | None, offload_folder: Path | None, offload: str | None = None) -> LoadedModel:
+def _load(
+    model: str,
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+    device_map: str | None,
+    max_memory: list[str] | None,
+    offload_folder: Path | None,
+    offload: str | None = None,
+) -> LoadedModel:
     from ecoflap_cli.io.loading import LoadOptions, load_model
 
     memory: dict[str, str] = {}
@@ -172,8 +219,9 @@ def _load(model: str, dtype: str, device: str, trust_remote_code: bool, device_m
         if not sep or not value:
             raise EcoflapError(f"--max-memory takes DEVICE=SIZE (e.g. 0=20GiB), got {item!r}")
         memory[key.strip()] = value.strip()
-    opts = LoadOptions(dtype, device, trust_remote_code, device_map, memory,
-                       str(offload_folder) if offload_folder else None, offload)
+    opts = LoadOptions(
+        dtype, device, trust_remote_code, device_map, memory, str(offload_folder) if offload_folder else None, offload
+    )
     with console.status(f"loading {model}"):
         return load_model(model, opts)
 
@@ -225,25 +273,49 @@ def score(
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 8,
     seed: SeedOpt = 0,
     eps: Annotated[Optional[float], typer.Option(help="zeroth: " + _choice_help(SCORING, "zeroth", "eps"))] = None,
-    granularity: Annotated[Optional[str], typer.Option(help="zeroth: " + _choice_help(SCORING, "zeroth", "granularity"))] = None,
-    reuse_activations: Annotated[Optional[bool], typer.Option(help="zeroth: " + _param_help(SCORING, "zeroth", "reuse_activations"))] = None,
-    perturbations: Annotated[Optional[int], typer.Option(help="zeroth: " + _param_help(SCORING, "zeroth", "perturbations"))] = None,
-    direction: Annotated[Optional[str], typer.Option(help="zeroth: " + _choice_help(SCORING, "zeroth", "direction"))] = None,
-    difference: Annotated[Optional[str], typer.Option(help="zeroth: " + _choice_help(SCORING, "zeroth", "difference"))] = None,
+    granularity: Annotated[
+        Optional[str], typer.Option(help="zeroth: " + _choice_help(SCORING, "zeroth", "granularity"))
+    ] = None,
+    reuse_activations: Annotated[
+        Optional[bool], typer.Option(help="zeroth: " + _param_help(SCORING, "zeroth", "reuse_activations"))
+    ] = None,
+    perturbations: Annotated[
+        Optional[int], typer.Option(help="zeroth: " + _param_help(SCORING, "zeroth", "perturbations"))
+    ] = None,
+    direction: Annotated[
+        Optional[str], typer.Option(help="zeroth: " + _choice_help(SCORING, "zeroth", "direction"))
+    ] = None,
+    difference: Annotated[
+        Optional[str], typer.Option(help="zeroth: " + _choice_help(SCORING, "zeroth", "difference"))
+    ] = None,
     head: Annotated[Optional[str], typer.Option(help="zeroth: " + _choice_help(SCORING, "zeroth", "head"))] = None,
-    first_metric: Annotated[Optional[str], typer.Option(help="first: " + _choice_help(SCORING, "first", "metric"))] = None,
+    first_metric: Annotated[
+        Optional[str], typer.Option(help="first: " + _choice_help(SCORING, "first", "metric"))
+    ] = None,
     threshold: Annotated[Optional[float], typer.Option(help="owl: " + _param_help(SCORING, "owl", "m"))] = None,
     include_qformer: Annotated[bool, typer.Option(help="Prune (and score) the BLIP-2 Q-Former too.")] = False,
     text_field: TextFieldOpt = "text",
-    dtype: DtypeOpt = "auto", device: DeviceOpt = "auto", trust_remote_code: RemoteOpt = False,
-    device_map: DeviceMapOpt = None, max_memory: MaxMemOpt = None, offload_folder: OffloadOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    trust_remote_code: RemoteOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemOpt = None,
+    offload_folder: OffloadOpt = None,
     offload: SequentialOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Coarse stage: one global importance score per block, written as scores JSON."""
-    given = {"eps": eps, "granularity": granularity, "reuse_activations": reuse_activations,
-             "perturbations": perturbations, "direction": direction, "difference": difference, "head": head,
-             "metric": first_metric, "m": threshold}
+    given = {
+        "eps": eps,
+        "granularity": granularity,
+        "reuse_activations": reuse_activations,
+        "perturbations": perturbations,
+        "direction": direction,
+        "difference": difference,
+        "head": head,
+        "metric": first_metric,
+        "m": threshold,
+    }
     settings = _scoring_settings(method, {k: v for k, v in given.items() if v is not None})
     _check_output(output, overwrite)
     from ecoflap_cli.io import artifacts
@@ -256,8 +328,10 @@ def score(
     with progress_bar(len(adapter.blocks()), "scoring") as step:
         doc = driver.score(loaded, adapter, batches, prov, method, settings, step, seed=seed)
     artifacts.emit_json(doc, output, overwrite)
-    console.print(f"scored {len(doc['groups'])} blocks with {doc['method']['name']} in {doc['timings']['score_s']:.1f}s"
-                  + ("" if output == "-" else f" -> {output}"))
+    console.print(
+        f"scored {len(doc['groups'])} blocks with {doc['method']['name']} in {doc['timings']['score_s']:.1f}s"
+        + ("" if output == "-" else f" -> {output}")
+    )
 
 
 def _scoring_settings(method: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -294,8 +368,9 @@ def allocate(
     from ecoflap_cli.stages import driver
 
     _check_sparsity(sparsity)
-    settings = _allocator_settings(param, max_sparsity=max_sparsity, temperature=temperature, step=depth_step,
-                                   lam=lam, alpha=alpha)
+    settings = _allocator_settings(
+        param, max_sparsity=max_sparsity, temperature=temperature, step=depth_step, lam=lam, alpha=alpha
+    )
     _check_allocator(allocator, settings, sparsity)
     doc = artifacts.validate_scores(artifacts.read_json(scores), "stdin" if scores == "-" else scores)
     plan = driver.allocate(doc, sparsity, allocator, settings, per_tower)
@@ -311,12 +386,17 @@ def prune(
     model: ModelOpt,
     output: Annotated[str, typer.Option("--output", "-o", help="Directory for the pruned checkpoint.")] = "pruned",
     plan: Annotated[Optional[str], typer.Option(help="Plan JSON from `ecoflap allocate` (or - for stdin).")] = None,
-    sparsity: Annotated[Optional[float], typer.Option("--sparsity", "-s", help="One-shot: score and allocate to this target.")] = None,
+    sparsity: Annotated[
+        Optional[float], typer.Option("--sparsity", "-s", help="One-shot: score and allocate to this target.")
+    ] = None,
     allocator: AllocatorOpt = "auto",
-    score_method: Annotated[Optional[str], registry_option(
-        SCORING, "One-shot scoring (default: the allocator's, auto for most).")] = None,
+    score_method: Annotated[
+        Optional[str], registry_option(SCORING, "One-shot scoring (default: the allocator's, auto for most).")
+    ] = None,
     score_samples: Annotated[int, typer.Option(help="One-shot: calibration samples for scoring.")] = 32,
-    score_seqlen: Annotated[Optional[int], typer.Option(help="One-shot: tokens per scoring sample (default: --seqlen).")] = None,
+    score_seqlen: Annotated[
+        Optional[int], typer.Option(help="One-shot: tokens per scoring sample (default: --seqlen).")
+    ] = None,
     max_sparsity: MaxSparsityOpt = None,
     temperature: TemperatureOpt = None,
     depth_step: DepthStepOpt = None,
@@ -326,27 +406,35 @@ def prune(
     solver: SolverOpt = "wanda",
     solver_param: SolverParamOpt = None,
     nm: Annotated[Optional[str], typer.Option(help="N:M structured sparsity, e.g. 2:4 (uniform plans only).")] = None,
-    compare_group: Annotated[Optional[list[str]], typer.Option(help="Wanda comparison group per tower: TOWER=row|matrix.")] = None,
+    compare_group: Annotated[
+        Optional[list[str]], typer.Option(help="Wanda comparison group per tower: TOWER=row|matrix.")
+    ] = None,
     calib: CalibOpt = None,
     samples: Annotated[int, typer.Option(help="Calibration samples for the layer-wise solver.")] = 128,
     seqlen: SeqlenOpt = None,
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 8,
     seed: SeedOpt = 0,
     include_qformer: Annotated[bool, typer.Option(help="Prune the BLIP-2 Q-Former too.")] = False,
-    packed: Annotated[bool, typer.Option("--packed", help="Write packed sparse safetensors (smaller; needs ecoflap to load).")] = False,
+    packed: Annotated[
+        bool, typer.Option("--packed", help="Write packed sparse safetensors (smaller; needs ecoflap to load).")
+    ] = False,
     max_shard_size: Annotated[str, typer.Option(help="Largest weight file, e.g. 5GB or 500MB.")] = "5GB",
     text_field: TextFieldOpt = "text",
-    dtype: DtypeOpt = "auto", device: DeviceOpt = "auto", trust_remote_code: RemoteOpt = False,
-    device_map: DeviceMapOpt = None, max_memory: MaxMemOpt = None, offload_folder: OffloadOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    trust_remote_code: RemoteOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemOpt = None,
+    offload_folder: OffloadOpt = None,
     offload: SequentialOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine stage: layer-wise pruning to a plan; writes a Hugging Face checkpoint directory."""
     from ecoflap_cli.cli.render import render_plan
+    from ecoflap_cli.core.methods import check_plan_methods, check_scoring_request
     from ecoflap_cli.io import artifacts
     from ecoflap_cli.io.checkpoint import check_output_dir, parse_size, save_checkpoint
     from ecoflap_cli.stages import driver
-    from ecoflap_cli.core.methods import check_plan_methods, check_scoring_request
 
     if (plan is None) == (sparsity is None):
         raise EcoflapError("give exactly one of --plan PLAN.json or --sparsity P")
@@ -354,11 +442,16 @@ def prune(
         _check_sparsity(sparsity)
     nm_pair = _parse_nm(nm)
     solver_settings = SOLVERS.get(solver).settings(parse_assignments(solver_param, "--solver-param"))
-    settings = driver.PruneSettings(solver, nm_pair, _parse_groups(compare_group),
-                                    store_device="cpu" if (offload or device_map) else None,
-                                    solver_settings=solver_settings)
-    alloc_settings = _allocator_settings(param, max_sparsity=max_sparsity, temperature=temperature,
-                                         step=depth_step, lam=lam, alpha=alpha)
+    settings = driver.PruneSettings(
+        solver,
+        nm_pair,
+        _parse_groups(compare_group),
+        store_device="cpu" if (offload or device_map) else None,
+        solver_settings=solver_settings,
+    )
+    alloc_settings = _allocator_settings(
+        param, max_sparsity=max_sparsity, temperature=temperature, step=depth_step, lam=lam, alpha=alpha
+    )
     if sparsity is not None:
         _check_allocator(allocator, alloc_settings, sparsity)
         check_scoring_request(allocator, score_method)
@@ -381,8 +474,9 @@ def prune(
         assert sparsity is not None
         one_shot = driver.OneShot(score_method, None, score_samples, score_seqlen)
         with progress_bar(len(adapter.blocks()), "scoring") as step:
-            plan_doc, scores_doc = driver.one_shot_plan(loaded, adapter, calib_opts, sparsity, allocator,
-                                                        alloc_settings, one_shot, step)
+            plan_doc, scores_doc = driver.one_shot_plan(
+                loaded, adapter, calib_opts, sparsity, allocator, alloc_settings, one_shot, step
+            )
         documents["scores.json"] = scores_doc
         render_plan(console, plan_doc)
     documents["plan.json"] = plan_doc
@@ -390,40 +484,73 @@ def prune(
         report = driver.prune(loaded, adapter, plan_doc, batches, prov, settings, step)
     documents["ecoflap_report.json"] = report
     with console.status(f"writing {output}"):
-        save_checkpoint(loaded, output, documents, overwrite, packed=packed,
-                        max_shard_size=max_shard_size, n_m=nm_pair)
-    console.print(f"pruned to {report['achieved_sparsity']:.4f} sparsity (target {report['target_sparsity']}) "
-                  f"in {report['timings']['prune_s']:.1f}s -> {output}")
+        save_checkpoint(loaded, output, documents, overwrite, packed=packed, max_shard_size=max_shard_size, n_m=nm_pair)
+    console.print(
+        f"pruned to {report['achieved_sparsity']:.4f} sparsity (target {report['target_sparsity']}) "
+        f"in {report['timings']['prune_s']:.1f}s -> {output}"
+    )
 
 
 @app.command("eval")
 @user_errors
 def evaluate(
     checkpoint: Annotated[str, typer.Argument(help="Pruned checkpoint directory (or any model id / .gguf).")],
-    text: Annotated[Optional[Path], typer.Option(help="Text file (.txt/.jsonl) for perplexity (BLIP-2: its language model; LLaVA: the model on text alone).")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="CLIP / SigLIP zero-shot classification: a folder with one subfolder of images per class.")] = None,
-    template: Annotated[Optional[list[str]], typer.Option(help="Zero-shot prompt template, {} is the class name (repeat; default 'a photo of a {}.').")] = None,
+    text: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Text file (.txt/.jsonl) for perplexity (BLIP-2: its language model; LLaVA: the model on text alone)."
+        ),
+    ] = None,
+    images: Annotated[
+        Optional[Path],
+        typer.Option(help="CLIP / SigLIP zero-shot classification: a folder with one subfolder of images per class."),
+    ] = None,
+    template: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Zero-shot prompt template, {} is the class name (repeat; default 'a photo of a {}.')."),
+    ] = None,
     template_file: Annotated[Optional[Path], typer.Option(help="Zero-shot prompt templates, one per line.")] = None,
-    retrieval: Annotated[Optional[Path], typer.Option(help="CLIP / SigLIP image-text retrieval R@1/5/10: JSONL of {image, caption}.")] = None,
-    vqa: Annotated[Optional[Path], typer.Option(help="BLIP-2 / InstructBLIP / LLaVA VQA soft accuracy: JSONL of {image, question, answers}.")] = None,
-    captions: Annotated[Optional[Path], typer.Option(help="BLIP-2 / InstructBLIP / LLaVA captioning CIDEr-D: JSONL of {image, caption}.")] = None,
-    prompt: Annotated[Optional[str], typer.Option(help="Captioning prompt the model continues (default 'a photo of'; '' for none).")] = None,
-    question_template: Annotated[Optional[str], typer.Option(help="VQA prompt with {question} (default 'Question: {question} Answer:').")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Tokens to generate (default 10 for VQA, 20 for captions).")] = None,
+    retrieval: Annotated[
+        Optional[Path], typer.Option(help="CLIP / SigLIP image-text retrieval R@1/5/10: JSONL of {image, caption}.")
+    ] = None,
+    vqa: Annotated[
+        Optional[Path],
+        typer.Option(help="BLIP-2 / InstructBLIP / LLaVA VQA soft accuracy: JSONL of {image, question, answers}."),
+    ] = None,
+    captions: Annotated[
+        Optional[Path],
+        typer.Option(help="BLIP-2 / InstructBLIP / LLaVA captioning CIDEr-D: JSONL of {image, caption}."),
+    ] = None,
+    prompt: Annotated[
+        Optional[str], typer.Option(help="Captioning prompt the model continues (default 'a photo of'; '' for none).")
+    ] = None,
+    question_template: Annotated[
+        Optional[str], typer.Option(help="VQA prompt with {question} (default 'Question: {question} Answer:').")
+    ] = None,
+    max_new_tokens: Annotated[
+        Optional[int], typer.Option(help="Tokens to generate (default 10 for VQA, 20 for captions).")
+    ] = None,
     compare: Annotated[Optional[str], typer.Option(help="Dense model to evaluate side by side.")] = None,
-    plan: Annotated[Optional[str], typer.Option(help="Plan to check achieved sparsity against (default: the checkpoint's plan.json).")] = None,
+    plan: Annotated[
+        Optional[str],
+        typer.Option(help="Plan to check achieved sparsity against (default: the checkpoint's plan.json)."),
+    ] = None,
     seqlen: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 512,
     max_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows (or images) per forward pass.")] = 4,
     per_tensor: Annotated[bool, typer.Option(help="Show every tensor, not one row per block.")] = False,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write results JSON here (- for stdout).")] = None,
+    output: Annotated[
+        Optional[str], typer.Option("--output", "-o", help="Write results JSON here (- for stdout).")
+    ] = None,
     text_field: TextFieldOpt = "text",
-    dtype: DtypeOpt = "auto", device: DeviceOpt = "auto", trust_remote_code: RemoteOpt = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    trust_remote_code: RemoteOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Achieved sparsity against the plan; perplexity and vision-language tasks, optionally vs the dense model."""
-    from ecoflap_cli.evaluation.tasks import MultimodalTasks, run_eval
     from ecoflap_cli.cli.render import render_sparsity, render_tasks
+    from ecoflap_cli.evaluation.tasks import MultimodalTasks, run_eval
 
     if output is not None:
         _check_output(output, overwrite)
@@ -441,9 +568,17 @@ def evaluate(
         raise EcoflapError("--template/--template-file go with --images (zero-shot classification)")
     tasks = MultimodalTasks(images, templates, retrieval, vqa, captions, prompt, question_template, max_new_tokens)
     results = run_eval(
-        checkpoint, text, compare, plan, seqlen, max_windows, batch_size, text_field,
+        checkpoint,
+        text,
+        compare,
+        plan,
+        seqlen,
+        max_windows,
+        batch_size,
+        text_field,
         lambda m: _load(m, dtype, device, trust_remote_code, None, None, None),
-        tasks=tasks, progress=lambda message: console.print(f"[dim]{message}[/]", highlight=False),
+        tasks=tasks,
+        progress=lambda message: console.print(f"[dim]{message}[/]", highlight=False),
     )
     render_sparsity(console, results, per_tensor)
     render_tasks(console, results)
@@ -490,20 +625,44 @@ def convert(
 
     with console.status(f"converting {source} to {to}"):
         done = convert_checkpoint(source, output, to, overwrite, max_shard_size)
-    console.print(f"{done['source']} ({done['from']}, {done['bytes_before']:,} bytes of weights) -> "
-                  f"{done['output']} ({done['to']}, {done['bytes_after']:,} bytes)", highlight=False)
+    console.print(
+        f"{done['source']} ({done['from']}, {done['bytes_before']:,} bytes of weights) -> "
+        f"{done['output']} ({done['to']}, {done['bytes_after']:,} bytes)",
+        highlight=False,
+    )
 
 
 @app.command()
 @user_errors
 def sweep(
-    method: Annotated[Optional[list[str]], typer.Option("--method", help="ALLOCATOR[-SCORING]:SOLVER[@k=v,..], e.g. uniform:wanda, ecoflap-zeroth:sparsegpt, owl:wanda@m=5,lam=0.08, llmc:wanda (repeat). Allocators: " + ", ".join(ALLOCATORS.names()) + "; scoring: " + ", ".join(SCORING.names()) + "; solvers: " + ", ".join(SOLVERS.names()) + "; @keys: any of their settings (docs/methods.md).")] = None,
-    sparsity: Annotated[Optional[list[float]], typer.Option("--sparsity", "-s", help="Target sparsity (repeat).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, local model directory or .gguf file.")] = None,
+    method: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--method",
+            help="ALLOCATOR[-SCORING]:SOLVER[@k=v,..], e.g. uniform:wanda, ecoflap-zeroth:sparsegpt, owl:wanda@m=5,lam=0.08, llmc:wanda (repeat). Allocators: "
+            + ", ".join(ALLOCATORS.names())
+            + "; scoring: "
+            + ", ".join(SCORING.names())
+            + "; solvers: "
+            + ", ".join(SOLVERS.names())
+            + "; @keys: any of their settings (docs/methods.md).",
+        ),
+    ] = None,
+    sparsity: Annotated[
+        Optional[list[float]], typer.Option("--sparsity", "-s", help="Target sparsity (repeat).")
+    ] = None,
+    model: Annotated[
+        Optional[str], typer.Option("--model", "-m", help="Hub id, local model directory or .gguf file.")
+    ] = None,
     calib: Annotated[Optional[str], typer.Option(help="Calibration text (.txt/.jsonl).")] = None,
     text: Annotated[Optional[str], typer.Option(help="Text (.txt/.jsonl) to measure perplexity on.")] = None,
-    extra_text: Annotated[Optional[list[str]], typer.Option(help="Another text every pruned model is also evaluated on (repeat; e.g. another domain).")] = None,
-    output: Annotated[str, typer.Option("--output", "-o", help="Directory for sweep.md, sweep.json, sweep.png and the run cache.")] = "sweep",
+    extra_text: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Another text every pruned model is also evaluated on (repeat; e.g. another domain)."),
+    ] = None,
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="Directory for sweep.md, sweep.json, sweep.png and the run cache.")
+    ] = "sweep",
     samples: Annotated[Optional[int], typer.Option(help="Pruning calibration samples (default 128).")] = None,
     seqlen: SeqlenOpt = None,
     score_samples: Annotated[Optional[int], typer.Option(help="Scoring calibration samples (default 32).")] = None,
@@ -512,36 +671,69 @@ def sweep(
     seed: SeedOpt = 0,
     eval_seqlen: Annotated[Optional[int], typer.Option(help="Tokens per perplexity window (default 512).")] = None,
     eval_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.")] = None,
-    repeats: Annotated[int, typer.Option(help="Time the prune stage this many times per run (interleaved passes; medians).")] = 1,
-    isolate: Annotated[bool, typer.Option("--isolate", help="Run each method in its own subprocess (per-method peak memory).")] = False,
-    llmc_python: Annotated[Optional[str], typer.Option(help="Python of a venv with llmcompressor, for llmc:* methods (`python -m ecoflap_cli.bench.llmc_env` makes one and prints it).")] = None,
+    repeats: Annotated[
+        int, typer.Option(help="Time the prune stage this many times per run (interleaved passes; medians).")
+    ] = 1,
+    isolate: Annotated[
+        bool, typer.Option("--isolate", help="Run each method in its own subprocess (per-method peak memory).")
+    ] = False,
+    llmc_python: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Python of a venv with llmcompressor, for llmc:* methods (`python -m ecoflap_cli.bench.llmc_env` makes one and prints it)."
+        ),
+    ] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's choice).")] = None,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore cached runs and scores in the output directory.")] = False,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Ignore cached runs and scores in the output directory.")
+    ] = False,
     plot: Annotated[bool, typer.Option(help="Write sweep.png (needs matplotlib).")] = True,
     text_field: TextFieldOpt = "text",
-    dtype: DtypeOpt = "auto", device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Prune and evaluate many methods x sparsities; writes a markdown/JSON table and a plot."""
     from ecoflap_cli.stages.sweep import SweepConfig, run_sweep
 
-    sizes = {"samples": samples, "seqlen": seqlen, "score_samples": score_samples, "score_seqlen": score_seqlen,
-             "batch_size": batch_size, "eval_seqlen": eval_seqlen, "eval_windows": eval_windows}
+    sizes = {
+        "samples": samples,
+        "seqlen": seqlen,
+        "score_samples": score_samples,
+        "score_seqlen": score_seqlen,
+        "batch_size": batch_size,
+        "eval_seqlen": eval_seqlen,
+        "eval_windows": eval_windows,
+    }
     log = lambda message: console.print(f"[dim]{message}[/]", highlight=False)  # noqa: E731
     if model is None or calib is None or text is None or not method or not sparsity:
-        raise EcoflapError("give --model, --calib, --text, --method and --sparsity "
-                           "(the SmolLM2 benchmark: python -m ecoflap_cli.bench.quality)")
+        raise EcoflapError(
+            "give --model, --calib, --text, --method and --sparsity "
+            "(the SmolLM2 benchmark: python -m ecoflap_cli.bench.quality)"
+        )
     defaults = {"samples": 128, "score_samples": 32, "batch_size": 8, "eval_seqlen": 512}
     values = {k: (v if v is not None else defaults.get(k)) for k, v in sizes.items()}
-    cfg = SweepConfig(model=model, calib=calib, text=text, methods=list(method), sparsities=list(sparsity),
-                      output=output, llmc_python=llmc_python, seed=seed, **values)
+    cfg = SweepConfig(
+        model=model,
+        calib=calib,
+        text=text,
+        methods=list(method),
+        sparsities=list(sparsity),
+        output=output,
+        llmc_python=llmc_python,
+        seed=seed,
+        **values,
+    )
     cfg.repeats, cfg.isolate, cfg.threads, cfg.resume, cfg.plot = repeats, isolate, threads, not fresh, plot
     if extra_text:
         cfg.extra_texts = list(extra_text)
     cfg.text_field, cfg.dtype, cfg.device = text_field, dtype, device
     summary = run_sweep(cfg, log)
     failed = [f"{r['method']}@{r['sparsity']:g}" for r in summary["runs"] if "error" in r]
-    console.print(f"{len(summary['runs']) - len(failed)} runs -> {cfg.output}/sweep.md"
-                  + (f"; failed: {', '.join(failed)}" if failed else ""), highlight=False)
+    console.print(
+        f"{len(summary['runs']) - len(failed)} runs -> {cfg.output}/sweep.md"
+        + (f"; failed: {', '.join(failed)}" if failed else ""),
+        highlight=False,
+    )
     if failed:
         raise typer.Exit(1)
 
@@ -554,7 +746,9 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
+    ] = False,
 ) -> None:
     """Prune language and vision-language models with ECoFLaP."""
 

@@ -22,15 +22,29 @@ def _fmt_score(score: Any) -> str:
 def render_plan(console: Console, plan: dict[str, Any]) -> None:
     """One row per block (tower, parameters, score, sparsity, bar), then the per-tower budget."""
     alloc = plan["allocator"]
-    title = (f"plan: {alloc['name']} allocator, target {plan['target_sparsity']:.4f}, "
-             f"achieved {plan['achieved_sparsity']:.6f}")
+    title = (
+        f"plan: {alloc['name']} allocator, target {plan['target_sparsity']:.4f}, "
+        f"achieved {plan['achieved_sparsity']:.6f}"
+    )
     table = Table(title=title, title_justify="left")
-    for col, justify in (("block", "left"), ("tower", "left"), ("params", "right"),
-                         ("score", "right"), ("sparsity", "right"), ("", "left")):
+    for col, justify in (
+        ("block", "left"),
+        ("tower", "left"),
+        ("params", "right"),
+        ("score", "right"),
+        ("sparsity", "right"),
+        ("", "left"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for g in plan["groups"]:
-        table.add_row(g["name"], g["tower"], f"{g['params']:,}", _fmt_score(g["score"]),
-                      f"{g['sparsity']:.4f}", bar(g["sparsity"]))
+        table.add_row(
+            g["name"],
+            g["tower"],
+            f"{g['params']:,}",
+            _fmt_score(g["score"]),
+            f"{g['sparsity']:.4f}",
+            bar(g["sparsity"]),
+        )
     console.print(table)
     towers = Table(title="budget per tower", title_justify="left")
     for col in ("tower", "params", "pruned", "sparsity"):
@@ -51,12 +65,15 @@ def render_sparsity(console: Console, results: dict[str, Any], per_tensor: bool 
     for r in rows:
         planned = "-" if r["planned"] is None else f"{r['planned']:.4f}"
         ok = {True: "[green]yes[/]", False: "[red]NO[/]", None: "-"}[r["matches_plan"]]
-        table.add_row(r["name"], r["tower"], f"{r['params']:,}", planned, f"{r['achieved']:.4f}",
-                      bar(r["achieved"]), ok)
+        table.add_row(
+            r["name"], r["tower"], f"{r['params']:,}", planned, f"{r['achieved']:.4f}", bar(r["achieved"]), ok
+        )
     console.print(table)
     summary = results["summary"]
-    console.print(f"global sparsity of prunable tensors: {summary['achieved']:.6f}"
-                  + ("" if summary["planned"] is None else f" (planned {summary['planned']:.6f})"))
+    console.print(
+        f"global sparsity of prunable tensors: {summary['achieved']:.6f}"
+        + ("" if summary["planned"] is None else f" (planned {summary['planned']:.6f})")
+    )
     ppl = results.get("perplexity")
     if ppl:
         ptable = Table(title=f"perplexity ({ppl['windows']} x {ppl['seqlen']} tokens)", title_justify="left")
@@ -91,23 +108,34 @@ def render_inspect(console: Console, summary: dict[str, Any]) -> None:
     """What an artifact is, then one row per block and one per tower (sparsity with a bar)."""
     art, model = summary["artifact"], summary["model"]
     version = "" if art["version"] is None else f" v{art['version']}"
-    console.print(f"[bold]{summary['kind']}[/] {summary['source']}: {art['format']}{version}",
-                  highlight=False)
-    console.print(f"model: {model.get('id') or '-'} (type {model.get('model_type') or '-'}, "
-                  f"fingerprint {model.get('fingerprint') or '-'})", highlight=False)
-    made = [f"{what}: {_settings(summary[key])}"
-            for what, key in (("scores", "method"), ("allocator", "allocator")) if summary[key]]
+    console.print(f"[bold]{summary['kind']}[/] {summary['source']}: {art['format']}{version}", highlight=False)
+    console.print(
+        f"model: {model.get('id') or '-'} (type {model.get('model_type') or '-'}, "
+        f"fingerprint {model.get('fingerprint') or '-'})",
+        highlight=False,
+    )
+    made = [
+        f"{what}: {_settings(summary[key])}"
+        for what, key in (("scores", "method"), ("allocator", "allocator"))
+        if summary[key]
+    ]
     if made:
         console.print("; ".join(made), highlight=False)
     if summary["target_sparsity"] is not None or summary["achieved_sparsity"] is not None:
         label = "planned" if summary["kind"] == "plan" else "achieved"
-        console.print(f"sparsity: target {_fmt_fraction(summary['target_sparsity'])}, "
-                      f"{label} {_fmt_fraction(summary['achieved_sparsity'], 6)}", highlight=False)
+        console.print(
+            f"sparsity: target {_fmt_fraction(summary['target_sparsity'])}, "
+            f"{label} {_fmt_fraction(summary['achieved_sparsity'], 6)}",
+            highlight=False,
+        )
     storage = summary.get("storage")
     if storage:
         layouts = ", ".join(f"{n} {k}" for k, n in storage["packed_tensors"].items()) or "none packed"
-        console.print(f"weights: {storage['layout']}, {len(storage['files'])} file(s), "
-                      f"{_fmt_bytes(storage['bytes'])} ({layouts})", highlight=False)
+        console.print(
+            f"weights: {storage['layout']}, {len(storage['files'])} file(s), "
+            f"{_fmt_bytes(storage['bytes'])} ({layouts})",
+            highlight=False,
+        )
     console.print(_inspect_table("blocks", "block", summary["blocks"], ("score",)))
     console.print(_inspect_table("towers", "tower", summary["towers"], ("blocks",)))
 
@@ -120,9 +148,15 @@ def _inspect_table(title: str, first: str, rows: list[dict[str, Any]], extra: tu
     for col in columns + [""] * bool(fractions):
         table.add_column(col, justify="left" if col in (first, "tower", "") else "right")
     for r in rows:
-        cells = {"tower": r.get("tower"), "params": f"{r['params']:,}", "score": _fmt_score(r.get("score")),
-                 "blocks": str(r.get("blocks")), "planned": _fmt_fraction(r["planned"]),
-                 "achieved": _fmt_fraction(r["achieved"]), first: r["name"]}
+        cells = {
+            "tower": r.get("tower"),
+            "params": f"{r['params']:,}",
+            "score": _fmt_score(r.get("score")),
+            "blocks": str(r.get("blocks")),
+            "planned": _fmt_fraction(r["planned"]),
+            "achieved": _fmt_fraction(r["achieved"]),
+            first: r["name"],
+        }
         shown = [r[k] for k in fractions if r[k] is not None]
         table.add_row(*(cells[c] for c in columns), *([bar(shown[-1]) if shown else ""] if fractions else []))
     return table
@@ -159,16 +193,23 @@ def render_tasks(console: Console, results: dict[str, Any]) -> None:
     if achieved is not None:
         title += f", pruned to sparsity {achieved:.4f}"
     table = Table(title=title, title_justify="left")
-    columns = ["task", "data", "metric", *(["dense"] if dense_model else []), "pruned",
-               *(["change"] if dense_model else [])]
+    columns = [
+        "task",
+        "data",
+        "metric",
+        *(["dense"] if dense_model else []),
+        "pruned",
+        *(["change"] if dense_model else []),
+    ]
     for col in columns:
         table.add_column(col, justify="left" if col in ("task", "data", "metric") else "right")
     for name, task in tasks.items():
         pruned, dense = task["pruned"], task.get("dense")
         counts = ", ".join(f"{int(pruned[k])} {word}" for k, word in _COUNTS if k in pruned)
-        metrics_ = sorted((k for k, v in pruned.items()
-                           if isinstance(v, (int, float)) and not k.startswith("n_") and k != "time_s"),
-                          key=lambda k: _METRIC_ORDER.index(k) if k in _METRIC_ORDER else len(_METRIC_ORDER))
+        metrics_ = sorted(
+            (k for k, v in pruned.items() if isinstance(v, (int, float)) and not k.startswith("n_") and k != "time_s"),
+            key=lambda k: _METRIC_ORDER.index(k) if k in _METRIC_ORDER else len(_METRIC_ORDER),
+        )
         for i, key in enumerate(metrics_):
             label, data = (TASK_TITLES.get(name, name), counts) if i == 0 else ("", "")
             cells = [label, data, _metric_label(key)]

@@ -46,8 +46,7 @@ def check_request(sizes: Sequence[int], target: float, max_sparsity: float | Non
             raise PlanError(f"--max-sparsity must be in [0, 1], got {max_sparsity}")
         if max_sparsity < target:
             raise PlanError(
-                f"--max-sparsity {max_sparsity} is below the target sparsity {target}: "
-                "no plan can reach the target"
+                f"--max-sparsity {max_sparsity} is below the target sparsity {target}: no plan can reach the target"
             )
 
 

@@ -35,22 +35,32 @@ def _section(title: str, registry: Registry, lead: str) -> list[str]:
             continue
         lines += ["| setting | sweep key | option | default | range | meaning |", "|---|---|---|---|---|---|"]
         for p in entry.params:
-            lines.append(f"| `{p.name}` | {f'`{p.key}`' if p.key else '-'} | {f'`{p.option}`' if p.option else '-'} "
-                         f"| {_default(p)} | {p.describe_range()} | {p.help} |")
+            lines.append(
+                f"| `{p.name}` | {f'`{p.key}`' if p.key else '-'} | {f'`{p.option}`' if p.option else '-'} "
+                f"| {_default(p)} | {p.describe_range()} | {p.help} |"
+            )
         lines.append("")
     return lines
 
 
 def methods_markdown() -> str:
     lines = [_INTRO]
-    lines += _section("Allocators (`--allocator`)", ALLOCATORS,
-                      "`auto` (the default) chooses `mix` for one-tower language models and `ecoflap` for "
-                      "multi-tower models, and records which and why in the plan.")
-    lines += _section("Scoring methods (`ecoflap score --method`, `prune --score-method`)", SCORING,
-                      "Scores are one number per block; `owl` gives outlier ratios, read only by the `owl` "
-                      "allocator.")
-    lines += _section("Layer-wise solvers (`prune --solver`)", SOLVERS,
-                      "Every solver prunes each tensor to exactly its planned count (or N:M with `--nm`).")
+    lines += _section(
+        "Allocators (`--allocator`)",
+        ALLOCATORS,
+        "`auto` (the default) chooses `mix` for one-tower language models and `ecoflap` for "
+        "multi-tower models, and records which and why in the plan.",
+    )
+    lines += _section(
+        "Scoring methods (`ecoflap score --method`, `prune --score-method`)",
+        SCORING,
+        "Scores are one number per block; `owl` gives outlier ratios, read only by the `owl` allocator.",
+    )
+    lines += _section(
+        "Layer-wise solvers (`prune --solver`)",
+        SOLVERS,
+        "Every solver prunes each tensor to exactly its planned count (or N:M with `--nm`).",
+    )
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -77,37 +77,88 @@ def _owl(groups: Groups, target: float, lam: float) -> Allocation:
 
 
 def _lam(default: float, what: str) -> Param:
-    return Param("lam", default, f"{what}: half-range of block sparsities around the target.",
-                 low=0.0, high=0.5, option="--lam")
+    return Param(
+        "lam", default, f"{what}: half-range of block sparsities around the target.", low=0.0, high=0.5, option="--lam"
+    )
 
 
-ALLOCATORS.add(Entry(
-    "ecoflap", "ECoFLaP's rule (the paper): a floor from the cap, the rest of the keep budget "
-    "water-filled in proportion to the scores.", _ecoflap, needs="scores", default_scoring="auto",
-    finalize=_ecoflap_cap,
-    params=(Param("max_sparsity", None, "Cap on any block's sparsity (default: target + headroom).", low=0.0,
-                  high=1.0, option="--max-sparsity"),
-            Param("headroom", 0.1, "Cap above the target when --max-sparsity is not given.", low=0.0, high=1.0,
-                  key="max"),
-            Param("temperature", 1.0, "Allocate by score^(1/T); 1 is the paper's rule.", low=1e-6, high=1e6,
-                  key="temp", option="--temperature"))))
+ALLOCATORS.add(
+    Entry(
+        "ecoflap",
+        "ECoFLaP's rule (the paper): a floor from the cap, the rest of the keep budget "
+        "water-filled in proportion to the scores.",
+        _ecoflap,
+        needs="scores",
+        default_scoring="auto",
+        finalize=_ecoflap_cap,
+        params=(
+            Param(
+                "max_sparsity",
+                None,
+                "Cap on any block's sparsity (default: target + headroom).",
+                low=0.0,
+                high=1.0,
+                option="--max-sparsity",
+            ),
+            Param(
+                "headroom", 0.1, "Cap above the target when --max-sparsity is not given.", low=0.0, high=1.0, key="max"
+            ),
+            Param(
+                "temperature",
+                1.0,
+                "Allocate by score^(1/T); 1 is the paper's rule.",
+                low=1e-6,
+                high=1e6,
+                key="temp",
+                option="--temperature",
+            ),
+        ),
+    )
+)
 ALLOCATORS.add(Entry("uniform", "Every block at the target (the Wanda / SparseGPT baseline).", _uniform))
-ALLOCATORS.add(Entry(
-    "owl", "OWL: blocks with more activation outliers are pruned less, linearly within target +/- lam.",
-    _owl, needs="outliers", default_scoring="owl", params=(_lam(0.08, "owl"),),
-    # OWL's published settings (m = 5, lam = 0.08) are part of its name in sweep tables
-    extra={"name_with_defaults": True}))
-ALLOCATORS.add(Entry(
-    "depth", "Sparsity rising linearly with block depth (ATP-style).", _depth,
-    params=(Param("step", 0.01, "Sparsity added per block of depth.", low=0.0, high=1.0, option="--depth-step"),)))
-ALLOCATORS.add(Entry(
-    "rank", "Sparsity linear in the rank of the block's score, within target +/- lam.", _rank,
-    needs="scores", default_scoring="auto", params=(_lam(0.1, "rank"),)))
-ALLOCATORS.add(Entry(
-    "mix", "A depth schedule blended with the score-rank rule (the default for language models).", _mix,
-    needs="scores", default_scoring="auto",
-    params=(_lam(0.15, "mix"),
-            Param("alpha", 0.5, "mix: weight of depth against score rank.", low=0.0, high=1.0, option="--alpha"))))
+ALLOCATORS.add(
+    Entry(
+        "owl",
+        "OWL: blocks with more activation outliers are pruned less, linearly within target +/- lam.",
+        _owl,
+        needs="outliers",
+        default_scoring="owl",
+        params=(_lam(0.08, "owl"),),
+        # OWL's published settings (m = 5, lam = 0.08) are part of its name in sweep tables
+        extra={"name_with_defaults": True},
+    )
+)
+ALLOCATORS.add(
+    Entry(
+        "depth",
+        "Sparsity rising linearly with block depth (ATP-style).",
+        _depth,
+        params=(Param("step", 0.01, "Sparsity added per block of depth.", low=0.0, high=1.0, option="--depth-step"),),
+    )
+)
+ALLOCATORS.add(
+    Entry(
+        "rank",
+        "Sparsity linear in the rank of the block's score, within target +/- lam.",
+        _rank,
+        needs="scores",
+        default_scoring="auto",
+        params=(_lam(0.1, "rank"),),
+    )
+)
+ALLOCATORS.add(
+    Entry(
+        "mix",
+        "A depth schedule blended with the score-rank rule (the default for language models).",
+        _mix,
+        needs="scores",
+        default_scoring="auto",
+        params=(
+            _lam(0.15, "mix"),
+            Param("alpha", 0.5, "mix: weight of depth against score rank.", low=0.0, high=1.0, option="--alpha"),
+        ),
+    )
+)
 
 #: what ``--allocator auto`` may choose; the stage records which and why in the plan
 AUTO_ALLOCATOR = "auto"
@@ -115,52 +166,138 @@ AUTO_ALLOCATOR = "auto"
 
 # --- solvers ----------------------------------------------------------------------------------
 
-SOLVERS.add(Entry("wanda", "Wanda: |W| x input column norm, lowest pruned per comparison group.",
-                  "ecoflap_cli.core.solvers:wanda_prune", needs="col_sq"))
-SOLVERS.add(Entry(
-    "sparsegpt", "SparseGPT: OBS mask per 128-column block and update of the surviving weights.",
-    "ecoflap_cli.core.solvers:sparsegpt_prune", needs="hessian",
-    params=(Param("damp", 0.01, "Damping, as a fraction of the Hessian's mean diagonal.", low=0.0, high=10.0),
-            Param("block_size", 128, "Columns per OBS block.", kind="int", low=1, high=1 << 20))))
-SOLVERS.add(Entry("magnitude", "Magnitude: |W|, lowest pruned (no calibration data).",
-                  "ecoflap_cli.core.solvers:magnitude_prune"))
+SOLVERS.add(
+    Entry(
+        "wanda",
+        "Wanda: |W| x input column norm, lowest pruned per comparison group.",
+        "ecoflap_cli.core.solvers:wanda_prune",
+        needs="col_sq",
+    )
+)
+SOLVERS.add(
+    Entry(
+        "sparsegpt",
+        "SparseGPT: OBS mask per 128-column block and update of the surviving weights.",
+        "ecoflap_cli.core.solvers:sparsegpt_prune",
+        needs="hessian",
+        params=(
+            Param("damp", 0.01, "Damping, as a fraction of the Hessian's mean diagonal.", low=0.0, high=10.0),
+            Param("block_size", 128, "Columns per OBS block.", kind="int", low=1, high=1 << 20),
+        ),
+    )
+)
+SOLVERS.add(
+    Entry(
+        "magnitude", "Magnitude: |W|, lowest pruned (no calibration data).", "ecoflap_cli.core.solvers:magnitude_prune"
+    )
+)
 
 
 # --- scoring methods --------------------------------------------------------------------------
 
-SCORING.add(Entry(
-    "auto", "Exact first-order gradient norms when backprop fits in memory, else zeroth-order.",
-    "ecoflap_cli.engine.score_methods:auto",
-    params=(Param("seed", None, "Seed of zeroth-order directions if chosen (default: --seed).", kind="int", low=0,
-                  key="zseed"),)))
-SCORING.add(Entry(
-    "zeroth", "The paper's forward-only estimate: central differences along random directions.",
-    "ecoflap_cli.engine.score_methods:zeroth",
-    params=(Param("eps", 1e-3, "Perturbation size.", low=1e-12, high=1.0, option="--eps"),
+SCORING.add(
+    Entry(
+        "auto",
+        "Exact first-order gradient norms when backprop fits in memory, else zeroth-order.",
+        "ecoflap_cli.engine.score_methods:auto",
+        params=(
+            Param(
+                "seed",
+                None,
+                "Seed of zeroth-order directions if chosen (default: --seed).",
+                kind="int",
+                low=0,
+                key="zseed",
+            ),
+        ),
+    )
+)
+SCORING.add(
+    Entry(
+        "zeroth",
+        "The paper's forward-only estimate: central differences along random directions.",
+        "ecoflap_cli.engine.score_methods:zeroth",
+        params=(
+            Param("eps", 1e-3, "Perturbation size.", low=1e-12, high=1.0, option="--eps"),
             Param("seed", None, "Seed of the directions (default: --seed).", kind="int", low=0, key="zseed"),
-            Param("granularity", "block", "Perturb a whole block at once, or each tensor (the reference).",
-                  kind="str", choices=("block", "tensor"), option="--granularity"),
-            Param("reuse_activations", True, "Replay the blocks before the perturbed one from stored activations.",
-                  kind="bool", key="reuse"),
-            Param("perturbations", 1, "Random directions per block and batch.", kind="int", low=1, high=1024,
-                  option="--perturbations"),
-            Param("direction", "gaussian", "Direction distribution.", kind="str",
-                  choices=("gaussian", "rademacher"), option="--direction"),
-            Param("difference", "central", "central (L+ - L-)/2eps, or forward (L+ - L0)/eps: half the passes.",
-                  kind="str", choices=("central", "forward"), option="--difference"),
-            Param("head", "auto", "linearized: stop each pass at the last block (dL/dh there computed once); "
-                  "exact: the loss every pass (the reference).", kind="str",
-                  choices=("auto", "linearized", "exact"), option="--head"))))
-SCORING.add(Entry(
-    "first", "Backprop (checkpointed): sum of |w * dL/dw| (taylor) or the gradient norm per block.",
-    "ecoflap_cli.engine.score_methods:first",
-    params=(Param("metric", "taylor", "taylor (|w*g|) or gradnorm.", kind="str", choices=("taylor", "gradnorm"),
-                  option="--first-metric"),
-            Param("checkpointing", True, "Recompute block activations in the backward pass.", kind="bool"))))
-SCORING.add(Entry(
-    "owl", "OWL outlier ratios: share of Wanda scores above m x their layer mean, per block.",
-    "ecoflap_cli.engine.score_methods:owl",
-    params=(Param("m", 5.0, "Outlier threshold, in multiples of the layer mean.", low=1e-6, high=1e6),)))
+            Param(
+                "granularity",
+                "block",
+                "Perturb a whole block at once, or each tensor (the reference).",
+                kind="str",
+                choices=("block", "tensor"),
+                option="--granularity",
+            ),
+            Param(
+                "reuse_activations",
+                True,
+                "Replay the blocks before the perturbed one from stored activations.",
+                kind="bool",
+                key="reuse",
+            ),
+            Param(
+                "perturbations",
+                1,
+                "Random directions per block and batch.",
+                kind="int",
+                low=1,
+                high=1024,
+                option="--perturbations",
+            ),
+            Param(
+                "direction",
+                "gaussian",
+                "Direction distribution.",
+                kind="str",
+                choices=("gaussian", "rademacher"),
+                option="--direction",
+            ),
+            Param(
+                "difference",
+                "central",
+                "central (L+ - L-)/2eps, or forward (L+ - L0)/eps: half the passes.",
+                kind="str",
+                choices=("central", "forward"),
+                option="--difference",
+            ),
+            Param(
+                "head",
+                "auto",
+                "linearized: stop each pass at the last block (dL/dh there computed once); "
+                "exact: the loss every pass (the reference).",
+                kind="str",
+                choices=("auto", "linearized", "exact"),
+                option="--head",
+            ),
+        ),
+    )
+)
+SCORING.add(
+    Entry(
+        "first",
+        "Backprop (checkpointed): sum of |w * dL/dw| (taylor) or the gradient norm per block.",
+        "ecoflap_cli.engine.score_methods:first",
+        params=(
+            Param(
+                "metric",
+                "taylor",
+                "taylor (|w*g|) or gradnorm.",
+                kind="str",
+                choices=("taylor", "gradnorm"),
+                option="--first-metric",
+            ),
+            Param("checkpointing", True, "Recompute block activations in the backward pass.", kind="bool"),
+        ),
+    )
+)
+SCORING.add(
+    Entry(
+        "owl",
+        "OWL outlier ratios: share of Wanda scores above m x their layer mean, per block.",
+        "ecoflap_cli.engine.score_methods:owl",
+        params=(Param("m", 5.0, "Outlier threshold, in multiples of the layer mean.", low=1e-6, high=1e6),),
+    )
+)
 
 #: the scores kind each scoring method produces, matched against an allocator's ``needs``
 PRODUCES = {"auto": "scores", "zeroth": "scores", "first": "scores", "owl": "outliers", "none": None}

@@ -205,28 +205,48 @@ def _sparsegpt_block(
 STATISTICS = {"col_sq": (empty_col_sq, accumulate_col_sq), "hessian": (empty_hessian, accumulate_hessian)}
 
 
-def _mask_by(weight: torch.Tensor, metric: torch.Tensor, prune_count: int, group: CompareGroup,
-             nm: tuple[int, int] | None) -> None:
+def _mask_by(
+    weight: torch.Tensor, metric: torch.Tensor, prune_count: int, group: CompareGroup, nm: tuple[int, int] | None
+) -> None:
     mask = mask_nm(metric, *nm) if nm is not None else mask_lowest(metric, prune_count, group)
     apply_mask(weight, mask)
 
 
-def wanda_prune(weight: torch.Tensor, col_sq: torch.Tensor | None, prune_count: int, *,
-                group: CompareGroup = "row", nm: tuple[int, int] | None = None) -> None:
+def wanda_prune(
+    weight: torch.Tensor,
+    col_sq: torch.Tensor | None,
+    prune_count: int,
+    *,
+    group: CompareGroup = "row",
+    nm: tuple[int, int] | None = None,
+) -> None:
     """Wanda: prune the lowest |W| x ||X_j||_2 within each comparison group."""
     assert col_sq is not None, "wanda needs the input column norms"
     _mask_by(weight, wanda_metric(weight, col_sq), prune_count, group, nm)
 
 
-def magnitude_prune(weight: torch.Tensor, _stat: torch.Tensor | None, prune_count: int, *,
-                    group: CompareGroup = "row", nm: tuple[int, int] | None = None) -> None:
+def magnitude_prune(
+    weight: torch.Tensor,
+    _stat: torch.Tensor | None,
+    prune_count: int,
+    *,
+    group: CompareGroup = "row",
+    nm: tuple[int, int] | None = None,
+) -> None:
     """Magnitude: prune the lowest |W| within each comparison group (no calibration data)."""
     _mask_by(weight, magnitude_metric(weight), prune_count, group, nm)
 
 
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor | None, prune_count: int, *,
-                    group: CompareGroup = "row", nm: tuple[int, int] | None = None,
-                    damp: float = 0.01, block_size: int = 128) -> None:
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    prune_count: int,
+    *,
+    group: CompareGroup = "row",
+    nm: tuple[int, int] | None = None,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> None:
     """SparseGPT: OBS masks per column block and updates of the surviving weights (fp32 maths)."""
     assert hessian is not None, "sparsegpt needs the input Hessian"
     new_weight, _mask = sparsegpt(weight, hessian, prune_count, nm=nm, block_size=block_size, damp=damp)

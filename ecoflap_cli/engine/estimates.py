@@ -33,8 +33,9 @@ def activation_bytes(model: torch.nn.Module, tokens: int) -> int:
 def check_activation_memory(model: torch.nn.Module, tokens: int, store: str | None) -> None:
     """Refuse a run whose calibration activations cannot fit, before any work starts."""
     device = torch.device(store) if store else module_device(model)
-    memory_budget_check(activation_bytes(model, tokens), device, "holding the calibration activations",
-                        "--samples or --seqlen")
+    memory_budget_check(
+        activation_bytes(model, tokens), device, "holding the calibration activations", "--samples or --seqlen"
+    )
 
 
 def zeroth_order_bytes(model: torch.nn.Module, batches: Sequence[Batch]) -> int:
@@ -47,8 +48,12 @@ def zeroth_order_bytes(model: torch.nn.Module, batches: Sequence[Batch]) -> int:
 
 def check_zeroth_memory(model: torch.nn.Module, batches: Sequence[Batch]) -> None:
     """Refuse zeroth-order scoring whose stored activations cannot fit, before any work starts."""
-    memory_budget_check(zeroth_order_bytes(model, batches), module_device(model),
-                        "zeroth-order scoring (replayed activations and head gradients)", "--samples or --seqlen")
+    memory_budget_check(
+        zeroth_order_bytes(model, batches),
+        module_device(model),
+        "zeroth-order scoring (replayed activations and head gradients)",
+        "--samples or --seqlen",
+    )
 
 
 def first_order_bytes(model: torch.nn.Module, batches: Sequence[Batch]) -> int:

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from ecoflap_cli.core import solvers
-from ecoflap_cli.engine.blockwise import capture_inputs, module_device, run_block, to_device, trim_host_memory
 from ecoflap_cli.core.methods import SOLVERS
 from ecoflap_cli.core.registry import Entry
-from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs
+from ecoflap_cli.engine.blockwise import capture_inputs, module_device, run_block, to_device, trim_host_memory
 from ecoflap_cli.engine.offload import editable_weight
+from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs
 
 Progress = Callable[[str], None]
 

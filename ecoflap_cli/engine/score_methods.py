@@ -70,4 +70,3 @@ def choose_score_method(adapter: Adapter, batches: Sequence[Batch]) -> tuple[str
     if need <= 0.8 * free:
         return "first", f"backprop needs about {need / 2**30:.2f} GiB of {free / 2**30:.1f} GiB free on {device}"
     return "zeroth", f"backprop would need about {need / 2**30:.2f} GiB, {free / 2**30:.1f} GiB free on {device}"
-

@@ -144,8 +144,10 @@ def _head_gradient(adapter: Adapter, batch: Batch, final: Block, split: bool = T
     size = len(weights)
     parts = []
     for k, w in enumerate(weights):
-        sub = {key: (v[k:k + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v)
-               for key, v in batch.items()}
+        sub = {
+            key: (v[k : k + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v)
+            for key, v in batch.items()
+        }
         if w == 0.0:
             parts.append(torch.zeros_like(_final_hidden(adapter, sub, final), dtype=PRECISION))
         else:
@@ -201,8 +203,10 @@ class _Objective:
         self.final: Block | None = None
         linear_ok = adapter.loss_through_last_block
         if settings.head == "linearized" and not linear_ok:
-            raise PlanError(f"a {adapter.family} loss does not depend on the weights through the last block "
-                            "alone: use the exact head")
+            raise PlanError(
+                f"a {adapter.family} loss does not depend on the weights through the last block "
+                "alone: use the exact head"
+            )
         if settings.head == "linearized" or (settings.head == "auto" and linear_ok):
             self.final = adapter.blocks(adapter.towers()[-1])[-1]
         self.grads = [_head_gradient(adapter, b, self.final) for b in batches] if self.final else []
@@ -407,7 +411,6 @@ def _nothing() -> Iterator[None]:
     yield
 
 
-
 # --- OWL outlier ratios -----------------------------------------------------------------------
 
 
@@ -429,9 +432,7 @@ def owl_outlier_ratios(
             if progress:
                 progress(f"outliers {block.name}")
             stats = {n: empty_col_sq(lin.in_features) for n, lin in block.linears.items()}
-            handles = [
-                lin.register_forward_hook(_col_sq_hook(stats[n])) for n, lin in block.linears.items()
-            ]
+            handles = [lin.register_forward_hook(_col_sq_hook(stats[n])) for n, lin in block.linears.items()]
             with torch.no_grad():
                 for item in inputs:
                     run_block(block, item)

@@ -73,8 +73,7 @@ def perplexity_model(model: nn.Module, label: str = "the model") -> nn.Module:
     try:
         adapter = get_adapter(model)
     except ModelError:
-        raise ModelError(f"{label} ({model_type}) is not a causal language model: perplexity does not "
-                         "apply") from None
+        raise ModelError(f"{label} ({model_type}) is not a causal language model: perplexity does not apply") from None
     try:
         return adapter.perplexity_module()
     except ModelError as err:

@@ -208,9 +208,7 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
             no ground-truth answers.
     """
     if len(predictions) != len(answers):
-        raise ValueError(
-            f"{len(predictions)} predictions but {len(answers)} answer lists"
-        )
+        raise ValueError(f"{len(predictions)} predictions but {len(answers)} answer lists")
     if not predictions:
         raise ValueError("vqa_accuracy needs at least one question")
     total = sum(vqa_soft_accuracy(p, a) for p, a in zip(predictions, answers))
@@ -315,9 +313,7 @@ def cider_d(
             references, or ``n < 1``.
     """
     if len(candidates) != len(references):
-        raise ValueError(
-            f"{len(candidates)} candidates but {len(references)} reference lists"
-        )
+        raise ValueError(f"{len(candidates)} candidates but {len(references)} reference lists")
     if not candidates:
         raise ValueError("cider_d needs at least one candidate")
     if n < 1:
@@ -379,9 +375,7 @@ def recall_at_k(
         if not wanted:
             raise ValueError("every query needs at least one ground-truth column")
         ranks = _ranking(row)
-        best = min(
-            (pos for pos, col in enumerate(ranks) if col in wanted), default=None
-        )
+        best = min((pos for pos, col in enumerate(ranks) if col in wanted), default=None)
         for k in ks:
             if best is not None and best < k:
                 hits[k] += 1

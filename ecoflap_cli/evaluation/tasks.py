@@ -35,9 +35,15 @@ def sparsity_rows(loaded: LoadedModel, plan: dict[str, Any] | None) -> dict[str,
     adapter = get_adapter(loaded.model, include_qformer=with_qformer)
     tensors = sparsity_report(adapter, plan)
     tensor_rows = [
-        {"name": t.name, "tower": t.tower, "params": t.numel, "zeros": t.zeros,
-         "achieved": t.sparsity, "planned": None if t.planned_zeros is None else t.planned_zeros / t.numel,
-         "matches_plan": t.matches_plan}
+        {
+            "name": t.name,
+            "tower": t.tower,
+            "params": t.numel,
+            "zeros": t.zeros,
+            "achieved": t.sparsity,
+            "planned": None if t.planned_zeros is None else t.planned_zeros / t.numel,
+            "matches_plan": t.matches_plan,
+        }
         for t in tensors
     ]
     block_rows = []
@@ -46,14 +52,28 @@ def sparsity_rows(loaded: LoadedModel, plan: dict[str, Any] | None) -> dict[str,
         numel = sum(t.numel for t in mine)
         planned = None if any(t.planned_zeros is None for t in mine) else sum(t.planned_zeros or 0 for t in mine)
         matches = None if planned is None else all(t.matches_plan for t in mine)
-        block_rows.append({"name": block.name, "tower": block.tower, "params": numel,
-                           "zeros": sum(t.zeros for t in mine), "achieved": sum(t.zeros for t in mine) / numel,
-                           "planned": None if planned is None else planned / numel, "matches_plan": matches})
+        block_rows.append(
+            {
+                "name": block.name,
+                "tower": block.tower,
+                "params": numel,
+                "zeros": sum(t.zeros for t in mine),
+                "achieved": sum(t.zeros for t in mine) / numel,
+                "planned": None if planned is None else planned / numel,
+                "matches_plan": matches,
+            }
+        )
     total = sum(t.numel for t in tensors)
     planned_total = None if plan is None else sum(t.planned_zeros or 0 for t in tensors) / total
-    return {"tensors": tensor_rows, "blocks": block_rows,
-            "summary": {"achieved": sum(t.zeros for t in tensors) / total, "planned": planned_total,
-                        "mismatches": sum(1 for t in tensors if t.matches_plan is False)}}
+    return {
+        "tensors": tensor_rows,
+        "blocks": block_rows,
+        "summary": {
+            "achieved": sum(t.zeros for t in tensors) / total,
+            "planned": planned_total,
+            "mismatches": sum(1 for t in tensors if t.matches_plan is False),
+        },
+    }
 
 
 @dataclass
@@ -101,8 +121,9 @@ def _prepare_tasks(tasks: MultimodalTasks) -> list[_PreparedTask]:
             templates = list(tasks.templates) or list(multimodal.DEFAULT_CLASS_TEMPLATES)
             for template in templates:
                 if "{}" not in template and "{class_name}" not in template:
-                    raise DataError(f"zero-shot template {template!r} has no {{}} (or {{class_name}}) "
-                                    "for the class name")
+                    raise DataError(
+                        f"zero-shot template {template!r} has no {{}} (or {{class_name}}) for the class name"
+                    )
             classes, records = multimodal.read_class_folders(tasks.images)
             settings = {"templates": templates, "classes": classes}
             data = tasks.images
@@ -134,7 +155,7 @@ def _records_with(path: Path, key: str) -> list[dict[str, Any]]:
 
     chosen = [r for r in read_image_text_jsonl(path) if key in r]
     if not chosen:
-        raise DataError(f"{path} holds no {key} records (each line needs an \"image\" and a \"{key}\")")
+        raise DataError(f'{path} holds no {key} records (each line needs an "image" and a "{key}")')
     return chosen
 
 
@@ -156,8 +177,10 @@ def _check_family(loaded: LoadedModel, prepared: list[_PreparedTask], label: str
         if task.name not in supported:
             model_type = getattr(getattr(loaded.model, "config", None), "model_type", None)
             names = families_with_task(task.name)
-            raise ModelError(f"{TASK_OPTION[task.name]} needs a {' model or a '.join(names)} model; "
-                             f"{label} is of type {model_type!r}")
+            raise ModelError(
+                f"{TASK_OPTION[task.name]} needs a {' model or a '.join(names)} model; "
+                f"{label} is of type {model_type!r}"
+            )
     assert adapter is not None
     try:
         adapter.check_processor(loaded.processor)
@@ -187,11 +210,13 @@ def _run_task(loaded: LoadedModel, task: _PreparedTask, batch_size: int) -> dict
     elif task.name == "retrieval":
         result = vlm.clip_retrieval(model, processor, task.records, batch_size=batch_size)
     elif task.name == "vqa":
-        result = vlm.vqa_eval(model, processor, task.records, s["question_template"],
-                                     s["max_new_tokens"], batch_size=batch_size)
+        result = vlm.vqa_eval(
+            model, processor, task.records, s["question_template"], s["max_new_tokens"], batch_size=batch_size
+        )
     else:
-        result = vlm.caption_eval(model, processor, task.records, s["prompt"],
-                                         s["max_new_tokens"], batch_size=batch_size)
+        result = vlm.caption_eval(
+            model, processor, task.records, s["prompt"], s["max_new_tokens"], batch_size=batch_size
+        )
     return {**result, "time_s": round(time.perf_counter() - start, 3)}
 
 
@@ -236,13 +261,20 @@ def run_eval(
         tokens = tokenize_documents(loaded.tokenizer, read_text(text, text_field))
         windows = windows_for_eval(tokens, seqlen, max_windows)
         say("perplexity of the pruned model")
-        results["perplexity"] = {"text": str(text), "seqlen": seqlen, "windows": int(windows.shape[0]),
-                                 "pruned": _perplexity_of(loaded, windows, batch_size, checkpoint)}
+        results["perplexity"] = {
+            "text": str(text),
+            "seqlen": seqlen,
+            "windows": int(windows.shape[0]),
+            "pruned": _perplexity_of(loaded, windows, batch_size, checkpoint),
+        }
     task_results: dict[str, Any] = {}
     for task in prepared:
         say(f"{task.name} on the pruned model")
-        task_results[task.name] = {"data": task.data, **_public(task.settings),
-                                   "pruned": _run_task(loaded, task, batch_size)}
+        task_results[task.name] = {
+            "data": task.data,
+            **_public(task.settings),
+            "pruned": _run_task(loaded, task, batch_size),
+        }
     if compare is not None and (windows is not None or prepared):
         del loaded
         dense = load(compare)
@@ -250,8 +282,7 @@ def run_eval(
         results["dense_model"] = compare
         if windows is not None:
             say("perplexity of the dense model")
-            results["perplexity"].update(dense=_perplexity_of(dense, windows, batch_size, compare),
-                                         dense_model=compare)
+            results["perplexity"].update(dense=_perplexity_of(dense, windows, batch_size, compare), dense_model=compare)
         for task in prepared:
             say(f"{task.name} on the dense model")
             task_results[task.name]["dense"] = _run_task(dense, task, batch_size)

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ecoflap_cli import __version__
-from ecoflap_cli.core import allocation
+from ecoflap_cli.core.solvers import split_count
 from ecoflap_cli.errors import ArtifactError, PlanError
 from ecoflap_cli.io.atomic import write_atomic  # re-exported: callers use artifacts.write_atomic
 from ecoflap_cli.models.base import Block
-from ecoflap_cli.core.solvers import split_count
 
 SCORES_FORMAT = "ecoflap.scores"
 PLAN_FORMAT = "ecoflap.plan"
@@ -171,15 +170,21 @@ def plan_document(
     for g in scores_doc["groups"]:
         prune = int(g["params"]) - keep[g["name"]]
         zeros = split_count(prune, [int(t["numel"]) for t in g["tensors"]])
-        plan_groups.append({
-            "name": g["name"], "tower": g["tower"], "index": g.get("index"),
-            "params": int(g["params"]), "score": g["score"],
-            "sparsity": prune / int(g["params"]), "zeros": prune,
-            "tensors": [
-                {"name": t["name"], "numel": int(t["numel"]), "zeros": z, "sparsity": z / int(t["numel"])}
-                for t, z in zip(g["tensors"], zeros)
-            ],
-        })
+        plan_groups.append(
+            {
+                "name": g["name"],
+                "tower": g["tower"],
+                "index": g.get("index"),
+                "params": int(g["params"]),
+                "score": g["score"],
+                "sparsity": prune / int(g["params"]),
+                "zeros": prune,
+                "tensors": [
+                    {"name": t["name"], "numel": int(t["numel"]), "zeros": z, "sparsity": z / int(t["numel"])}
+                    for t, z in zip(g["tensors"], zeros)
+                ],
+            }
+        )
     total = sum(g["params"] for g in plan_groups)
     return {
         "format": PLAN_FORMAT,

@@ -99,8 +99,14 @@ def save_checkpoint(
             loaded.processor.save_pretrained(tmp)
         if packed:
             state = load_sharded(tmp)
-            write_weights(tmp, state, packed=True, max_shard_bytes=shard_bytes,
-                          sparse_names=packing_candidates(state, documents.get(PLAN_NAME)), n_m=n_m)
+            write_weights(
+                tmp,
+                state,
+                packed=True,
+                max_shard_bytes=shard_bytes,
+                sparse_names=packing_candidates(state, documents.get(PLAN_NAME)),
+                n_m=n_m,
+            )
         for name, doc in documents.items():
             (tmp / name).write_text(json.dumps(doc, indent=2) + "\n")
     return target
@@ -116,9 +122,18 @@ def _tensor_for_saving(model: torch.nn.Module, name: str) -> torch.Tensor:
     return getattr(module, attr).detach().to("cpu")
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-              torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def _stream_safetensors(model: torch.nn.Module, names: list[str], specs: dict[str, torch.Tensor], path: Path) -> None:
@@ -128,8 +143,11 @@ def _stream_safetensors(model: torch.nn.Module, names: list[str], specs: dict[st
     for name in names:
         spec = specs[name]
         nbytes = spec.numel() * spec.element_size()
-        header[name] = {"dtype": _ST_DTYPES[spec.dtype], "shape": list(spec.shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _ST_DTYPES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -172,8 +190,10 @@ def save_offloaded(model: torch.nn.Module, directory: Path, max_shard_bytes: int
     for names, file in zip(shards, files):
         _stream_safetensors(model, names, specs, directory / file)
     if total > 1:
-        index = {"metadata": {"total_size": sum(s.numel() * s.element_size() for s in specs.values())},
-                 "weight_map": {n: file for names, file in zip(shards, files) for n in names}}
+        index = {
+            "metadata": {"total_size": sum(s.numel() * s.element_size() for s in specs.values())},
+            "weight_map": {n: file for names, file in zip(shards, files) for n in names},
+        }
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -187,8 +207,15 @@ def write_weights(
     n_m: tuple[int, int] | None = None,
 ) -> list[Path]:
     """Write (replace) the weight files of a checkpoint directory, dense or packed."""
-    return save_sharded(state, directory, packed=packed, max_shard_bytes=max_shard_bytes,
-                        sparse_names=sparse_names, metadata={"ecoflap_version": __version__}, n_m=n_m)
+    return save_sharded(
+        state,
+        directory,
+        packed=packed,
+        max_shard_bytes=max_shard_bytes,
+        sparse_names=sparse_names,
+        metadata={"ecoflap_version": __version__},
+        n_m=n_m,
+    )
 
 
 def packing_candidates(state: Mapping[str, torch.Tensor], plan: dict[str, Any] | None) -> set[str] | None:
@@ -310,10 +337,17 @@ def convert_checkpoint(
                 continue
             copy = shutil.copytree if entry.is_dir() else shutil.copy2
             copy(entry, tmp / entry.name)
-        write_weights(tmp, state, packed=to == "packed", max_shard_bytes=shard_bytes,
-                      sparse_names=sparse_names, n_m=n_m)  # type: ignore[arg-type]
-    return {"source": str(source), "output": str(target), "from": layout, "to": to,
-            "bytes_before": before, "bytes_after": weight_bytes(target)}
+        write_weights(
+            tmp, state, packed=to == "packed", max_shard_bytes=shard_bytes, sparse_names=sparse_names, n_m=n_m
+        )  # type: ignore[arg-type]
+    return {
+        "source": str(source),
+        "output": str(target),
+        "from": layout,
+        "to": to,
+        "bytes_before": before,
+        "bytes_after": weight_bytes(target),
+    }
 
 
 def weight_bytes(directory: str | Path) -> int:

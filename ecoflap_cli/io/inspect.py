@@ -18,9 +18,16 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ecoflap_cli.io import artifacts
-from ecoflap_cli.io.checkpoint import REPORT_NAME, checkpoint_layout, read_document, read_plan, weight_bytes, weight_files
 from ecoflap_cli.errors import ArtifactError, MissingDependencyError
+from ecoflap_cli.io import artifacts
+from ecoflap_cli.io.checkpoint import (
+    REPORT_NAME,
+    checkpoint_layout,
+    read_document,
+    read_plan,
+    weight_bytes,
+    weight_files,
+)
 from ecoflap_cli.io.packed import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -57,32 +64,60 @@ def _summary(
 ) -> dict[str, Any]:
     model = model or {}
     return {
-        "format": SUMMARY_FORMAT, "source": source, "kind": kind,
+        "format": SUMMARY_FORMAT,
+        "source": source,
+        "kind": kind,
         "artifact": {"format": fmt, "version": version},
         "model": {k: model.get(k) for k in ("id", "model_type", "class", "fingerprint", "dtype")},
-        "method": None, "allocator": None, "target_sparsity": None, "achieved_sparsity": None,
+        "method": None,
+        "allocator": None,
+        "target_sparsity": None,
+        "achieved_sparsity": None,
         **rest,
     }
 
 
 def _inspect_scores(doc: dict[str, Any], where: str) -> dict[str, Any]:
     blocks = [_block_row(g, None, None) for g in doc["groups"]]
-    return _summary(where, "scores", doc["format"], doc["version"], doc.get("model"),
-                    method=doc.get("method"), blocks=blocks, towers=_tower_rows(blocks))
+    return _summary(
+        where,
+        "scores",
+        doc["format"],
+        doc["version"],
+        doc.get("model"),
+        method=doc.get("method"),
+        blocks=blocks,
+        towers=_tower_rows(blocks),
+    )
 
 
 def _inspect_plan(doc: dict[str, Any], where: str) -> dict[str, Any]:
     blocks = [_block_row(g, g["sparsity"], None) for g in doc["groups"]]
-    return _summary(where, "plan", doc["format"], doc["version"], doc.get("model"),
-                    method=doc.get("score_method"), allocator=doc.get("allocator"),
-                    target_sparsity=doc.get("target_sparsity"),
-                    achieved_sparsity=doc.get("achieved_sparsity"), blocks=blocks, towers=_tower_rows(blocks))
+    return _summary(
+        where,
+        "plan",
+        doc["format"],
+        doc["version"],
+        doc.get("model"),
+        method=doc.get("score_method"),
+        allocator=doc.get("allocator"),
+        target_sparsity=doc.get("target_sparsity"),
+        achieved_sparsity=doc.get("achieved_sparsity"),
+        blocks=blocks,
+        towers=_tower_rows(blocks),
+    )
 
 
 def _block_row(group: dict[str, Any], planned: float | None, achieved: float | None) -> dict[str, Any]:
-    return {"name": group["name"], "tower": group["tower"], "index": group.get("index"),
-            "params": int(group["params"]), "score": group.get("score"),
-            "planned": planned, "achieved": achieved}
+    return {
+        "name": group["name"],
+        "tower": group["tower"],
+        "index": group.get("index"),
+        "params": int(group["params"]),
+        "score": group.get("score"),
+        "planned": planned,
+        "achieved": achieved,
+    }
 
 
 def _tower_rows(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -93,9 +128,15 @@ def _tower_rows(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for name, members in towers.items():
         params = sum(b["params"] for b in members)
-        rows.append({"name": name, "blocks": len(members), "params": params,
-                     "planned": _weighted(members, "planned", params),
-                     "achieved": _weighted(members, "achieved", params)})
+        rows.append(
+            {
+                "name": name,
+                "blocks": len(members),
+                "params": params,
+                "planned": _weighted(members, "planned", params),
+                "achieved": _weighted(members, "achieved", params),
+            }
+        )
     return rows
 
 
@@ -124,19 +165,31 @@ def _inspect_checkpoint(directory: Path) -> dict[str, Any]:
     model = (plan or report or {}).get("model") or _config_model(directory)
     target = (plan or report or {}).get("target_sparsity")
     return _summary(
-        str(directory), "checkpoint", FORMAT_NAME if layout == "packed" else "safetensors",
-        FORMAT_VERSION if layout == "packed" else None, model,
-        method=plan.get("score_method") if plan else None, allocator=plan.get("allocator") if plan else None,
-        target_sparsity=target, achieved_sparsity=achieved, blocks=blocks, towers=_tower_rows(blocks),
-        storage=storage, solver=(report or {}).get("solver"),
+        str(directory),
+        "checkpoint",
+        FORMAT_NAME if layout == "packed" else "safetensors",
+        FORMAT_VERSION if layout == "packed" else None,
+        model,
+        method=plan.get("score_method") if plan else None,
+        allocator=plan.get("allocator") if plan else None,
+        target_sparsity=target,
+        achieved_sparsity=achieved,
+        blocks=blocks,
+        towers=_tower_rows(blocks),
+        storage=storage,
+        solver=(report or {}).get("solver"),
         documents=sorted(n for n in ("plan.json", "scores.json", REPORT_NAME) if (directory / n).is_file()),
     )
 
 
 def _config_model(directory: Path) -> dict[str, Any]:
     config = read_document(directory, "config.json") or {}
-    return {"id": str(directory), "model_type": config.get("model_type"),
-            "class": (config.get("architectures") or [None])[0], "dtype": config.get("dtype")}
+    return {
+        "id": str(directory),
+        "model_type": config.get("model_type"),
+        "class": (config.get("architectures") or [None])[0],
+        "dtype": config.get("dtype"),
+    }
 
 
 def _plan_blocks(plan: dict[str, Any], counts: dict[str, tuple[int, int]], directory: Path) -> list[dict]:
@@ -164,14 +217,21 @@ def _path_blocks(counts: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
     for (tower, index), names in sorted(grouped.items(), key=lambda kv: (towers.index(kv[0][0]), kv[0][1])):
         numel = sum(counts[n][0] for n in names)
         zeros = sum(counts[n][1] for n in names)
-        blocks.append({"name": f"{tower}.{index}", "tower": tower, "index": index, "params": numel,
-                       "score": None, "planned": None, "achieved": zeros / numel if numel else 0.0})
+        blocks.append(
+            {
+                "name": f"{tower}.{index}",
+                "tower": tower,
+                "index": index,
+                "params": numel,
+                "score": None,
+                "planned": None,
+                "achieved": zeros / numel if numel else 0.0,
+            }
+        )
     return blocks
 
 
-def _weight_counts(
-    directory: Path, wanted: set[str] | None
-) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
+def _weight_counts(directory: Path, wanted: set[str] | None) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
     """(numel, zeros) of the ``wanted`` tensors (None: every 2-D floating tensor), and how many
     tensors each packed layout holds."""
     counts: dict[str, tuple[int, int]] = {}
@@ -226,8 +286,10 @@ def _bitmask_kept(fh: Any, name: str, rows: int, cols: int, path: Path) -> int:
     values = fh.get_slice(f"{name}{PART_SEPARATOR}values").get_shape()
     expected = (rows, (cols + 7) // 8)
     if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != expected:
-        raise ArtifactError(f"{path}: {name}: bitmask has shape {tuple(bitmask.shape)} ({bitmask.dtype}), "
-                            f"expected {expected} (torch.uint8)")
+        raise ArtifactError(
+            f"{path}: {name}: bitmask has shape {tuple(bitmask.shape)} ({bitmask.dtype}), "
+            f"expected {expected} (torch.uint8)"
+        )
     bits = _unpack_bits(bitmask)
     if bool(bits[:, cols:].any()):
         raise ArtifactError(f"{path}: {name}: bitmask has non-zero padding bits beyond column {cols}")

@@ -14,8 +14,14 @@ from torch import nn
 
 from ecoflap_cli.errors import MissingDependencyError, ModelError
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 @dataclass
@@ -81,8 +87,8 @@ def _sequential_map(source: str, config: Any, cls: Any, opts: LoadOptions) -> di
     """Build the model on the meta device to find its blocks, then map them to the offload target."""
     from accelerate import init_empty_weights
 
-    from ecoflap_cli.models import get_adapter
     from ecoflap_cli.engine.offload import sequential_device_map
+    from ecoflap_cli.models import get_adapter
 
     with init_empty_weights():
         skeleton = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
@@ -105,8 +111,10 @@ def check_device_name(device: Any) -> None:
     if name.startswith("cuda"):
         index = int(name.split(":")[1]) if ":" in name else 0
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise ModelError(f"the device map names {name}, but this machine has "
-                             f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA device(s)")
+            raise ModelError(
+                f"the device map names {name}, but this machine has "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA device(s)"
+            )
         return
     if name.startswith("mps"):
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -116,12 +124,22 @@ def check_device_name(device: Any) -> None:
 
 
 def _parse_size(text: str) -> int:
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     value = text.strip().upper()
     number = value.rstrip("KMGTIB")
     try:
-        return int(float(number) * units[value[len(number):]])
+        return int(float(number) * units[value[len(number) :]])
     except (ValueError, KeyError):
         raise ModelError(f"--max-memory size {text!r} is not a size like 20GiB or 500MB") from None
 
@@ -161,8 +179,9 @@ def _placement(opts: LoadOptions) -> dict[str, Any]:
         for device in device_map.values():
             check_device_name(device)
     elif device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        raise ModelError("--device-map takes auto, balanced, balanced_low_0, sequential or a JSON map, "
-                         f"got {device_map!r}")
+        raise ModelError(
+            f"--device-map takes auto, balanced, balanced_low_0, sequential or a JSON map, got {device_map!r}"
+        )
     placement: dict[str, Any] = {"device_map": device_map}
     if opts.max_memory:
         placement["max_memory"] = {(int(k) if k.isdigit() else k): v for k, v in opts.max_memory.items()}
@@ -215,7 +234,9 @@ def load_model(source: str, opts: LoadOptions | None = None) -> LoadedModel:
             check_budget(source, config, cls, opts)
     try:
         model = cls.from_pretrained(
-            source, dtype=resolve_dtype(opts.dtype), trust_remote_code=opts.trust_remote_code,
+            source,
+            dtype=resolve_dtype(opts.dtype),
+            trust_remote_code=opts.trust_remote_code,
             **placement,
         )
     except (ValueError, OSError, RuntimeError, KeyError) as exc:
@@ -231,8 +252,13 @@ def _load_packed(path: Path, source: str, opts: LoadOptions) -> LoadedModel:
     from ecoflap_cli.io.pruned import load_pruned
 
     dtype = resolve_dtype(opts.dtype)
-    model = load_pruned(path, None if dtype == "auto" else dtype, opts.device,
-                        trust_remote_code=opts.trust_remote_code, **_placement(opts))
+    model = load_pruned(
+        path,
+        None if dtype == "auto" else dtype,
+        opts.device,
+        trust_remote_code=opts.trust_remote_code,
+        **_placement(opts),
+    )
     return LoadedModel(model, _load_processor(source, opts.trust_remote_code), source)
 
 
@@ -269,9 +295,7 @@ def _load_gguf(path: Path, opts: LoadOptions) -> LoadedModel:
     previous = gguf_utils.tqdm
     gguf_utils.tqdm = functools.partial(previous, disable=True)  # its own bar would clutter stderr
     try:
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=dtype
-        )
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:
         raise ModelError(f"cannot load GGUF model {str(path)!r}: {_first_line(exc)}") from None

@@ -166,8 +166,7 @@ def unpack_bitmask(parts: Mapping[str, torch.Tensor], name: str = "tensor") -> t
     expected = (rows, (cols + 7) // 8)
     if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != expected:
         raise ArtifactError(
-            f"{name}: bitmask has shape {tuple(bitmask.shape)} ({bitmask.dtype}), "
-            f"expected {expected} (torch.uint8)"
+            f"{name}: bitmask has shape {tuple(bitmask.shape)} ({bitmask.dtype}), expected {expected} (torch.uint8)"
         )
     if values.dim() != 1:
         raise ArtifactError(f"{name}: packed values must be 1-D, got shape {tuple(values.shape)}")
@@ -291,9 +290,7 @@ def unpack_nm(parts: Mapping[str, torch.Tensor], name: str = "tensor") -> torch.
     _, combos, width = _nm_tables(n, m)
     values, indices = parts["values"], parts["indices"]
     if tuple(values.shape) != (rows, groups * n):
-        raise ArtifactError(
-            f"{name}: N:M values have shape {tuple(values.shape)}, expected {(rows, groups * n)}"
-        )
+        raise ArtifactError(f"{name}: N:M values have shape {tuple(values.shape)}, expected {(rows, groups * n)}")
     expected = (rows, (groups * width + 7) // 8)
     if indices.dtype != torch.uint8 or tuple(indices.shape) != expected:
         raise ArtifactError(
@@ -378,9 +375,7 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return metadata
 
 
-def _encode_one(
-    name: str, t: torch.Tensor, n_m: tuple[int, int] | None
-) -> tuple[dict[str, torch.Tensor], dict | None]:
+def _encode_one(name: str, t: torch.Tensor, n_m: tuple[int, int] | None) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Stored tensors and index entry of one candidate tensor."""
     layout, parts = choose_layout(t, n_m)
     entry: dict = {"layout": layout, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
@@ -537,9 +532,7 @@ def _decode_entry(name: str, entry: dict, dense: dict, parts: dict, path: Path) 
     return t
 
 
-def _decode(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path
-) -> dict[str, torch.Tensor]:
+def _decode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path) -> dict[str, torch.Tensor]:
     index = _parse_index(metadata, path)
     dense, parts = _split_parts(tensors)
     clash = sorted(dense.keys() & parts.keys())
@@ -634,11 +627,7 @@ def save_sharded(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     total = len(shards)
-    names = (
-        [SINGLE_FILE]
-        if total == 1
-        else [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
-    )
+    names = [SINGLE_FILE] if total == 1 else [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
     weight_map: dict[str, str] = {}
     for file_name, members in zip(names, shards):
         tensors = {k: v for i in members for k, v in encoded[i][1].items()}

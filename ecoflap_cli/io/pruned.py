@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ecoflap_cli.io.checkpoint import checkpoint_layout
 from ecoflap_cli.errors import ArtifactError, ModelError
+from ecoflap_cli.io.checkpoint import checkpoint_layout
 from ecoflap_cli.io.loading import _first_line, _model_class, quiet_transformers, resolve_device, resolve_dtype
 from ecoflap_cli.io.packed import load_sharded
 
@@ -67,8 +67,9 @@ def load_pruned(
         raise ModelError(f"cannot read the config of {directory}: {_first_line(exc)}") from None
     cls = model_class(config)
     dtype_arg = "auto" if dtype is None else dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
-    kwargs: dict[str, Any] = dict(config=config, dtype=dtype_arg, trust_remote_code=trust_remote_code,
-                                  output_loading_info=True, **from_pretrained)
+    kwargs: dict[str, Any] = dict(
+        config=config, dtype=dtype_arg, trust_remote_code=trust_remote_code, output_loading_info=True, **from_pretrained
+    )
     if layout == "packed":
         source, kwargs["state_dict"] = None, load_sharded(directory)
     else:
@@ -86,8 +87,11 @@ def load_pruned(
 
 def _check_complete(info: dict[str, Any], directory: Path) -> None:
     """Refuse a model any of whose weights did not come from the checkpoint."""
-    for key, what in (("missing_keys", "lacks"), ("unexpected_keys", "has unexpected"),
-                      ("mismatched_keys", "has mis-shaped")):
+    for key, what in (
+        ("missing_keys", "lacks"),
+        ("unexpected_keys", "has unexpected"),
+        ("mismatched_keys", "has mis-shaped"),
+    ):
         names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
         if names:
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""

@@ -39,8 +39,9 @@ def _register(cls: type[Adapter], model_types: tuple[str, ...]) -> type[Adapter]
         raise TypeError(f"{cls.__name__} declares no model_types")
     for model_type in model_types:
         if REGISTRY.get(model_type, cls) is not cls:
-            raise TypeError(f"model type {model_type!r} is claimed by {REGISTRY[model_type].__name__} "
-                            f"and {cls.__name__}")
+            raise TypeError(
+                f"model type {model_type!r} is claimed by {REGISTRY[model_type].__name__} and {cls.__name__}"
+            )
         REGISTRY[model_type] = cls
     cls.model_types = tuple(model_types)
     return cls
@@ -84,9 +85,7 @@ def get_adapter(model: nn.Module, **options: Any) -> Adapter:
     if config is not None and getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"model type {model_type!r} (encoder-decoder) is not supported yet")
     if not hasattr(model, "generate"):
-        raise ModelError(
-            f"model type {model_type!r} is not a causal LM and has no ecoflap adapter"
-        )
+        raise ModelError(f"model type {model_type!r} is not a causal LM and has no ecoflap adapter")
     return CausalLMAdapter(model, **_accepted(CausalLMAdapter, options))
 
 

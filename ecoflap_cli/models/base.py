@@ -177,8 +177,10 @@ class Adapter:
         The message completes a sentence that starts with the checkpoint's name.
         """
         if self.data_kind == "image-text" and getattr(processor, "image_processor", None) is None:
-            raise ModelError("ships no image processor (preprocessor_config.json): cannot read images; "
-                             "save the model's processor into the checkpoint directory")
+            raise ModelError(
+                "ships no image processor (preprocessor_config.json): cannot read images; "
+                "save the model's processor into the checkpoint directory"
+            )
 
     def calibration_text(
         self, processor: Any, records: Sequence[Record], max_text_len: int, texts: RecordText

@@ -66,8 +66,12 @@ def image_token_id(config: Any) -> int:
 
 def check_image_tokens(config: Any, input_ids: torch.Tensor) -> None:
     """Every row must hold exactly ``num_query_tokens`` image placeholder tokens."""
-    check_token_count(input_ids, image_token_id(config), int(config.num_query_tokens),
-                      "one per query token (config.num_query_tokens); without them the model ignores the image")
+    check_token_count(
+        input_ids,
+        image_token_id(config),
+        int(config.num_query_tokens),
+        "one per query token (config.num_query_tokens); without them the model ignores the image",
+    )
 
 
 @register

@@ -21,9 +21,7 @@ def largest_block_list(model: nn.Module) -> str:
             continue
         if len({type(child) for child in module}) != 1:
             continue
-        size = sum(
-            m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear)
-        )
+        size = sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
         if size > best_size:
             best_path, best_size = path, size
     if not best_path:

@@ -18,14 +18,14 @@ from typing import Any
 import torch
 
 from ecoflap_cli import __version__
-from ecoflap_cli.io import artifacts
+from ecoflap_cli.core.methods import ALLOCATORS, SCORING, Groups, scoring_for
 from ecoflap_cli.data.text import Provenance, calibration_windows, to_batches
+from ecoflap_cli.engine.estimates import check_activation_memory
+from ecoflap_cli.engine.pruning import PruneSettings, prune_model  # noqa: F401 - PruneSettings is part of the stage API
 from ecoflap_cli.errors import DataError, PlanError
+from ecoflap_cli.io import artifacts
 from ecoflap_cli.io.loading import LoadedModel, fingerprint
 from ecoflap_cli.models import Adapter, Batch, get_adapter
-from ecoflap_cli.engine.pruning import PruneSettings, prune_model  # noqa: F401 - PruneSettings is part of the stage API
-from ecoflap_cli.core.methods import ALLOCATORS, SCORING, Groups, scoring_for
-from ecoflap_cli.engine.estimates import check_activation_memory
 
 Progress = Callable[[str], None]
 
@@ -83,12 +83,9 @@ def calibration_batches(
     if len(records) > opts.samples:  # a seeded sample, in file order (files are often sorted by image)
         chosen = sorted(random.Random(opts.seed).sample(range(len(records)), opts.samples))
         records = [records[i] for i in chosen]
-    batches = multimodal.make_multimodal_batches(
-        adapter, loaded.processor, records, opts.batch_size, opts.seqlen or 64
-    )
+    batches = multimodal.make_multimodal_batches(adapter, loaded.processor, records, opts.batch_size, opts.seqlen or 64)
     # tokens: text positions the model reads (image placeholders included, padding not)
-    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                 for b in batches)
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
     prov = Provenance(opts.calib, len(records), opts.seqlen or 64, opts.seed, tokens)
     return batches, prov.to_dict()
 
@@ -115,7 +112,9 @@ def score(
     start = time.perf_counter()
     scores, record = entry.resolve()(adapter, batches, checked, progress)
     timings = {"score_s": round(time.perf_counter() - start, 3)}
-    return artifacts.scores_document(model_info(loaded, adapter), adapter.blocks(), scores, record, calibration, timings)
+    return artifacts.scores_document(
+        model_info(loaded, adapter), adapter.blocks(), scores, record, calibration, timings
+    )
 
 
 def structure_document(loaded: LoadedModel, adapter: Adapter) -> dict[str, Any]:
@@ -129,10 +128,14 @@ def auto_allocator(scores_doc: dict[str, Any]) -> tuple[str, str]:
         return "owl", "the scores are OWL outlier ratios"
     towers = {g["tower"] for g in scores_doc["groups"]}
     if len(towers) == 1:
-        return "mix", ("one tower: mix (depth schedule + score rank, lam 0.15, alpha 0.5), the best rule on "
-                       "the validation split in docs/allocation.md")
-    return "ecoflap", (f"{len(towers)} towers: the paper's rule, which balances towers by score; mix is "
-                       "measured on language models only (docs/allocation.md)")
+        return "mix", (
+            "one tower: mix (depth schedule + score rank, lam 0.15, alpha 0.5), the best rule on "
+            "the validation split in docs/allocation.md"
+        )
+    return "ecoflap", (
+        f"{len(towers)} towers: the paper's rule, which balances towers by score; mix is "
+        "measured on language models only (docs/allocation.md)"
+    )
 
 
 def depth_positions(groups: list[dict[str, Any]]) -> list[float]:
@@ -161,9 +164,12 @@ def allocator_request(allocator: str, settings: dict[str, Any] | None, sparsity:
 
 def _groups(part: list[dict[str, Any]]) -> Groups:
     scores = [g["score"] for g in part]
-    return Groups(tuple(g["name"] for g in part), tuple(int(g["params"]) for g in part),
-                  None if any(s is None for s in scores) else tuple(float(s) for s in scores),
-                  tuple(depth_positions(part)))
+    return Groups(
+        tuple(g["name"] for g in part),
+        tuple(int(g["params"]) for g in part),
+        None if any(s is None for s in scores) else tuple(float(s) for s in scores),
+        tuple(depth_positions(part)),
+    )
 
 
 def allocate(
@@ -182,8 +188,10 @@ def allocate(
         unknown = [k for k in checked if entry.param(k) is None and checked[k] is not None]
         if unknown:
             owners = " or ".join(e.name for e in ALLOCATORS if e.param(unknown[0]) is not None)
-            raise PlanError(f"the default allocator for this model is {allocator}, which takes no {unknown[0]!r}: "
-                            f"add --allocator {owners}")
+            raise PlanError(
+                f"the default allocator for this model is {allocator}, which takes no {unknown[0]!r}: "
+                f"add --allocator {owners}"
+            )
         allocator, checked = allocator_request(allocator, {k: v for k, v in checked.items() if v is not None}, sparsity)
     entry = ALLOCATORS.get(allocator)
     kind = (scores_doc.get("method") or {}).get("name")
@@ -219,12 +227,14 @@ def prune(
     uncovered = sorted(set(artifacts.prune_counts(plan)) - covered)
     if uncovered:
         hint = adapter.uncovered_hint(uncovered)
-        raise PlanError(f"the plan prunes {len(uncovered)} tensors that this run does not cover, "
-                        f"e.g. {uncovered[0]}{hint}")
+        raise PlanError(
+            f"the plan prunes {len(uncovered)} tensors that this run does not cover, e.g. {uncovered[0]}{hint}"
+        )
     unknown = sorted(set(settings.compare_groups) - set(adapter.towers()))
     if unknown:
-        raise PlanError(f"--compare-group names unknown tower {unknown[0]!r} "
-                        f"(this model has: {', '.join(adapter.towers())})")
+        raise PlanError(
+            f"--compare-group names unknown tower {unknown[0]!r} (this model has: {', '.join(adapter.towers())})"
+        )
     start = time.perf_counter()
     results = prune_model(adapter, artifacts.prune_counts(plan), batches, settings, progress)
     elapsed = time.perf_counter() - start
@@ -282,8 +292,14 @@ def one_shot_plan(
         settings = dict(one_shot.scoring_settings or {})
 
         def compute() -> dict[str, Any]:
-            opts = CalibrationOptions(calib.calib, one_shot.samples, one_shot.seqlen or calib.seqlen,
-                                      calib.batch_size, calib.seed, calib.text_field)
+            opts = CalibrationOptions(
+                calib.calib,
+                one_shot.samples,
+                one_shot.seqlen or calib.seqlen,
+                calib.batch_size,
+                calib.seed,
+                calib.text_field,
+            )
             batches, prov = calibration_batches(loaded, adapter, opts)
             return score(loaded, adapter, batches, prov, method, settings, progress, seed=calib.seed)
 
@@ -316,8 +332,12 @@ def check_calibration_memory(loaded: LoadedModel, opts: CalibrationOptions, stor
 def _versions() -> dict[str, str]:
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "ecoflap": __version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "ecoflap": __version__,
+    }
 
 
 def load_adapter(loaded: LoadedModel, include_qformer: bool = False) -> Adapter:

@@ -47,13 +47,13 @@ from typing import Any
 import torch
 
 from ecoflap_cli import __version__
-from ecoflap_cli.io import artifacts
 from ecoflap_cli.core.methods import ALLOCATORS, SCORING, SOLVERS, scoring_for
 from ecoflap_cli.core.registry import Entry
 from ecoflap_cli.data.text import read_text, tokenize_documents
-from ecoflap_cli.errors import EcoflapError, PlanError
 from ecoflap_cli.engine.memory import total_memory
+from ecoflap_cli.errors import EcoflapError, PlanError
 from ecoflap_cli.evaluation.measure import perplexity, sparsity_report, windows_for_eval
+from ecoflap_cli.io import artifacts
 from ecoflap_cli.io.loading import LoadedModel, LoadOptions, load_model
 from ecoflap_cli.stages import driver
 from ecoflap_cli.stages.driver import CalibrationOptions, PruneSettings, calibration_batches, load_adapter
@@ -129,8 +129,11 @@ class MethodSpec:
         given = self.scoring_settings()
         entry = SCORING.get(self.scoring)
         shown = {k: v for k, v in given.items() if v != entry.defaults().get(k)}
-        return self.scoring + ("@" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                              for k, v in sorted(shown.items())) if shown else "")
+        return self.scoring + (
+            "@" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(shown.items()))
+            if shown
+            else ""
+        )
 
 
 def _value(text: str) -> Any:
@@ -162,8 +165,9 @@ def parse_method(text: str) -> MethodSpec:
     head, _, tail = raw.partition("@")
     left, sep, solver = head.partition(":")
     if not sep or not left or not solver:
-        raise PlanError(f"method {text!r}: write ALLOCATOR[-SCORING]:SOLVER, "
-                        "e.g. uniform:wanda or ecoflap-zeroth:wanda")
+        raise PlanError(
+            f"method {text!r}: write ALLOCATOR[-SCORING]:SOLVER, e.g. uniform:wanda or ecoflap-zeroth:wanda"
+        )
     params = _parse_params(text, tail)
     if left in PEERS:
         if solver not in PEER_SOLVERS:
@@ -175,8 +179,9 @@ def parse_method(text: str) -> MethodSpec:
         return MethodSpec(left, None, solver, tuple(sorted({**PEERS[left], **params}.items())))
     allocator, _, scoring_text = left.partition("-")
     if allocator not in ALLOCATORS:
-        raise PlanError(f"method {text!r}: unknown allocator {allocator!r} "
-                        f"(choose from {', '.join([*ALLOCATORS.names(), *PEERS])})")
+        raise PlanError(
+            f"method {text!r}: unknown allocator {allocator!r} (choose from {', '.join([*ALLOCATORS.names(), *PEERS])})"
+        )
     entry = ALLOCATORS.get(allocator)
     try:
         scoring = scoring_for(entry, scoring_text or None)
@@ -260,15 +265,21 @@ class SweepConfig:
         if self.repeats < 1:
             raise PlanError("--repeats must be at least 1")
         if any(s.peer for s in specs) and not self.llmc_python:
-            raise PlanError("llmc:* methods need llm-compressor's Python: pass --llmc-python PATH "
-                            "(`python -m ecoflap_cli.bench.llmc_env` creates one and prints its path)")
-        for path, what in ((self.calib, "--calib"), (self.text, "--text"),
-                           *((t, "--extra-text") for t in self.extra_texts or [])):
+            raise PlanError(
+                "llmc:* methods need llm-compressor's Python: pass --llmc-python PATH "
+                "(`python -m ecoflap_cli.bench.llmc_env` creates one and prints its path)"
+            )
+        for path, what in (
+            (self.calib, "--calib"),
+            (self.text, "--text"),
+            *((t, "--extra-text") for t in self.extra_texts or []),
+        ):
             if not Path(path).is_file():
                 raise PlanError(f"{what} file not found: {path}")
 
     def fingerprint(self) -> dict[str, Any]:
         """What a cached run depends on (not: methods list, repeats, isolation, output)."""
+
         def ident(path: str) -> str:
             p = Path(path).expanduser()
             if p.is_file():
@@ -276,12 +287,23 @@ class SweepConfig:
                 return f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
             return str(path)
 
-        return {"model": ident(self.model), "calib": ident(self.calib), "text": ident(self.text),
-                "samples": self.samples, "seqlen": self.seqlen, "score_samples": self.score_samples,
-                "score_seqlen": self.score_seqlen, "batch_size": self.batch_size, "seed": self.seed,
-                "eval_seqlen": self.eval_seqlen, "eval_windows": self.eval_windows, "dtype": self.dtype,
-                "llmc_batch_size": self.llmc_batch_size, "ecoflap": __version__,
-                **({"extra_texts": [ident(t) for t in self.extra_texts]} if self.extra_texts else {})}
+        return {
+            "model": ident(self.model),
+            "calib": ident(self.calib),
+            "text": ident(self.text),
+            "samples": self.samples,
+            "seqlen": self.seqlen,
+            "score_samples": self.score_samples,
+            "score_seqlen": self.score_seqlen,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "eval_seqlen": self.eval_seqlen,
+            "eval_windows": self.eval_windows,
+            "dtype": self.dtype,
+            "llmc_batch_size": self.llmc_batch_size,
+            "ecoflap": __version__,
+            **({"extra_texts": [ident(t) for t in self.extra_texts]} if self.extra_texts else {}),
+        }
 
     def extra_names(self) -> list[str]:
         return [Path(t).stem for t in self.extra_texts or []]
@@ -298,8 +320,6 @@ class SweepConfig:
     def from_dict(cls, data: dict[str, Any]) -> SweepConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
-
-
 
 
 def run_key(cfg: SweepConfig, method: str, sparsity: float) -> str:
@@ -380,17 +400,28 @@ class SweepRunner:
 
     def prune_data(self) -> tuple[list[Any], dict[str, Any]]:
         if self._prune_data is None:
-            opts = CalibrationOptions(self.cfg.calib, self.cfg.samples, self.cfg.seqlen, self.cfg.batch_size,
-                                      self.cfg.seed, self.cfg.text_field)
+            opts = CalibrationOptions(
+                self.cfg.calib,
+                self.cfg.samples,
+                self.cfg.seqlen,
+                self.cfg.batch_size,
+                self.cfg.seed,
+                self.cfg.text_field,
+            )
             self._prune_data = calibration_batches(self.loaded, self.adapter, opts)
             self.counters["calibration"] += 1
         return self._prune_data
 
     def score_data(self) -> tuple[list[Any], dict[str, Any]]:
         if self._score_data is None:
-            opts = CalibrationOptions(self.cfg.calib, self.cfg.score_samples,
-                                      self.cfg.score_seqlen or self.cfg.seqlen, self.cfg.batch_size,
-                                      self.cfg.seed, self.cfg.text_field)
+            opts = CalibrationOptions(
+                self.cfg.calib,
+                self.cfg.score_samples,
+                self.cfg.score_seqlen or self.cfg.seqlen,
+                self.cfg.batch_size,
+                self.cfg.seed,
+                self.cfg.text_field,
+            )
             self._score_data = calibration_batches(self.loaded, self.adapter, opts)
             self.counters["score_calibration"] += 1
         return self._score_data
@@ -406,8 +437,10 @@ class SweepRunner:
 
     def extra_perplexities(self) -> dict[str, float]:
         """Perplexity of the current model on each extra text."""
-        return {name: perplexity(self.loaded.model, self.eval_windows(path), self.cfg.eval_batch_size)
-                for name, path in zip(self.cfg.extra_names(), self.cfg.extra_texts or [])}
+        return {
+            name: perplexity(self.loaded.model, self.eval_windows(path), self.cfg.eval_batch_size)
+            for name, path in zip(self.cfg.extra_names(), self.cfg.extra_texts or [])
+        }
 
     def scores(self, spec: MethodSpec) -> tuple[dict[str, Any], float, bool]:
         """(scores doc, seconds it took to compute, reused?) for a method's scoring; once per key.
@@ -434,8 +467,9 @@ class SweepRunner:
         self.log(f"scoring: {key} ({len(batches)} batches)")
         start = time.perf_counter()
         assert spec.scoring is not None
-        doc = driver.score(self.loaded, self.adapter, batches, prov, spec.scoring, spec.scoring_settings(),
-                           seed=self.cfg.seed)
+        doc = driver.score(
+            self.loaded, self.adapter, batches, prov, spec.scoring, spec.scoring_settings(), seed=self.cfg.seed
+        )
         seconds = time.perf_counter() - start
         self.counters[f"score:{key}"] += 1
         self._scores[key] = (doc, seconds)
@@ -455,8 +489,13 @@ class SweepRunner:
         self.log(f"dense perplexity on {windows.shape[0]} x {windows.shape[1]} tokens")
         start = time.perf_counter()
         ppl = perplexity(self.loaded.model, windows, self.cfg.eval_batch_size)
-        record = {"method": "dense", "sparsity": 0.0, "achieved_sparsity": 0.0, "ppl": ppl,
-                  "times": {"eval_s": round(time.perf_counter() - start, 3)}}
+        record = {
+            "method": "dense",
+            "sparsity": 0.0,
+            "achieved_sparsity": 0.0,
+            "ppl": ppl,
+            "times": {"eval_s": round(time.perf_counter() - start, 3)},
+        }
         if self.cfg.extra_texts:
             record["ppl_extra"] = self.extra_perplexities()
         return self._save("dense", 0.0, record)
@@ -484,12 +523,19 @@ class SweepRunner:
             rows = sparsity_report(self.adapter, plan)
             zeros, total = sum(r.zeros for r in rows), sum(r.numel for r in rows)
             record.update(
-                ppl=ppl, achieved_sparsity=zeros / total, planned_sparsity=plan["achieved_sparsity"],
+                ppl=ppl,
+                achieved_sparsity=zeros / total,
+                planned_sparsity=plan["achieved_sparsity"],
                 plan_matches=all(r.matches_plan for r in rows),
                 block_sparsity=[round(g["sparsity"], 5) for g in plan["groups"]],
-                times={"score_s": round(score_s, 3), "score_reused": reused, "allocate_s": round(allocate_s, 4),
-                       "prune_s": [round(prune_s, 3)], "prune_cpu_s": [self._last_cpu_s],
-                       "eval_s": round(eval_s, 3)},
+                times={
+                    "score_s": round(score_s, 3),
+                    "score_reused": reused,
+                    "allocate_s": round(allocate_s, 4),
+                    "prune_s": [round(prune_s, 3)],
+                    "prune_cpu_s": [self._last_cpu_s],
+                    "eval_s": round(eval_s, 3),
+                },
             )
         except EcoflapError as exc:
             record["error"] = str(exc)
@@ -528,10 +574,17 @@ class SweepRunner:
         return time.perf_counter() - start
 
     def _record(self, spec: MethodSpec, sparsity: float) -> dict[str, Any]:
-        return {"method": spec.name, "library": "llm-compressor" if spec.peer else "ecoflap",
-                "allocator": spec.allocator, "scoring": spec.scoring, "solver": spec.solver,
-                "params": spec.param, "sparsity": sparsity, "isolated": self.cfg.isolate,
-                "threads": torch.get_num_threads()}
+        return {
+            "method": spec.name,
+            "library": "llm-compressor" if spec.peer else "ecoflap",
+            "allocator": spec.allocator,
+            "scoring": spec.scoring,
+            "solver": spec.solver,
+            "params": spec.param,
+            "sparsity": sparsity,
+            "isolated": self.cfg.isolate,
+            "threads": torch.get_num_threads(),
+        }
 
     # -- the peer --
     def _peer_inputs(self) -> tuple[Path, Path]:
@@ -565,11 +618,26 @@ class SweepRunner:
         runner = Path(__file__).parents[1] / "bench" / "llmc_runner.py"
         work = self.out / "peer" / _safe(spec.name)
         result_file = work / f"result-{sparsity:g}.json"
-        cmd = [str(self.cfg.llmc_python), str(runner), "--model", str(model_dir), "--windows", str(windows_file),
-               "--modifier", spec.solver, "--sparsity", f"{sparsity}", "--out", str(work),
-               "--result", str(result_file),
-               "--batch-size", str(self.cfg.llmc_batch_size or self.cfg.batch_size),
-               "--threads", str(torch.get_num_threads())]
+        cmd = [
+            str(self.cfg.llmc_python),
+            str(runner),
+            "--model",
+            str(model_dir),
+            "--windows",
+            str(windows_file),
+            "--modifier",
+            spec.solver,
+            "--sparsity",
+            f"{sparsity}",
+            "--out",
+            str(work),
+            "--result",
+            str(result_file),
+            "--batch-size",
+            str(self.cfg.llmc_batch_size or self.cfg.batch_size),
+            "--threads",
+            str(torch.get_num_threads()),
+        ]
         if spec.allocator == "llmc-owl":
             cmd += ["--owl-m", str(int(spec.param["m"])), "--owl-lmbda", str(spec.param["lam"])]
         if time_only:
@@ -591,8 +659,11 @@ class SweepRunner:
         record = self._record(spec, sparsity)
         result = self._call_peer(spec, sparsity)
         entry = result["runs"][0]
-        record.update(peer={k: v for k, v in result.items() if k != "runs"},
-                      peer_settings=entry.get("settings"), peer_peak_rss_mib=entry.get("peak_rss_mib"))
+        record.update(
+            peer={k: v for k, v in result.items() if k != "runs"},
+            peer_settings=entry.get("settings"),
+            peer_peak_rss_mib=entry.get("peak_rss_mib"),
+        )
         if "error" in entry:
             record["error"] = entry["error"]
             record["peak_rss_mib"] = entry.get("peak_rss_mib")
@@ -618,11 +689,17 @@ class SweepRunner:
             z, n = blocks.get(block_of[r.name], (0, 0))
             blocks[block_of[r.name]] = (z + r.zeros, n + r.numel)
         record.update(
-            ppl=ppl, achieved_sparsity=zeros / total,
+            ppl=ppl,
+            achieved_sparsity=zeros / total,
             block_sparsity=[round(z / n, 5) for z, n in blocks.values()],
-            times={"score_s": 0.0, "score_reused": True, "allocate_s": 0.0,
-                   "prune_s": list(entry["oneshot_s"]), "prune_cpu_s": list(entry.get("oneshot_cpu_s", [])),
-                   "eval_s": round(eval_s, 3)},
+            times={
+                "score_s": 0.0,
+                "score_reused": True,
+                "allocate_s": 0.0,
+                "prune_s": list(entry["oneshot_s"]),
+                "prune_cpu_s": list(entry.get("oneshot_cpu_s", [])),
+                "eval_s": round(eval_s, 3),
+            },
             # the runner's own process: what llm-compressor used
             peak_rss_mib=entry.get("peak_rss_mib"),
         )
@@ -684,9 +761,13 @@ class SweepRunner:
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "torch": torch.__version__}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     try:
         import transformers
 
@@ -758,8 +839,9 @@ def _run_isolated(cfg: SweepConfig, specs: Sequence[MethodSpec], log: Log) -> No
                 continue
             log(f"worker: {name} (pass {repeat + 1}/{cfg.repeats})")
             cmd = [sys.executable, "-m", "ecoflap_cli.stages.sweep", "--worker", str(config_file), name, str(repeat)]
-            proc = subprocess.run(cmd, stderr=None if os.environ.get("ECOFLAP_SWEEP_VERBOSE") else subprocess.PIPE,
-                                  text=True)
+            proc = subprocess.run(
+                cmd, stderr=None if os.environ.get("ECOFLAP_SWEEP_VERBOSE") else subprocess.PIPE, text=True
+            )
             if proc.returncode != 0:
                 tail = (proc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
                 log(f"worker {name} failed (exit {proc.returncode}): {tail[0][:300]}")
@@ -806,16 +888,32 @@ def collect(cfg: SweepConfig, runner: SweepRunner, specs: Sequence[MethodSpec]) 
             b = peer.get("times", {}).get("prune_median_s")
             ca = ours.get("times", {}).get("prune_cpu_median_s")
             cb = peer.get("times", {}).get("prune_cpu_median_s")
-            ratios.append({"solver": solver, "sparsity": p, "ours_s": a, "peer_s": b,
-                           "ours_cpu_s": ca, "peer_cpu_s": cb,
-                           "cpu_ratio": round(ca / cb, 3) if ca and cb else None,
-                           "threads": [ours.get("threads"), peer.get("threads")],
-                           "ours_n": ours.get("times", {}).get("prune_n"),
-                           "peer_n": peer.get("times", {}).get("prune_n"),
-                           "ratio": round(a / b, 3) if a and b else None,
-                           "ours_ppl": ours.get("ppl"), "peer_ppl": peer.get("ppl")})
-    return {"format": "ecoflap.sweep", "version": 1, "ecoflap_version": __version__,
-            "config": cfg.to_dict(), "dense": dense, "runs": runs, "ratios": ratios}
+            ratios.append(
+                {
+                    "solver": solver,
+                    "sparsity": p,
+                    "ours_s": a,
+                    "peer_s": b,
+                    "ours_cpu_s": ca,
+                    "peer_cpu_s": cb,
+                    "cpu_ratio": round(ca / cb, 3) if ca and cb else None,
+                    "threads": [ours.get("threads"), peer.get("threads")],
+                    "ours_n": ours.get("times", {}).get("prune_n"),
+                    "peer_n": peer.get("times", {}).get("prune_n"),
+                    "ratio": round(a / b, 3) if a and b else None,
+                    "ours_ppl": ours.get("ppl"),
+                    "peer_ppl": peer.get("ppl"),
+                }
+            )
+    return {
+        "format": "ecoflap.sweep",
+        "version": 1,
+        "ecoflap_version": __version__,
+        "config": cfg.to_dict(),
+        "dense": dense,
+        "runs": runs,
+        "ratios": ratios,
+    }
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -838,16 +936,21 @@ def render_markdown(summary: dict[str, Any]) -> str:
     by = {(r["method"], r["sparsity"]): r for r in runs}
     methods = list(dict.fromkeys(r["method"] for r in runs))
     lines = [f"# {cfg.get('title') or 'ecoflap sweep'}", ""]
-    lines.append(f"Model `{cfg['model']}`; calibration `{cfg['calib']}` ({cfg['samples']} x "
-                 f"{cfg['seqlen'] or 'context'} tokens for pruning, {cfg['score_samples']} x "
-                 f"{cfg['score_seqlen'] or cfg['seqlen'] or 'context'} for scoring); perplexity on `{cfg['text']}` "
-                 f"({summary['dense'].get('windows', '') if summary.get('dense') else ''}"
-                 f"{cfg['eval_windows'] or 'all'} x {cfg['eval_seqlen']} tokens).")
+    lines.append(
+        f"Model `{cfg['model']}`; calibration `{cfg['calib']}` ({cfg['samples']} x "
+        f"{cfg['seqlen'] or 'context'} tokens for pruning, {cfg['score_samples']} x "
+        f"{cfg['score_seqlen'] or cfg['seqlen'] or 'context'} for scoring); perplexity on `{cfg['text']}` "
+        f"({summary['dense'].get('windows', '') if summary.get('dense') else ''}"
+        f"{cfg['eval_windows'] or 'all'} x {cfg['eval_seqlen']} tokens)."
+    )
     lines.append("")
     dense = summary.get("dense") or {}
-    lines += ["## Perplexity (lower is better)", "",
-              "| method | " + " | ".join(f"{p:g}" for p in sparsities) + " |",
-              "|---|" + "---:|" * len(sparsities)]
+    lines += [
+        "## Perplexity (lower is better)",
+        "",
+        "| method | " + " | ".join(f"{p:g}" for p in sparsities) + " |",
+        "|---|" + "---:|" * len(sparsities),
+    ]
     if dense.get("ppl") is not None:
         lines.append(f"| dense | {_fmt(dense['ppl'])} |" + " |" * (len(sparsities) - 1))
     for m in methods:
@@ -857,18 +960,26 @@ def render_markdown(summary: dict[str, Any]) -> str:
             cells.append(_fmt(r.get("ppl")) if r.get("ppl") is not None else ("error" if r.get("error") else "-"))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     for name, path in zip([Path(t).stem for t in cfg.get("extra_texts") or []], cfg.get("extra_texts") or []):
-        lines += ["", f"## Perplexity on `{path}` (same pruned models)", "",
-                  "| method | " + " | ".join(f"{p:g}" for p in sparsities) + " |",
-                  "|---|" + "---:|" * len(sparsities)]
+        lines += [
+            "",
+            f"## Perplexity on `{path}` (same pruned models)",
+            "",
+            "| method | " + " | ".join(f"{p:g}" for p in sparsities) + " |",
+            "|---|" + "---:|" * len(sparsities),
+        ]
         if (dense.get("ppl_extra") or {}).get(name) is not None:
             lines.append(f"| dense | {_fmt(dense['ppl_extra'][name])} |" + " |" * (len(sparsities) - 1))
         for m in methods:
             cells = [_fmt((by.get((m, p), {}).get("ppl_extra") or {}).get(name)) for p in sparsities]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "## Every run", "",
-              "| method | sparsity | achieved | perplexity | score s | allocate s | prune s (median, n) | eval s "
-              "| peak RSS MiB |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Every run",
+        "",
+        "| method | sparsity | achieved | perplexity | score s | allocate s | prune s (median, n) | eval s "
+        "| peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in runs:
         t = r.get("times", {})
         score = "-" if not t.get("score_s") else f"{t['score_s']:.1f}" + (" (reused)" if t.get("score_reused") else "")
@@ -877,25 +988,37 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {r['method']} | {r['sparsity']:g} | {_fmt(r.get('achieved_sparsity'), 4)} | {ppl} | {score} | "
             f"{_fmt(t.get('allocate_s'), 3)} | {prune} | {_fmt(t.get('eval_s'), 1)} | "
-            f"{_fmt(r.get('peak_rss_mib'), 0)} |")
+            f"{_fmt(r.get('peak_rss_mib'), 0)} |"
+        )
     if summary.get("ratios"):
-        lines += ["", "## Prune time, ecoflap / llm-compressor (same calibration windows)", "",
-                  "| solver | sparsity | ecoflap wall s (n) | llm-compressor wall s (n) | wall ratio | "
-                  "ecoflap CPU s | llm-compressor CPU s | CPU ratio | ecoflap ppl | llm-compressor ppl |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Prune time, ecoflap / llm-compressor (same calibration windows)",
+            "",
+            "| solver | sparsity | ecoflap wall s (n) | llm-compressor wall s (n) | wall ratio | "
+            "ecoflap CPU s | llm-compressor CPU s | CPU ratio | ecoflap ppl | llm-compressor ppl |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for q in summary["ratios"]:
-            lines.append(f"| {q['solver']} | {q['sparsity']:g} | {_fmt(q['ours_s'], 1)} ({q['ours_n']}) | "
-                         f"{_fmt(q['peer_s'], 1)} ({q['peer_n']}) | {_fmt(q['ratio'], 2)} | "
-                         f"{_fmt(q.get('ours_cpu_s'), 1)} | {_fmt(q.get('peer_cpu_s'), 1)} | "
-                         f"{_fmt(q.get('cpu_ratio'), 2)} | {_fmt(q['ours_ppl'])} | {_fmt(q['peer_ppl'])} |")
+            lines.append(
+                f"| {q['solver']} | {q['sparsity']:g} | {_fmt(q['ours_s'], 1)} ({q['ours_n']}) | "
+                f"{_fmt(q['peer_s'], 1)} ({q['peer_n']}) | {_fmt(q['ratio'], 2)} | "
+                f"{_fmt(q.get('ours_cpu_s'), 1)} | {_fmt(q.get('peer_cpu_s'), 1)} | "
+                f"{_fmt(q.get('cpu_ratio'), 2)} | {_fmt(q['ours_ppl'])} | {_fmt(q['peer_ppl'])} |"
+            )
     machine = summary.get("machine", {})
-    lines += ["", f"Machine: {machine.get('cpu', '?')}, {machine.get('cpus', '?')} CPUs, "
-                  f"{machine.get('memory_gib', '?')} GiB, torch {machine.get('torch', '?')} with "
-                  f"{machine.get('torch_threads', '?')} threads. Times are medians over n runs. Peak RSS is the "
-                  + ("method's own process (isolated)." if cfg.get("isolate") else
-                     "process high-water mark so far (one process: it only grows; "
-                     "use --isolate for per-method peaks)."),
-              ""]
+    lines += [
+        "",
+        f"Machine: {machine.get('cpu', '?')}, {machine.get('cpus', '?')} CPUs, "
+        f"{machine.get('memory_gib', '?')} GiB, torch {machine.get('torch', '?')} with "
+        f"{machine.get('torch_threads', '?')} threads. Times are medians over n runs. Peak RSS is the "
+        + (
+            "method's own process (isolated)."
+            if cfg.get("isolate")
+            else "process high-water mark so far (one process: it only grows; use --isolate for per-method peaks)."
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -946,6 +1069,8 @@ def write_outputs(summary: dict[str, Any], out: Path, plot: bool = True, log: Lo
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--worker":
         sys.exit(worker_main(sys.argv[2], sys.argv[3], int(sys.argv[4])))
-    print("usage: python -m ecoflap_cli.stages.sweep --worker CONFIG METHOD PASS (internal; use `ecoflap sweep`)",
-          file=sys.stderr)
+    print(
+        "usage: python -m ecoflap_cli.stages.sweep --worker CONFIG METHOD PASS (internal; use `ecoflap sweep`)",
+        file=sys.stderr,
+    )
     sys.exit(2)
