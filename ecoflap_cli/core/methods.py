@@ -323,6 +323,16 @@ def scoring_for(allocator: Entry, scoring: str | None) -> str | None:
 # --- checks of a request before any work ------------------------------------------------------
 
 
+def allocator_settings(allocator: str, settings: dict[str, Any] | None, sparsity: float | None) -> dict[str, Any]:
+    """A registered allocator's settings: defaults filled, every value checked, and those that
+    depend on the target (``finalize``) resolved when the target is known."""
+    entry = ALLOCATORS.get(allocator)
+    checked = entry.settings(settings)
+    if entry.finalize is not None and sparsity is not None:
+        checked = entry.finalize(checked, sparsity)
+    return checked
+
+
 def check_allocator_request(allocator: str, settings: dict[str, Any], sparsity: float | None) -> None:
     """Refuse an unknown allocator, a setting it does not take or an out-of-range value.
 
@@ -332,10 +342,7 @@ def check_allocator_request(allocator: str, settings: dict[str, Any], sparsity: 
     if sparsity is not None and not (math.isfinite(sparsity) and 0.0 <= sparsity < 1.0):
         raise PlanError(f"--sparsity must be in [0, 1), got {sparsity}")
     if allocator != AUTO_ALLOCATOR:
-        entry = ALLOCATORS.get(allocator)
-        checked = entry.settings(settings)
-        if entry.finalize is not None and sparsity is not None:
-            checked = entry.finalize(checked, sparsity)
+        checked = allocator_settings(allocator, settings, sparsity)
         cap = checked.get("max_sparsity")
         if sparsity is not None and cap is not None and cap < sparsity:
             raise PlanError(f"--max-sparsity {cap} is below the target sparsity {sparsity}: no plan can reach it")

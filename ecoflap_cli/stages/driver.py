@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ecoflap_cli import __version__
-from ecoflap_cli.core.methods import ALLOCATORS, SCORING, Groups, scoring_for
+from ecoflap_cli.core.methods import ALLOCATORS, AUTO_ALLOCATOR, SCORING, Groups, allocator_settings, scoring_for
 from ecoflap_cli.data.text import Provenance, calibration_windows, to_batches
 from ecoflap_cli.engine.estimates import check_activation_memory
 from ecoflap_cli.engine.pruning import PruneSettings, prune_model  # noqa: F401 - PruneSettings is part of the stage API
@@ -155,11 +155,9 @@ def allocator_request(allocator: str, settings: dict[str, Any] | None, sparsity:
     """Check an allocator and its settings before any work (``auto`` is checked when resolved)."""
     if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
         raise PlanError(f"--sparsity must be in [0, 1), got {sparsity}")
-    if allocator == "auto":
+    if allocator == AUTO_ALLOCATOR:
         return allocator, dict(settings or {})
-    entry = ALLOCATORS.get(allocator)
-    checked = entry.settings(settings)
-    return allocator, entry.finalize(checked, sparsity) if entry.finalize else checked
+    return allocator, allocator_settings(allocator, settings, sparsity)
 
 
 def _groups(part: list[dict[str, Any]]) -> Groups:
@@ -182,7 +180,7 @@ def allocate(
     """Allocation: a plan document (exact global budget, zeros per tensor) from a scores document."""
     allocator, checked = allocator_request(allocator, settings, sparsity)
     reason = None
-    if allocator == "auto":
+    if allocator == AUTO_ALLOCATOR:
         allocator, reason = auto_allocator(scores_doc)
         entry = ALLOCATORS.get(allocator)
         unknown = [k for k in checked if entry.param(k) is None and checked[k] is not None]
@@ -309,7 +307,7 @@ def one_shot_plan(
 
 def _resolved_allocator(loaded: LoadedModel, adapter: Adapter, allocator: str, scoring: str | None) -> str:
     """The allocator ``auto`` will choose for this model (from its structure and the scoring kind)."""
-    if allocator != "auto":
+    if allocator != AUTO_ALLOCATOR:
         return allocator
     probe = structure_document(loaded, adapter)
     probe["method"] = {"name": "owl" if scoring == "owl" else "auto"}
