@@ -44,9 +44,13 @@ def test_ecoflap_meets_budget_and_cap(req):
 @settings(max_examples=200, deadline=None)
 def test_uniform_is_uniform_and_exact(sizes, target):
     alloc = allocation.uniform(sizes, target)
-    assert sum(alloc.keep_counts) == allocation.keep_budget(sizes, target)
+    budget = allocation.keep_budget(sizes, target)
+    assert sum(alloc.keep_counts) == budget
+    # each group is within one weight of its exact share of the (integer) budget; measured against
+    # n * (1 - target) instead, the budget's own rounding (up to half a weight, spread over all
+    # groups) can add to a group's rounding and pass one weight (sizes [1, 2, 249, 249, 999] at 0.001)
     for keep, n in zip(alloc.keep_counts, sizes):
-        assert abs(keep - n * (1 - target)) <= 1.0 + 1e-9
+        assert abs(keep - n * budget / sum(sizes)) < 1.0 + 1e-9
 
 
 @given(st.integers(1, 20), st.integers(10, 2000), st.floats(0.0, 1e3), target_st)
