@@ -1,3 +1,3 @@
-from ecoflap_cli.cli.app import main
+from ecoflap_cli.cli import main
 
 main()

@@ -24,6 +24,7 @@ SCRIPTS = (
     "offload_memory",
     "packed_size",
     "quality",
+    "reconstruction",
     "scoring_cost",
 )
 
@@ -99,7 +100,8 @@ def test_every_script_is_covered() -> None:
     import ecoflap_cli.bench
 
     root = Path(ecoflap_cli.bench.__file__).parent
-    found = {p.stem for p in root.glob("*.py")} - {"__init__", "smollm"}  # smollm: shared setup, no script
+    # smollm, models: shared setup, no script
+    found = {p.stem for p in root.glob("*.py")} - {"__init__", "smollm", "models"}
     assert found == set(SCRIPTS)
 
 
@@ -200,18 +202,33 @@ def test_smollm2_config_takes_other_model_and_data(
 # --- alloc_study ------------------------------------------------------------------------------
 
 
-def test_alloc_study_tables(fake_assets: dict[str, Path], cache: Path, capsys: pytest.CaptureFixture) -> None:
+def test_alloc_study_tables(
+    fake_assets: dict[str, Path], cache: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from ecoflap_cli.bench import alloc_study
+    from ecoflap_cli.data import assets
 
-    cfgs = alloc_study.configs()
+    monkeypatch.setattr(assets, "qwen25_coder", lambda: fake_assets["model"])
+    cfgs = alloc_study.configs("qwen")
     assert cfgs["test"].extra_texts == [str(fake_assets["other"])]
-    alloc_study._link_scores(Path(cfgs["valid"].output))
-    assert (Path(cfgs["valid"].output) / "scores").is_symlink()
+    assert cfgs["valid"].text == str(fake_assets["valid"]) and cfgs["valid"].sparsities == [0.6, 0.7]
     assert alloc_study.main(["--stage", "tables"]) == 0
     out = capsys.readouterr().out
-    assert "### Wikipedia valid (hyperparameter choice)" in out and "### Wikipedia test" in out
-    assert "### other" in out  # the other-domain text gets its own table
+    assert "#### SmolLM2-135M, Wikipedia valid (the choice)" in out
+    assert "#### Qwen2.5-Coder-0.5B, Wikipedia test" in out and "#### Qwen2.5-Coder-0.5B, other" in out
     assert "| uniform:wanda | - | - |" in out  # nothing run yet: every cell empty
+    assert "Chosen on both models: None" in out
+
+
+def test_alloc_study_chooses_on_both_models_and_leaves_one_out() -> None:
+    from ecoflap_cli.bench.alloc_study import VALID_METHODS, choose
+
+    a, b, c = VALID_METHODS[:3]
+    scores = {"smollm2": {a: 0.0, b: -0.30, c: -0.20}, "qwen": {a: 0.0, b: 0.05, c: -0.10}}
+    assert choose(scores, ["smollm2", "qwen"]) == c  # -0.15 beats b's -0.125
+    assert choose(scores, ["smollm2"]) == b and choose(scores, ["qwen"]) == c
+    del scores["qwen"][c]  # a candidate not measured on every model is not chosen
+    assert choose(scores, ["smollm2", "qwen"]) == b
 
 
 # --- cuda_check -------------------------------------------------------------------------------
@@ -410,7 +427,7 @@ def test_packed_size_measures_a_dense_and_packed_pair(tiny_llama: Path, tmp_path
     from typer.testing import CliRunner
 
     from ecoflap_cli.bench.packed_size import measure
-    from ecoflap_cli.cli import app
+    from ecoflap_cli.cli.app import app
 
     dense, packed = tmp_path / "dense", tmp_path / "packed"
     runner = CliRunner()
@@ -512,6 +529,42 @@ def test_quality_on_a_tiny_model(fake_assets: dict[str, Path], tmp_path: Path, c
     (out / "sweep.md").unlink()
     assert quality.main([*args, "--report-only"]) == 0  # the tables again, from the cache
     assert (out / "sweep.md").is_file()
+
+
+# --- reconstruction ---------------------------------------------------------------------------
+
+
+def test_reconstruction_on_a_tiny_model(fake_assets: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from ecoflap_cli.bench import reconstruction
+
+    out = tmp_path / "recon"
+    args = ["--model", "smollm2", "--sparsities", "0.5", "--split", "test", "--split", "shakespeare",
+            "--repeats", "2", "--recon-param", "steps=2", "--method", "uniform:wanda", "--threads", "1",
+            "--samples", "4", "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "2",
+            "-o", str(out)]  # fmt: skip
+    assert reconstruction.main(args) == 0
+    text = (out / "results.md").read_text()
+    assert text in capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| 0.5 |")]
+    # uniform SparseGPT (the reference, always run), uniform Wanda, and Wanda with reconstruction
+    assert [r.split(" | ")[1] for r in rows] == [
+        "uniform:sparsegpt",
+        "uniform:wanda",
+        "uniform:wanda+sublayer@batch=1,bias=True,inputs_from=pruned,lr=0.003,steps=2",
+    ]
+    assert all(r.split(" | ")[4].endswith("(2)") for r in rows)  # two timings each
+    assert rows[0].split(" | ")[5].startswith("1.00")
+
+
+def test_reconstruction_block_study(fake_assets: dict[str, Path], capsys) -> None:
+    from ecoflap_cli.bench import reconstruction
+
+    args = ["--block-study", "1", "--setting", "wanda", "--setting", "wanda+sublayer@steps=8,lr=0.001,batch=0",
+            "--sparsities", "0.5", "--samples", "4", "--seqlen", "16"]  # fmt: skip
+    assert reconstruction.main(args) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |")]
+    assert [r[1] for r in rows] == ["wanda", "wanda+sublayer@steps=8,lr=0.001,batch=0"]
+    assert float(rows[1][3]) < float(rows[0][3])  # the fit lowers the block's error on its calibration data
 
 
 # --- scoring_cost -----------------------------------------------------------------------------

@@ -27,7 +27,16 @@ from ecoflap_cli.io.checkpoint import (
     weight_files,
 )
 from ecoflap_cli.io.loading import LoadOptions, load_model
-from ecoflap_cli.io.packed import INDEX_FILE, INDEX_KEY, PART_SEPARATOR, SINGLE_FILE, load_sharded, save_sharded
+from ecoflap_cli.io.packed import (
+    INDEX_FILE,
+    INDEX_KEY,
+    PACKED_INDEX_FILE,
+    PACKED_SINGLE_FILE,
+    PART_SEPARATOR,
+    SINGLE_FILE,
+    load_sharded,
+    save_sharded,
+)
 from ecoflap_cli.io.pruned import load_pruned
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -112,12 +121,18 @@ def test_round_trip_dense_packed_dense(family, dtype, request, tmp_path, calib_t
     assert_same_state(original, load_sharded(tmp_path / "packed"))
     assert_same_state(original, load_sharded(tmp_path / "dense2"))
     # every pruned tensor is packed, and the packed weights are smaller
-    index = packed_index(tmp_path / "packed" / SINGLE_FILE)
+    index = packed_index(tmp_path / "packed" / PACKED_SINGLE_FILE)
     assert {index[n]["layout"] for n in plan_tensors(dense)} == {"bitmask"}
     assert weight_bytes(tmp_path / "packed") < weight_bytes(dense)
     # the non-weight files travel unchanged
-    for name in ("config.json", "plan.json", "ecoflap_report.json", "tokenizer.json"):
+    for name in ("plan.json", "ecoflap_report.json", "tokenizer.json"):
         assert (tmp_path / "packed" / name).read_bytes() == (dense / name).read_bytes()
+    # config.json gains the packed marker, and loses it again
+    marked = json.loads((tmp_path / "packed" / "config.json").read_text())
+    assert marked.pop("ecoflap_packed") == {"format": "ecoflap.packed", "format_version": "1"}
+    assert "ecoflap_cli.api.load_pruned" in marked.pop("transformers_weights")
+    assert marked == json.loads((dense / "config.json").read_text())
+    assert (tmp_path / "dense2" / "config.json").read_bytes() == (dense / "config.json").read_bytes()
 
     from transformers import AutoModelForCausalLM
 
@@ -142,14 +157,15 @@ def test_prune_packed_matches_dense_prune(opt_pair):
     assert checkpoint_layout(packed) == "packed"
     assert_same_state(load_sharded(dense), load_sharded(packed))
     names = {p.name for p in packed.iterdir()}
-    assert names == {p.name for p in dense.iterdir()}
+    assert names - {PACKED_SINGLE_FILE} == {p.name for p in dense.iterdir()} - {SINGLE_FILE}
     assert {
         "config.json",
         "generation_config.json",
         "plan.json",
         "ecoflap_report.json",
+        "ecoflap_checksums.json",
         "tokenizer.json",
-        SINGLE_FILE,
+        PACKED_SINGLE_FILE,
     } <= names
     # the tied lm_head is dropped as save_pretrained drops it, and tied again on load
     assert "lm_head.weight" not in load_sharded(packed)
@@ -159,10 +175,10 @@ def test_prune_packed_matches_dense_prune(opt_pair):
 
 def test_packed_is_smaller_for_pruned_tensors(opt_pair):
     dense, packed = opt_pair
-    index = packed_index(packed / SINGLE_FILE)
+    index = packed_index(packed / PACKED_SINGLE_FILE)
     with (
         safe_open(str(dense / SINGLE_FILE), framework="pt") as d,
-        safe_open(str(packed / SINGLE_FILE), framework="pt") as p,
+        safe_open(str(packed / PACKED_SINGLE_FILE), framework="pt") as p,
     ):
         parts = [k for k in p.keys() if PART_SEPARATOR in k]  # noqa: SIM118
         for name in plan_tensors(dense):
@@ -175,7 +191,7 @@ def test_packed_is_smaller_for_pruned_tensors(opt_pair):
                 if k.startswith(name + PART_SEPARATOR)
             )
             assert packed_bytes < 0.6 * dense_bytes
-    with safe_open(str(packed / SINGLE_FILE), framework="pt") as fh:
+    with safe_open(str(packed / PACKED_SINGLE_FILE), framework="pt") as fh:
         meta = fh.metadata()
     assert meta["format"] == "ecoflap.packed" and meta["format_version"] == "1"
 
@@ -199,12 +215,12 @@ def test_nm_layout_when_pruned_nm(tmp_path, tiny_llama, calib_text):
         "--dtype",
         "float16",
     )
-    index = packed_index(out / SINGLE_FILE)
+    index = packed_index(out / PACKED_SINGLE_FILE)
     assert {index[n]["layout"] for n in plan_tensors(out)} == {"nm"}
     assert all(index[n]["n_m"] == [2, 4] for n in plan_tensors(out))
     cli("convert", out, "-o", tmp_path / "dense", "--to", "dense")
     cli("convert", tmp_path / "dense", "-o", tmp_path / "again", "--to", "packed")
-    assert packed_index(tmp_path / "again" / SINGLE_FILE) == index  # the report's --nm is reused
+    assert packed_index(tmp_path / "again" / PACKED_SINGLE_FILE) == index  # the report's --nm is reused
     assert_same_state(load_sharded(out), load_sharded(tmp_path / "dense"))
 
 
@@ -213,13 +229,14 @@ def test_sharding_respects_max_shard_size(packed, tmp_path, tiny_llama, calib_te
     extra = ["--packed"] if packed else []
     out = prune(tiny_llama, tmp_path / "out", calib_text, "--solver", "magnitude", "--max-shard-size", "40KB", *extra)
     files = weight_files(out)
-    assert len(files) > 1 and (out / INDEX_FILE).is_file() and not (out / SINGLE_FILE).exists()
+    index_file = PACKED_INDEX_FILE if packed else INDEX_FILE
+    assert len(files) > 1 and (out / index_file).is_file() and not (out / SINGLE_FILE).exists()
     assert checkpoint_layout(out) == ("packed" if packed else "dense")
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             sizes = [fh.get_tensor(k).numel() * fh.get_tensor(k).element_size() for k in fh.keys()]  # noqa: SIM118
         assert sum(sizes) <= 40_000 or len(sizes) == 1
-    weight_map = json.loads((out / INDEX_FILE).read_text())["weight_map"]
+    weight_map = json.loads((out / index_file).read_text())["weight_map"]
     assert set(weight_map) == set(load_sharded(out))
     from transformers import AutoModelForCausalLM
 
@@ -233,7 +250,7 @@ def test_convert_without_plan_packs_every_sparse_matrix(opt_pair, tmp_path):
     shutil.copytree(opt_pair[0], dense)
     (dense / "plan.json").unlink()
     convert_checkpoint(dense, tmp_path / "packed", "packed")
-    index = packed_index(tmp_path / "packed" / SINGLE_FILE)
+    index = packed_index(tmp_path / "packed" / PACKED_SINGLE_FILE)
     state = load_sharded(dense)
     assert set(index) == {n for n, t in state.items() if t.dim() == 2 and t.is_floating_point()}
     assert {index[n]["layout"] for n in plan_tensors(opt_pair[0])} == {"bitmask"}
@@ -282,7 +299,7 @@ def test_eval_and_load_model_on_packed(opt_pair, eval_text):
 def corrupt_copy(source: Path, tmp_path: Path, how: str) -> Path:
     work = tmp_path / f"corrupt_{how}"
     shutil.copytree(source, work)
-    path = work / SINGLE_FILE
+    path = work / PACKED_SINGLE_FILE
     if how == "truncate":
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
@@ -314,11 +331,13 @@ CORRUPTIONS = {
 def test_corrupt_packed_checkpoint_is_a_clean_error(how, opt_pair, tmp_path):
     work = corrupt_copy(opt_pair[1], tmp_path, how)
     with pytest.raises(ArtifactError, match=CORRUPTIONS[how]):
+        load_pruned(work, verify=False)  # the packed reader's own checks; with verify, sha256 fails first
+    with pytest.raises(ArtifactError, match="is corrupted: its sha256 differs"):
         load_pruned(work)
     commands = (
-        ["eval", work, "--device", "cpu"],
-        ["inspect", work],
-        ["convert", work, "-o", tmp_path / "out", "--to", "dense"],
+        ["eval", work, "--device", "cpu", "--no-verify"],
+        ["inspect", work, "--no-verify"],
+        ["convert", work, "-o", tmp_path / "out", "--to", "dense", "--no-verify"],
     )
     for args in commands:
         result = cli(*args, ok=False)
@@ -334,7 +353,7 @@ def test_corrupt_packed_in_a_real_process(opt_pair, tmp_path):
     work = corrupt_copy(opt_pair[1], tmp_path, "truncate")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "ecoflap_cli", "eval", str(work), "--device", "cpu"],
+        [sys.executable, "-m", "ecoflap_cli", "eval", str(work), "--device", "cpu", "--no-verify"],
         capture_output=True,
         text=True,
         env=env,
@@ -352,7 +371,7 @@ def test_missing_tensor_is_refused_not_initialised(opt_pair, tmp_path):
     del state["model.decoder.layers.0.fc1.bias"]
     save_sharded(state, work, packed=True, max_shard_bytes=10**9)
     with pytest.raises(ArtifactError, match="lacks weight.*layers.0.fc1.bias"):
-        load_pruned(work)
+        load_pruned(work, verify=False)
 
 
 def test_parse_size():

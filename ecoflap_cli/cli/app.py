@@ -6,6 +6,7 @@ user error ends in one line on stderr and a non-zero exit code.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable, Iterator
@@ -16,9 +17,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from ecoflap_cli import __version__
-from ecoflap_cli.core.methods import ALLOCATORS, SCORING, SOLVERS
+from ecoflap_cli.core.methods import ALLOCATORS, RECONSTRUCTION, SCORING, SOLVERS
 from ecoflap_cli.core.registry import Registry, parse_assignments
 from ecoflap_cli.errors import EcoflapError
 
@@ -28,33 +31,113 @@ if TYPE_CHECKING:  # the model stack (torch, transformers) is imported only by c
 console = Console(stderr=True)
 if not console.is_terminal:  # logs and pipes: wide enough that tables are not truncated
     console = Console(stderr=True, width=140)
+INTERRUPTED = 130  # the shell's code for a run ended by SIGINT (128 + 2)
+
+
+def print_error(message: str) -> None:
+    """One ``error:`` line on stderr; the message is text, never rich markup (a path may hold ``[/]``)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+#: click's usage errors; recent typer raises its own copy of click's classes (based on TyperException)
+_USAGE_ERRORS: tuple[type[Exception], ...] = (
+    click.ClickException,
+    getattr(typer, "TyperException", click.ClickException),
+)
+
+
+class OneLineErrors(TyperGroup):
+    """The command group, with click's usage errors (a bad number, an unknown option) as one
+    ``error:`` line instead of the boxed usage text, and Ctrl-C outside a command as one line too."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _USAGE_ERRORS as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # plain `ecoflap`: the help, as before
+                exc.show()
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            print_error(f"{exc.format_message()} (see {ctx.command_path if ctx else 'ecoflap'} --help)")
+            sys.exit(exc.exit_code)
+        except (KeyboardInterrupt, typer.Abort, click.exceptions.Abort):
+            print_error("interrupted: nothing was written")
+            sys.exit(INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="ecoflap",
     help="Prune language and vision-language models with ECoFLaP (coarse-to-fine layer-wise pruning).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
+    cls=OneLineErrors,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: what the user can do about an operating-system error writing or reading files
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EISDIR: "the path is a directory",
+    errno.ENAMETOOLONG: "the file name is too long",
+    errno.ENOENT: "no such file or directory",
+    errno.EEXIST: "a file is in the way",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """An OSError as one line: what failed, where, and why in words."""
+    why = _OS_HINTS.get(exc.errno or -1) or exc.strerror or str(exc) or type(exc).__name__
+    return f"{why}: {exc.filename}" if exc.filename is not None else why
+
 
 def user_errors(func: F) -> F:
-    """Turn library errors into one line on stderr and an exit code, never a traceback."""
+    """Turn library errors into one line on stderr and an exit code, never a traceback.
+
+    Ctrl-C ends with exit code 130; the atomic writers remove their temporary files as the
+    interrupt passes through them, so nothing half-written is left behind (what a prune keeps to
+    resume from is complete, and named in its own note line).
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except EcoflapError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            print_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except MemoryError:
-            console.print("[bold red]error:[/] out of memory: lower --samples, --seqlen or --batch-size")
+            print_error("out of memory: lower --samples, --seqlen or --batch-size")
             raise typer.Exit(3) from None
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]: nothing was written")
-            raise typer.Exit(130) from None
+            # not "nothing was written": a prune keeps its finished blocks to --resume from (and a
+            # sweep its finished runs), said in a note line before this one
+            print_error("interrupted: nothing half-written was left behind")
+            raise typer.Exit(INTERRUPTED) from None
+        except OSError as exc:
+            if _SIGINT["seen"]:
+                print_error("interrupted: nothing half-written was left behind")
+                raise typer.Exit(INTERRUPTED) from None
+            if exc.errno == errno.EPIPE:  # stdout closed by the reader (`| head`): typer exits quietly
+                raise
+            print_error(os_error_message(exc))
+            raise typer.Exit(4) from None
+        except Exception:
+            if not _SIGINT["seen"]:
+                raise
+            # an error that follows Ctrl-C is its doing: e.g. a library interrupted halfway through
+            # an import (numpy then recurses in its __getattr__) fails on its next use
+            print_error("interrupted: nothing half-written was left behind")
+            raise typer.Exit(INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -71,6 +154,17 @@ def progress_bar(total: int, label: str) -> Iterator[Callable[[str], None]]:
             bar.update(task, advance=1, description=message)
 
         yield step
+
+
+@contextmanager
+def stage_progress(total: int | None, label: str) -> Iterator[Callable[[str], None]]:
+    """The API's progress hook on the terminal: a bar for a stage with steps, else a spinner."""
+    if total is not None:
+        with progress_bar(total, label) as step:
+            yield step
+        return
+    with console.status(escape(label)):
+        yield lambda _message: None
 
 
 # --- choices from the registries -------------------------------------------------------------
@@ -123,6 +217,8 @@ RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow mode
 DeviceMapOpt = Annotated[Optional[str], typer.Option(help="accelerate device map: auto, balanced, sequential or JSON.")]
 MaxMemOpt = Annotated[Optional[list[str]], typer.Option(help="Per-device budget, e.g. 0=20GiB or cpu=64GiB (repeat).")]
 OffloadOpt = Annotated[Optional[Path], typer.Option(help="Folder for weights that fit on no device.")]
+RevisionOpt = Annotated[Optional[str], typer.Option(help="Hub models: branch, tag or commit to load.")]
+CacheDirOpt = Annotated[Optional[Path], typer.Option(help="Hub models: download cache folder (default: the hub's).")]
 SequentialOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -140,6 +236,9 @@ SeqlenOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option(help="Seed for sampling calibration windows and perturbations.")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field holding the text in .jsonl records.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+NoVerifyOpt = Annotated[
+    bool, typer.Option("--no-verify", help="Skip checking the checkpoint's weight files against their recorded sha256.")
+]
 AllocatorOpt = Annotated[
     str,
     registry_option(
@@ -185,6 +284,26 @@ SolverParamOpt = Annotated[
     Optional[list[str]],
     typer.Option(help="A solver setting as NAME=VALUE (repeat), e.g. damp=0.02 for sparsegpt; see docs/methods.md."),
 ]
+ReconstructOpt = Annotated[
+    str,
+    registry_option(
+        RECONSTRUCTION,
+        _methods_help(
+            RECONSTRUCTION,
+            "Local reconstruction after each block's masks: fit the kept weights to the dense outputs "
+            "(sublayer: attention and MLP separately; block: the whole block); none: off.",
+        ),
+        extra=("none",),
+    ),
+]
+ReconParamOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(help="A reconstruction setting as NAME=VALUE (repeat), e.g. steps=32; see docs/methods.md."),
+]
+ScoreParamOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(help="A scoring-method setting as NAME=VALUE (repeat), e.g. generations=30 for search."),
+]
 
 
 def _allocator_settings(params: list[str] | None, **options: float | None) -> dict[str, Any]:
@@ -194,11 +313,15 @@ def _allocator_settings(params: list[str] | None, **options: float | None) -> di
     return given
 
 
-def _check_allocator(allocator: str, settings: dict[str, Any], sparsity: float | None) -> None:
-    """Refuse an impossible allocator request before any model is loaded."""
-    from ecoflap_cli.core.methods import check_allocator_request
+def _written_by_ecoflap(source: str) -> bool:
+    return (Path(source) / "ecoflap_report.json").is_file()
 
-    check_allocator_request(allocator, settings, sparsity)
+
+def _integrity_note(integrity: str | None, source: str) -> None:
+    # only for checkpoints ecoflap wrote (an older ecoflap recorded no checksums); a plain model
+    # directory from elsewhere never had any, so saying so there is noise
+    if integrity == "unrecorded" and _written_by_ecoflap(source):
+        console.print(f"[yellow]note:[/] {escape(source)} records no checksums: weights not verified", highlight=False)
 
 
 def _load(
@@ -210,6 +333,10 @@ def _load(
     max_memory: list[str] | None,
     offload_folder: Path | None,
     offload: str | None = None,
+    verify: bool = True,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+    show_note: bool = False,
 ) -> LoadedModel:
     from ecoflap_cli.io.loading import LoadOptions, load_model
 
@@ -222,25 +349,44 @@ def _load(
     opts = LoadOptions(
         dtype, device, trust_remote_code, device_map, memory, str(offload_folder) if offload_folder else None, offload
     )
-    with console.status(f"loading {model}"):
-        return load_model(model, opts)
+    opts.verify = verify
+    opts.revision, opts.cache_dir = revision, None if cache_dir is None else str(cache_dir)
+    with console.status(f"loading {escape(model)}"):
+        loaded = load_model(model, opts)
+    if loaded.note and show_note and _written_by_ecoflap(model):  # eval: this checkpoint's numbers
+        console.print(f"[yellow]note:[/] {escape(loaded.note)}", highlight=False)
+    return loaded
+
+
+def _placement(
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+    device_map: str | None,
+    max_memory: list[str] | None,
+    offload_folder: Path | None,
+    offload: str | None,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The placement options (and hub revision and cache folder) as the API's keywords."""
+    return {
+        "dtype": dtype,
+        "device": device,
+        "trust_remote_code": trust_remote_code,
+        "device_map": device_map,
+        "max_memory": max_memory,
+        "offload_folder": offload_folder,
+        "offload": offload,
+        "revision": revision,
+        "cache_dir": cache_dir,
+    }
 
 
 def _check_output(output: str, overwrite: bool) -> None:
-    if output != "-" and Path(output).exists() and not overwrite:
-        raise EcoflapError(f"{output} exists (pass --overwrite to replace it)")
+    from ecoflap_cli.io.artifacts import check_json_output
 
-
-def _parse_nm(nm: str | None) -> tuple[int, int] | None:
-    if nm is None:
-        return None
-    try:
-        n, m = (int(x) for x in nm.split(":"))
-    except ValueError:
-        raise EcoflapError(f"--nm takes N:M such as 2:4, got {nm!r}") from None
-    if not 0 < n < m:
-        raise EcoflapError(f"--nm needs 0 < N < M, got {nm!r}")
-    return n, m
+    check_json_output(output, overwrite)
 
 
 def _parse_groups(items: list[str] | None) -> dict[str, str]:
@@ -251,11 +397,6 @@ def _parse_groups(items: list[str] | None) -> dict[str, str]:
             raise EcoflapError(f"--compare-group takes TOWER=row|matrix, got {item!r}")
         groups[tower] = group
     return groups
-
-
-def _check_sparsity(value: float, name: str = "--sparsity") -> None:
-    if not 0.0 <= value < 1.0:
-        raise EcoflapError(f"{name} must be in [0, 1), got {value}")
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -293,6 +434,10 @@ def score(
         Optional[str], typer.Option(help="first: " + _choice_help(SCORING, "first", "metric"))
     ] = None,
     threshold: Annotated[Optional[float], typer.Option(help="owl: " + _param_help(SCORING, "owl", "m"))] = None,
+    sparsity: Annotated[
+        Optional[float], typer.Option("--sparsity", "-s", help="search: the target sparsity to find levels for.")
+    ] = None,
+    score_param: ScoreParamOpt = None,
     include_qformer: Annotated[bool, typer.Option(help="Prune (and score) the BLIP-2 Q-Former too.")] = False,
     text_field: TextFieldOpt = "text",
     dtype: DtypeOpt = "auto",
@@ -302,6 +447,8 @@ def score(
     max_memory: MaxMemOpt = None,
     offload_folder: OffloadOpt = None,
     offload: SequentialOpt = None,
+    revision: RevisionOpt = None,
+    cache_dir: CacheDirOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Coarse stage: one global importance score per block, written as scores JSON."""
@@ -315,34 +462,33 @@ def score(
         "head": head,
         "metric": first_metric,
         "m": threshold,
+        "target": sparsity,
+        **parse_assignments(score_param, "--score-param"),
     }
-    settings = _scoring_settings(method, {k: v for k, v in given.items() if v is not None})
-    _check_output(output, overwrite)
-    from ecoflap_cli.io import artifacts
-    from ecoflap_cli.stages import driver
+    from ecoflap_cli import api
 
-    loaded = _load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder, offload)
-    adapter = driver.load_adapter(loaded, include_qformer)
-    opts = driver.CalibrationOptions(calib, samples, seqlen, batch_size, seed, text_field)
-    batches, prov = driver.calibration_batches(loaded, adapter, opts)
-    with progress_bar(len(adapter.blocks()), "scoring") as step:
-        doc = driver.score(loaded, adapter, batches, prov, method, settings, step, seed=seed)
-    artifacts.emit_json(doc, output, overwrite)
+    doc = api.score(
+        model,
+        calib=calib,
+        method=method,
+        settings={k: v for k, v in given.items() if v is not None},
+        samples=samples,
+        seqlen=seqlen,
+        batch_size=batch_size,
+        seed=seed,
+        text_field=text_field,
+        include_qformer=include_qformer,
+        output=output,
+        overwrite=overwrite,
+        progress=stage_progress,
+        **_placement(
+            dtype, device, trust_remote_code, device_map, max_memory, offload_folder, offload, revision, cache_dir
+        ),
+    )
     console.print(
         f"scored {len(doc['groups'])} blocks with {doc['method']['name']} in {doc['timings']['score_s']:.1f}s"
-        + ("" if output == "-" else f" -> {output}")
+        + ("" if output == "-" else f" -> {escape(output)}")
     )
-
-
-def _scoring_settings(method: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The options that apply to ``method``; an option of another method is a clear error."""
-    entry = SCORING.get(method)
-    for key in given:
-        if entry.param(key) is None:
-            owners = [e.name for e in SCORING if e.param(key) is not None]
-            raise EcoflapError(f"that option applies to --method {' or '.join(owners)}, not {method}")
-    entry.settings(given)  # checks every value now, before any model is loaded
-    return given
 
 
 @app.command()
@@ -363,21 +509,23 @@ def allocate(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Scores -> per-block sparsity plan (exact global budget). Shows the plan before any pruning."""
+    from ecoflap_cli import api
     from ecoflap_cli.cli.render import render_plan
-    from ecoflap_cli.io import artifacts
-    from ecoflap_cli.stages import driver
 
-    _check_sparsity(sparsity)
     settings = _allocator_settings(
         param, max_sparsity=max_sparsity, temperature=temperature, step=depth_step, lam=lam, alpha=alpha
     )
-    _check_allocator(allocator, settings, sparsity)
-    doc = artifacts.validate_scores(artifacts.read_json(scores), "stdin" if scores == "-" else scores)
-    plan = driver.allocate(doc, sparsity, allocator, settings, per_tower)
-    _check_output(output, overwrite)
+    plan = api.allocate(
+        scores,
+        sparsity,
+        allocator=allocator,
+        settings=settings,
+        per_tower=per_tower,
+        output=output,
+        overwrite=overwrite,
+    )
     if show:
         render_plan(console, plan)
-    artifacts.emit_json(plan, output, overwrite)
 
 
 @app.command()
@@ -405,6 +553,9 @@ def prune(
     param: ParamOpt = None,
     solver: SolverOpt = "wanda",
     solver_param: SolverParamOpt = None,
+    reconstruct: ReconstructOpt = "none",
+    recon_param: ReconParamOpt = None,
+    score_param: ScoreParamOpt = None,
     nm: Annotated[Optional[str], typer.Option(help="N:M structured sparsity, e.g. 2:4 (uniform plans only).")] = None,
     compare_group: Annotated[
         Optional[list[str]], typer.Option(help="Wanda comparison group per tower: TOWER=row|matrix.")
@@ -427,67 +578,64 @@ def prune(
     max_memory: MaxMemOpt = None,
     offload_folder: OffloadOpt = None,
     offload: SequentialOpt = None,
+    revision: RevisionOpt = None,
+    cache_dir: CacheDirOpt = None,
     overwrite: OverwriteOpt = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted prune into the same -o from its last finished block (same options).",
+        ),
+    ] = False,
 ) -> None:
     """Fine stage: layer-wise pruning to a plan; writes a Hugging Face checkpoint directory."""
+    if output == "-":
+        raise EcoflapError("prune writes a checkpoint directory, not a stream: give -o DIR instead of -o -")
+    from ecoflap_cli import api
     from ecoflap_cli.cli.render import render_plan
-    from ecoflap_cli.core.methods import check_plan_methods, check_scoring_request
-    from ecoflap_cli.io import artifacts
-    from ecoflap_cli.io.checkpoint import check_output_dir, parse_size, save_checkpoint
-    from ecoflap_cli.stages import driver
 
-    if (plan is None) == (sparsity is None):
-        raise EcoflapError("give exactly one of --plan PLAN.json or --sparsity P")
-    if sparsity is not None:
-        _check_sparsity(sparsity)
-    nm_pair = _parse_nm(nm)
-    solver_settings = SOLVERS.get(solver).settings(parse_assignments(solver_param, "--solver-param"))
-    settings = driver.PruneSettings(
-        solver,
-        nm_pair,
-        _parse_groups(compare_group),
-        store_device="cpu" if (offload or device_map) else None,
-        solver_settings=solver_settings,
+    result = api.prune(
+        model,
+        plan,
+        sparsity,
+        calib=calib,
+        allocator=allocator,
+        allocator_settings=_allocator_settings(
+            param, max_sparsity=max_sparsity, temperature=temperature, step=depth_step, lam=lam, alpha=alpha
+        ),
+        score_method=score_method,
+        score_settings=parse_assignments(score_param, "--score-param"),
+        score_samples=score_samples,
+        score_seqlen=score_seqlen,
+        solver=solver,
+        solver_settings=parse_assignments(solver_param, "--solver-param"),
+        reconstruct=reconstruct,
+        reconstruct_settings=parse_assignments(recon_param, "--recon-param"),
+        nm=nm,
+        compare_groups=_parse_groups(compare_group),
+        samples=samples,
+        seqlen=seqlen,
+        batch_size=batch_size,
+        seed=seed,
+        text_field=text_field,
+        include_qformer=include_qformer,
+        output=output,
+        packed=packed,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        resume=resume,
+        progress=stage_progress,
+        on_note=lambda text: console.print(text, markup=False, highlight=False),
+        on_plan=lambda plan_doc: render_plan(console, plan_doc),
+        **_placement(
+            dtype, device, trust_remote_code, device_map, max_memory, offload_folder, offload, revision, cache_dir
+        ),
     )
-    alloc_settings = _allocator_settings(
-        param, max_sparsity=max_sparsity, temperature=temperature, step=depth_step, lam=lam, alpha=alpha
-    )
-    if sparsity is not None:
-        _check_allocator(allocator, alloc_settings, sparsity)
-        check_scoring_request(allocator, score_method)
-    check_output_dir(output, overwrite)
-    parse_size(max_shard_size)
-    plan_doc = artifacts.validate_plan(artifacts.read_json(plan), plan) if plan else None
-    if plan_doc is not None:
-        check_plan_methods(plan_doc)
-        if nm_pair is not None:
-            artifacts.check_nm_plan(plan_doc, nm_pair)
-    if sparsity is not None and nm_pair is not None and allocator != "uniform":
-        raise EcoflapError(f"--nm needs a uniform plan: add --allocator uniform (got {allocator})")
-    loaded = _load(model, dtype, device, trust_remote_code, device_map, max_memory, offload_folder, offload)
-    adapter = driver.load_adapter(loaded, include_qformer)
-    calib_opts = driver.CalibrationOptions(calib, samples, seqlen, batch_size, seed, text_field)
-    documents: dict[str, dict[str, Any]] = {}
-    driver.check_calibration_memory(loaded, calib_opts, settings.store_device)
-    batches, prov = driver.calibration_batches(loaded, adapter, calib_opts) if settings.needs_data else ([], None)
-    if plan_doc is None:
-        assert sparsity is not None
-        one_shot = driver.OneShot(score_method, None, score_samples, score_seqlen)
-        with progress_bar(len(adapter.blocks()), "scoring") as step:
-            plan_doc, scores_doc = driver.one_shot_plan(
-                loaded, adapter, calib_opts, sparsity, allocator, alloc_settings, one_shot, step
-            )
-        documents["scores.json"] = scores_doc
-        render_plan(console, plan_doc)
-    documents["plan.json"] = plan_doc
-    with progress_bar(len(adapter.blocks()), f"pruning ({solver})") as step:
-        report = driver.prune(loaded, adapter, plan_doc, batches, prov, settings, step)
-    documents["ecoflap_report.json"] = report
-    with console.status(f"writing {output}"):
-        save_checkpoint(loaded, output, documents, overwrite, packed=packed, max_shard_size=max_shard_size, n_m=nm_pair)
+    report = result.report
     console.print(
         f"pruned to {report['achieved_sparsity']:.4f} sparsity (target {report['target_sparsity']}) "
-        f"in {report['timings']['prune_s']:.1f}s -> {output}"
+        f"in {report['timings']['prune_s']:.1f}s -> {escape(output)}"
     )
 
 
@@ -530,6 +678,23 @@ def evaluate(
     max_new_tokens: Annotated[
         Optional[int], typer.Option(help="Tokens to generate (default 10 for VQA, 20 for captions).")
     ] = None,
+    lm_tasks: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--tasks",
+            help="lm-evaluation-harness tasks, comma-separated or repeated: wiki_cloze (local, offline) or "
+            "lm-eval's own (boolq, piqa, hellaswag, arc_easy, winogrande, ...); needs ecoflap[lmeval].",
+        ),
+    ] = None,
+    num_fewshot: Annotated[
+        Optional[int], typer.Option(help="lm-eval: examples in each prompt (default: the task's own, else 0).")
+    ] = None,
+    limit: Annotated[
+        Optional[float], typer.Option(help="lm-eval: documents per task (a count; below 1, a fraction).")
+    ] = None,
+    include_path: Annotated[
+        Optional[list[Path]], typer.Option(help="lm-eval: a folder of your own task YAML files (repeat).")
+    ] = None,
     compare: Annotated[Optional[str], typer.Option(help="Dense model to evaluate side by side.")] = None,
     plan: Annotated[
         Optional[str],
@@ -546,10 +711,18 @@ def evaluate(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     trust_remote_code: RemoteOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemOpt = None,
+    offload_folder: OffloadOpt = None,
+    revision: RevisionOpt = None,
+    cache_dir: CacheDirOpt = None,
     overwrite: OverwriteOpt = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
-    """Achieved sparsity against the plan; perplexity and vision-language tasks, optionally vs the dense model."""
-    from ecoflap_cli.cli.render import render_sparsity, render_tasks
+    """Achieved sparsity against the plan; perplexity, vision-language and lm-eval tasks, optionally vs the dense
+    model."""
+    from ecoflap_cli.cli.render import render_lm_eval, render_sparsity, render_tasks
+    from ecoflap_cli.evaluation.lm_eval_tasks import LmEvalRequest, split_task_names
     from ecoflap_cli.evaluation.tasks import MultimodalTasks, run_eval
 
     if output is not None:
@@ -567,6 +740,13 @@ def evaluate(
     if templates and images is None:
         raise EcoflapError("--template/--template-file go with --images (zero-shot classification)")
     tasks = MultimodalTasks(images, templates, retrieval, vqa, captions, prompt, question_template, max_new_tokens)
+    lm_request = None
+    if lm_tasks:
+        if limit is not None and limit >= 1 and limit == int(limit):
+            limit = int(limit)  # a count of documents, recorded as one
+        lm_request = LmEvalRequest(split_task_names(lm_tasks), num_fewshot, limit, list(include_path or []), batch_size)
+    elif num_fewshot is not None or limit is not None or include_path:
+        raise EcoflapError("--num-fewshot, --limit and --include-path go with --tasks (lm-eval tasks)")
     results = run_eval(
         checkpoint,
         text,
@@ -576,14 +756,32 @@ def evaluate(
         max_windows,
         batch_size,
         text_field,
-        lambda m: _load(m, dtype, device, trust_remote_code, None, None, None),
+        lambda m: _load(
+            m,
+            dtype,
+            device,
+            trust_remote_code,
+            device_map,
+            max_memory,
+            offload_folder,
+            verify=not no_verify,
+            show_note=True,
+            revision=revision,
+            cache_dir=cache_dir,
+        ),
         tasks=tasks,
-        progress=lambda message: console.print(f"[dim]{message}[/]", highlight=False),
+        progress=lambda message: console.print(f"[dim]{escape(message)}[/]", highlight=False),
+        lm_tasks=lm_request,
     )
     render_sparsity(console, results, per_tensor)
     render_tasks(console, results)
+    render_lm_eval(console, results)
     if output is not None:
         artifacts.emit_json(results, output, overwrite)
+        from ecoflap_cli.io.model_card import refresh_after_eval
+
+        if refresh_after_eval(checkpoint, output) is not None:
+            console.print(f"model card -> {Path(checkpoint) / 'README.md'}", highlight=False, markup=False)
 
 
 @app.command("inspect")
@@ -593,6 +791,7 @@ def inspect_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     chart: Annotated[Optional[Path], typer.Option(help="PNG of sparsity per block by tower (matplotlib).")] = None,
     overwrite: OverwriteOpt = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """What an artifact is, and its sparsity per block and per tower (measured for checkpoints)."""
     from ecoflap_cli.cli.render import render_inspect
@@ -601,12 +800,13 @@ def inspect_command(
 
     if chart is not None:
         _check_output(str(chart), overwrite)
-    with console.status(f"reading {path}"):
-        summary = inspect_artifact(path)
+    with console.status(f"reading {escape(path)}"):
+        summary = inspect_artifact(path, verify=not no_verify)
+    _integrity_note(summary.get("integrity"), path)
     render_inspect(console, summary)
     if chart is not None:
         write_chart(summary, chart)
-        console.print(f"chart -> {chart}")
+        console.print(f"chart -> {chart}", markup=False)
     if json_output:
         artifacts.emit_json(summary, "-")
 
@@ -619,16 +819,19 @@ def convert(
     to: Annotated[str, typer.Option("--to", help="Weight layout to write: packed or dense.")],
     max_shard_size: Annotated[str, typer.Option(help="Largest weight file, e.g. 5GB or 500MB.")] = "5GB",
     overwrite: OverwriteOpt = False,
+    no_verify: NoVerifyOpt = False,
 ) -> None:
     """Rewrite a checkpoint's weights packed <-> dense, losslessly; other files are copied."""
     from ecoflap_cli.io.checkpoint import convert_checkpoint
 
-    with console.status(f"converting {source} to {to}"):
-        done = convert_checkpoint(source, output, to, overwrite, max_shard_size)
+    with console.status(escape(f"converting {source} to {to}")):
+        done = convert_checkpoint(source, output, to, overwrite, max_shard_size, verify=not no_verify)
+    _integrity_note(done["integrity"], source)
     console.print(
         f"{done['source']} ({done['from']}, {done['bytes_before']:,} bytes of weights) -> "
         f"{done['output']} ({done['to']}, {done['bytes_after']:,} bytes)",
         highlight=False,
+        markup=False,
     )
 
 
@@ -639,12 +842,15 @@ def sweep(
         Optional[list[str]],
         typer.Option(
             "--method",
-            help="ALLOCATOR[-SCORING]:SOLVER[@k=v,..], e.g. uniform:wanda, ecoflap-zeroth:sparsegpt, owl:wanda@m=5,lam=0.08, llmc:wanda (repeat). Allocators: "
+            help="ALLOCATOR[-SCORING]:SOLVER[+RECONSTRUCTION][@k=v,..], e.g. uniform:wanda, "
+            "ecoflap-zeroth:sparsegpt, owl:wanda@m=5,lam=0.08, mix:wanda+sublayer, llmc:wanda (repeat). Allocators: "
             + ", ".join(ALLOCATORS.names())
             + "; scoring: "
             + ", ".join(SCORING.names())
             + "; solvers: "
             + ", ".join(SOLVERS.names())
+            + "; reconstruction: "
+            + ", ".join(RECONSTRUCTION.names())
             + "; @keys: any of their settings (docs/methods.md).",
         ),
     ] = None,
@@ -704,7 +910,7 @@ def sweep(
         "eval_seqlen": eval_seqlen,
         "eval_windows": eval_windows,
     }
-    log = lambda message: console.print(f"[dim]{message}[/]", highlight=False)  # noqa: E731
+    log = lambda message: console.print(f"[dim]{escape(message)}[/]", highlight=False)  # noqa: E731
     if model is None or calib is None or text is None or not method or not sparsity:
         raise EcoflapError(
             "give --model, --calib, --text, --method and --sparsity "
@@ -733,6 +939,7 @@ def sweep(
         f"{len(summary['runs']) - len(failed)} runs -> {cfg.output}/sweep.md"
         + (f"; failed: {', '.join(failed)}" if failed else ""),
         highlight=False,
+        markup=False,
     )
     if failed:
         raise typer.Exit(1)
@@ -753,7 +960,21 @@ def main_options(
     """Prune language and vision-language models with ECoFLaP."""
 
 
+#: whether Ctrl-C was pressed in this process (set by :func:`_on_sigint`, installed by :func:`main`)
+_SIGINT = {"seen": False}
+
+
+def _on_sigint(_signum: int, _frame: Any) -> None:
+    """Python's own Ctrl-C handler (raise KeyboardInterrupt), remembering that it ran."""
+    _SIGINT["seen"] = True
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     app(prog_name="ecoflap")
 
 

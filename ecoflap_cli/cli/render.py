@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 BAR_WIDTH = 20
@@ -53,12 +54,15 @@ def render_plan(console: Console, plan: dict[str, Any]) -> None:
         towers.add_row(name, f"{int(t['params']):,}", f"{int(t['zeros']):,}", f"{t['sparsity']:.4f}")
     console.print(towers)
     if alloc.get("chosen"):
-        console.print(f"allocator {alloc['name']}, chosen by {alloc['chosen']}", highlight=False)
+        console.print(f"allocator {alloc['name']}, chosen by {alloc['chosen']}", highlight=False, markup=False)
 
 
 def render_sparsity(console: Console, results: dict[str, Any], per_tensor: bool = False) -> None:
     """Achieved against planned sparsity per block (or tensor), and perplexities if measured."""
     rows = results["tensors"] if per_tensor else results["blocks"]
+    method = results.get("pruning")
+    if method:
+        console.print(f"pruned with: {describe_pruning(method)}", highlight=False)
     table = Table(title=f"sparsity of {results['checkpoint']}", title_justify="left")
     for col in ("name", "tower", "params", "planned", "achieved", "", "ok"):
         table.add_column(col, justify="left" if col in ("name", "tower", "") else "right")
@@ -81,8 +85,23 @@ def render_sparsity(console: Console, results: dict[str, Any], per_tensor: bool 
             ptable.add_column(col, justify="left" if col == "model" else "right")
         if ppl.get("dense") is not None:
             ptable.add_row(f"dense: {ppl['dense_model']}", "0", f"{ppl['dense']:.3f}")
-        ptable.add_row(f"pruned: {results['checkpoint']}", f"{summary['achieved']:.4f}", f"{ppl['pruned']:.3f}")
+        ptable.add_row(
+            f"{model_label(results)}: {results['checkpoint']}", f"{summary['achieved']:.4f}", f"{ppl['pruned']:.3f}"
+        )
         console.print(ptable)
+
+
+def describe_pruning(method: dict[str, Any]) -> str:
+    """``wanda (2:4) + sublayer reconstruction (steps=16, lr=0.0001, ...)`` from a report's method."""
+    settings = ", ".join(f"{k}={v}" for k, v in (method.get("solver_settings") or {}).items())
+    text = f"{method.get('solver')}" + (f" ({settings})" if settings else "")
+    if method.get("nm"):
+        text += f" {method['nm'][0]}:{method['nm'][1]}"
+    recon = method.get("reconstruction")
+    if recon:
+        rest = ", ".join(f"{k}={v}" for k, v in recon.items() if k != "name")
+        text += f" + {recon['name']} reconstruction ({rest})"
+    return text
 
 
 def _fmt_fraction(value: float | None, digits: int = 4) -> str:
@@ -108,11 +127,14 @@ def render_inspect(console: Console, summary: dict[str, Any]) -> None:
     """What an artifact is, then one row per block and one per tower (sparsity with a bar)."""
     art, model = summary["artifact"], summary["model"]
     version = "" if art["version"] is None else f" v{art['version']}"
-    console.print(f"[bold]{summary['kind']}[/] {summary['source']}: {art['format']}{version}", highlight=False)
+    console.print(
+        f"[bold]{summary['kind']}[/] {escape(str(summary['source']))}: {art['format']}{version}", highlight=False
+    )
     console.print(
         f"model: {model.get('id') or '-'} (type {model.get('model_type') or '-'}, "
         f"fingerprint {model.get('fingerprint') or '-'})",
         highlight=False,
+        markup=False,
     )
     made = [
         f"{what}: {_settings(summary[key])}"
@@ -120,7 +142,7 @@ def render_inspect(console: Console, summary: dict[str, Any]) -> None:
         if summary[key]
     ]
     if made:
-        console.print("; ".join(made), highlight=False)
+        console.print("; ".join(made), highlight=False, markup=False)
     if summary["target_sparsity"] is not None or summary["achieved_sparsity"] is not None:
         label = "planned" if summary["kind"] == "plan" else "achieved"
         console.print(
@@ -189,16 +211,17 @@ def render_tasks(console: Console, results: dict[str, Any]) -> None:
         return
     dense_model = results.get("dense_model")
     achieved = results.get("summary", {}).get("achieved")
+    label = model_label(results)
     title = "vision-language tasks (percent)"
     if achieved is not None:
-        title += f", pruned to sparsity {achieved:.4f}"
+        title += f", {'pruned to ' if label == 'pruned' else ''}sparsity {achieved:.4f}"
     table = Table(title=title, title_justify="left")
     columns = [
         "task",
         "data",
         "metric",
         *(["dense"] if dense_model else []),
-        "pruned",
+        label,
         *(["change"] if dense_model else []),
     ]
     for col in columns:
@@ -211,8 +234,11 @@ def render_tasks(console: Console, results: dict[str, Any]) -> None:
             key=lambda k: _METRIC_ORDER.index(k) if k in _METRIC_ORDER else len(_METRIC_ORDER),
         )
         for i, key in enumerate(metrics_):
-            label, data = (TASK_TITLES.get(name, name), counts) if i == 0 else ("", "")
-            cells = [label, data, _metric_label(key)]
+            task_label, data = (TASK_TITLES.get(name, name), counts) if i == 0 else ("", "")
+            metric_label = _metric_label(key)
+            if key == "cider_d" and task.get("cider_tokenizer"):
+                metric_label += f" ({task['cider_tokenizer']} tokens)"
+            cells = [task_label, data, metric_label]
             value = None if dense is None else dense.get(key)
             if dense_model:
                 cells.append("-" if value is None else f"{value:.2f}")
@@ -222,4 +248,57 @@ def render_tasks(console: Console, results: dict[str, Any]) -> None:
             table.add_row(*cells)
     console.print(table)
     if dense_model:
-        console.print(f"dense: {dense_model}; pruned: {results['checkpoint']}", highlight=False)
+        console.print(f"dense: {dense_model}; {label}: {results['checkpoint']}", highlight=False, markup=False)
+
+
+def model_label(results: dict[str, Any]) -> str:
+    """What eval's tables call the evaluated model: "pruned" for a checkpoint ecoflap pruned
+    (it carries a report or plan), "model" for any other."""
+    return "pruned" if results.get("pruned_checkpoint", True) else "model"
+
+
+def render_lm_eval(console: Console, results: dict[str, Any]) -> None:
+    """One table of lm-eval task metrics as lm-eval reports them (accuracies as fractions), with
+    their standard errors: dense, pruned and the difference."""
+    section = results.get("lm_eval")
+    if not section:
+        return
+    label = model_label(results)
+    dense_model = results.get("dense_model")
+    title = "lm-eval tasks" + ("" if section.get("limit") is None else f" (at most {section['limit']} documents each)")
+    table = Table(title=title, title_justify="left")
+    columns = ["task", "docs", "shots", "metric", *(["dense"] if dense_model else []), label]
+    for col in columns + (["change"] if dense_model else []):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for name, task in section["tasks"].items():
+        mine, dense = task.get("pruned", {}), task.get("dense")
+        keys = [k for k in mine if k not in ("n_samples", "n_shot") and not k.split(" ")[0].endswith("_stderr")]
+        for i, key in enumerate(keys):
+            first = i == 0
+            cells = [name if first else "", str(mine.get("n_samples", "-")) if first else ""]
+            cells += [str(mine.get("n_shot", "-")) if first else "", key]
+            if dense_model:
+                cells.append(_with_stderr(dense, key))
+            cells.append(_with_stderr(mine, key))
+            if dense_model:
+                other = None if dense is None else dense.get(key)
+                cells.append("-" if other is None else _number(mine[key] - other, signed=True))
+            table.add_row(*cells)
+    console.print(table)
+    if dense_model:
+        console.print(f"dense: {dense_model}; {label}: {results['checkpoint']}", highlight=False, markup=False)
+
+
+def _number(value: float, signed: bool = False) -> str:
+    """Four decimals for fractions and small values, four significant digits for large ones."""
+    sign = "+" if signed else ""
+    return f"{value:{sign}.4f}" if abs(value) < 1000 else f"{value:{sign}.4g}"
+
+
+def _with_stderr(metrics: dict[str, Any] | None, key: str) -> str:
+    if metrics is None or metrics.get(key) is None:
+        return "-"
+    metric, _, rest = key.partition(" ")
+    stderr = metrics.get(f"{metric}_stderr" + (f" {rest}" if rest else ""))
+    text = _number(metrics[key])
+    return text if stderr is None or stderr != stderr else f"{text} ± {_number(stderr)}"

@@ -5,7 +5,7 @@ A test compares the file with this output, so the documented options cannot drif
 
 from __future__ import annotations
 
-from ecoflap_cli.core.methods import ALLOCATORS, SCORING, SOLVERS
+from ecoflap_cli.core.methods import ALLOCATORS, RECONSTRUCTION, SCORING, SOLVERS
 from ecoflap_cli.core.registry import Param, Registry
 
 _INTRO = """# Methods and their settings
@@ -14,9 +14,10 @@ Generated from the registries in `ecoflap_cli/core/methods.py` by
 `python -m ecoflap_cli.core.docs > docs/methods.md`; a test keeps the two equal.
 
 Every setting can be given on the command line (its own option where one is listed, else
-`--param NAME=VALUE` for allocators, `--solver-param NAME=VALUE` for solvers) and in the sweep's
-method syntax `ALLOCATOR[-SCORING]:SOLVER@NAME=VALUE,...` (by name or by the short key). Values
-outside the range are refused before any model is loaded.
+`--param NAME=VALUE` for allocators, `--solver-param NAME=VALUE` for solvers,
+`--recon-param NAME=VALUE` for reconstruction) and in the sweep's method syntax
+`ALLOCATOR[-SCORING]:SOLVER[+RECONSTRUCTION]@NAME=VALUE,...` (by name or by the short key).
+Values outside the range are refused before any model is loaded.
 """
 
 
@@ -60,6 +61,13 @@ def methods_markdown() -> str:
         "Layer-wise solvers (`prune --solver`)",
         SOLVERS,
         "Every solver prunes each tensor to exactly its planned count (or N:M with `--nm`).",
+    )
+    lines += _section(
+        "Reconstruction after masking (`prune --reconstruct`, settings `--recon-param NAME=VALUE`)",
+        RECONSTRUCTION,
+        "After each block's masks are chosen, Adam fits the kept weights so the pruned block reproduces "
+        "the dense block's outputs, masks fixed (docs/reconstruction.md). Sweep syntax: "
+        "`ALLOCATOR:SOLVER+NAME@key=value`, e.g. `mix:wanda+sublayer@steps=32`.",
     )
     return "\n".join(lines).rstrip() + "\n"
 

@@ -13,7 +13,7 @@ Scoring functions take ``(adapter, batches, settings, progress)`` and return a s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from ecoflap_cli.errors import PlanError
 ALLOCATORS = Registry("allocator")
 SOLVERS = Registry("solver")
 SCORING = Registry("scoring method")
+RECONSTRUCTION = Registry("reconstruction")
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,31 @@ ALLOCATORS.add(
     )
 )
 
+
+def _search(groups: Groups, target: float) -> Allocation:
+    """The levels a search found (``ecoflap score --method search``), made exact for the budget."""
+    levels = groups.need_scores("search")
+    total = sum(groups.sizes)
+    mean = sum(n * s for n, s in zip(groups.sizes, levels)) / total
+    if abs(mean - target) > 1e-6:
+        raise PlanError(
+            f"these search levels were found for sparsity {mean:.4f}, not {target}: "
+            f"run the search for {target} (`ecoflap score --method search --sparsity {target}`)"
+        )
+    return allocation.from_sparsities(groups.sizes, levels, target)
+
+
+ALLOCATORS.add(
+    Entry(
+        "search",
+        "Per-block levels found by an evolutionary search on the pruned model's KL to the dense "
+        "model (EvoPress-style); needs `score --method search`.",
+        _search,
+        needs="levels",
+        default_scoring="search",
+    )
+)
+
 #: what ``--allocator auto`` may choose; the stage records which and why in the plan
 AUTO_ALLOCATOR = "auto"
 
@@ -189,6 +215,38 @@ SOLVERS.add(
 SOLVERS.add(
     Entry(
         "magnitude", "Magnitude: |W|, lowest pruned (no calibration data).", "ecoflap_cli.core.solvers:magnitude_prune"
+    )
+)
+
+
+# --- reconstruction after masking ------------------------------------------------------------
+
+#: the settings both granularities take; defaults chosen on SmolLM2's validation split
+#: (docs/reconstruction.md): about SparseGPT's prune time on a CPU, lower block error than it
+_RECONSTRUCTION_PARAMS = (
+    Param("steps", 8, "Adam steps per unit, each on `batch` rows of one calibration batch.", kind="int",
+          low=0, high=100000),
+    Param("lr", 3e-3, "Adam learning rate.", low=0.0, high=1.0),
+    Param("batch", 1, "Rows (samples) per step; 0: a whole calibration batch.", kind="int", low=0, high=100000),
+    Param("bias", True, "Fit the pruned linears' biases too.", kind="bool"),
+    Param("inputs_from", "pruned", "Each unit's inputs: what it sees in the pruned block (earlier units "
+          "fitted) or in the dense block.", kind="str", choices=("pruned", "dense"), key="from"),
+)  # fmt: skip
+RECONSTRUCTION.add(
+    Entry(
+        "sublayer",
+        "Fit each sub-layer (attention, MLP, ...) of a pruned block, on the inputs it sees, to the "
+        "dense block's sub-layer outputs; masks fixed.",
+        "ecoflap_cli.engine.reconstruction:reconstruct_block",
+        params=_RECONSTRUCTION_PARAMS,
+    )
+)
+RECONSTRUCTION.add(
+    Entry(
+        "block",
+        "Fit the whole pruned block to the dense block's output on its inputs, masks fixed.",
+        "ecoflap_cli.engine.reconstruction:reconstruct_block",
+        params=_RECONSTRUCTION_PARAMS,
     )
 )
 
@@ -299,8 +357,76 @@ SCORING.add(
     )
 )
 
+SCORING.add(
+    Entry(
+        "search",
+        "Search per-block sparsity levels for one target (the search allocator's input): "
+        "mutations that keep the budget, judged by KL to the dense model on calibration batches.",
+        "ecoflap_cli.engine.score_methods:search",
+        params=(
+            Param(
+                "target",
+                None,
+                "The sparsity the levels are for (one-shot: --sparsity).",
+                low=0.0,
+                high=1.0,
+                high_open=True,
+            ),
+            Param("step", 0.05, "Grid of levels: sparsity between neighbouring levels.", low=1e-3, high=0.5),
+            Param("max_offset", 0.2, "Levels within target +/- this.", low=0.0, high=0.5, key="offset"),
+            Param(
+                "generations",
+                8,
+                "Generations (one parent, offspring per generation).",
+                kind="int",
+                low=0,
+                high=100000,
+                key="gens",
+            ),
+            Param("offspring", 6, "Mutated candidates per generation.", kind="int", low=1, high=10000),
+            Param(
+                "survivors", 2, "Candidates measured on the full samples per generation.", kind="int", low=1, high=10000
+            ),
+            Param("moves", 2, "Most level swaps in one mutation.", kind="int", low=1, high=1000),
+            Param(
+                "start",
+                "best",
+                "Starting levels: uniform, the depth schedule, or best (whichever has the lower fitness).",
+                kind="str",
+                choices=("best", "depth", "uniform"),
+            ),
+            Param("depth_step", 0.01, "Depth start: sparsity added per block.", low=0.0, high=0.1),
+            Param(
+                "fitness",
+                "auto",
+                "kl (to the dense model; auto where the model has token logits) or loss.",
+                kind="str",
+                choices=("auto", "kl", "loss"),
+            ),
+            Param("quick", 4, "Samples every offspring is measured on (stage 1).", kind="int", low=1, high=100000),
+            Param(
+                "full",
+                8,
+                "Samples the survivors and the parent are measured on (0: all).",
+                kind="int",
+                low=0,
+                high=100000,
+            ),
+            Param("seed", None, "Seed of the mutations (default: --seed).", kind="int", low=0, key="sseed"),
+            Param("state", "", "File to keep the search state in (resume after an interruption).", kind="str"),
+        ),
+    )
+)
+
 #: the scores kind each scoring method produces, matched against an allocator's ``needs``
-PRODUCES = {"auto": "scores", "zeroth": "scores", "first": "scores", "owl": "outliers", "none": None}
+PRODUCES = {
+    "auto": "scores",
+    "zeroth": "scores",
+    "first": "scores",
+    "owl": "outliers",
+    "search": "levels",
+    "none": None,
+}
 
 
 def scoring_for(allocator: Entry, scoring: str | None) -> str | None:
@@ -333,6 +459,23 @@ def allocator_settings(allocator: str, settings: dict[str, Any] | None, sparsity
     return checked
 
 
+def _check_half_range(settings: dict[str, Any], sparsity: float | None) -> None:
+    """A given ``lam`` (block sparsities within target +/- lam) must keep every block below 1.0:
+    a block at sparsity 1.0 is pruned entirely. (Defaults are checked on the plan they give.)"""
+    lam = settings.get("lam")
+    if sparsity is None or lam is None:
+        return
+    try:
+        reach = sparsity + float(lam)
+    except (TypeError, ValueError):
+        return  # not a number: the parameter's own check says so
+    if math.isfinite(reach) and reach >= 1.0:
+        raise PlanError(
+            f"--lam {float(lam):g} around --sparsity {sparsity:g} reaches block sparsity {reach:g}, which prunes "
+            f"whole blocks: use --lam below {1.0 - sparsity:g}"
+        )
+
+
 def check_allocator_request(allocator: str, settings: dict[str, Any], sparsity: float | None) -> None:
     """Refuse an unknown allocator, a setting it does not take or an out-of-range value.
 
@@ -346,6 +489,7 @@ def check_allocator_request(allocator: str, settings: dict[str, Any], sparsity: 
         cap = checked.get("max_sparsity")
         if sparsity is not None and cap is not None and cap < sparsity:
             raise PlanError(f"--max-sparsity {cap} is below the target sparsity {sparsity}: no plan can reach it")
+        _check_half_range(settings, sparsity)
         return
     for key, value in settings.items():
         owners = [e for e in ALLOCATORS if e.param(key) is not None]
@@ -354,6 +498,21 @@ def check_allocator_request(allocator: str, settings: dict[str, Any], sparsity: 
         param = owners[0].param(key)
         assert param is not None
         param.check(value, f"allocator {owners[0].name}")
+    _check_half_range(settings, sparsity)
+
+
+def check_scoring_settings(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings given for a scoring method, each one its own and valid (before any work);
+    an option of another method is named as such."""
+    entry = SCORING.get(method)
+    for key in given:
+        if entry.param(key) is None:
+            owners = [e.name for e in SCORING if e.param(key) is not None]
+            if not owners:
+                raise PlanError(f"no scoring method takes a setting {key!r}")
+            raise PlanError(f"that option applies to --method {' or '.join(owners)}, not {method}")
+    entry.settings(given)
+    return dict(given)
 
 
 def check_scoring_request(allocator: str, scoring: str | None) -> None:

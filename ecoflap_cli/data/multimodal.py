@@ -21,6 +21,7 @@ image, such as BLIP-2, InstructBLIP and LLaVA) return plain dicts of metrics com
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ecoflap_cli.data.text import read_utf8
 from ecoflap_cli.errors import DataError, ModelError
 from ecoflap_cli.models import get_adapter
 from ecoflap_cli.models.base import Adapter
@@ -81,22 +83,21 @@ def read_image_text_jsonl(path: str | Path) -> list[Record]:
     if not path.is_file():
         raise DataError(f"image-text file {path} not found")
     records: list[Record] = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-            _validate_record(obj, where)
-            image = Path(obj["image"])
-            if not image.is_absolute():
-                image = path.parent / image
-            if not image.is_file():
-                raise DataError(f"{where}: image file {image} not found")
-            records.append({**obj, "image": str(image.resolve())})
+    for lineno, line in enumerate(read_utf8(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+        _validate_record(obj, where)
+        image = Path(obj["image"])
+        if not image.is_absolute():
+            image = path.parent / image
+        if not image.is_file():
+            raise DataError(f"{where}: image file {image} not found")
+        records.append({**obj, "image": str(image.resolve())})
     if not records:
         raise DataError(f"image-text file {path} holds no records")
     return records
@@ -140,8 +141,16 @@ def load_image(source: Any) -> Any:
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     try:
-        with Image.open(source) as image:
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(
+            f"image {source} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS:,} pixels): "
+            "a decompression bomb, or an image to shrink first"
+        ) from None
     except (OSError, ValueError) as err:
         raise DataError(f"cannot read image {source}: {err}") from None
 

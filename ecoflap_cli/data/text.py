@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,15 +39,62 @@ def read_text(path: str | Path, text_field: str = "text") -> list[str]:
     if file.suffix in (".jsonl", ".json"):
         docs = _read_json_docs(file, text_field)
     else:
-        docs = [file.read_text(encoding="utf-8", errors="replace")]
+        docs = [read_utf8(file)]
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError(f"{file} contains no text")
     return docs
 
 
+def read_utf8(file: Path) -> str:
+    """A text file's content, which must be UTF-8 (a UTF-8 byte-order mark is dropped): binary
+    files and UTF-16 text are refused, not turned into replacement characters the tokenizer
+    reads as noise."""
+    data = file.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{file} is UTF-16 text: convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+    if b"\x00" in data:
+        raise DataError(f"{file} holds NUL bytes: it is binary or UTF-16, not UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{file} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): convert it to UTF-8"
+        ) from None
+
+
+#: Refuse text when more than this share of its tokens are unknown (``unk``) or byte-fallback
+#: pieces. Measured with a 8k/32k BPE vocabulary trained on the Wikipedia calibration split: held-
+#: out Wikipedia 0.02 %, Shakespeare 0.1 %, random Greek letters 37 %, binary read as latin-1 46 %,
+#: CJK 99 %.
+MAX_UNKNOWN_SHARE = 0.10
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+def unknown_token_ids(tokenizer: Any) -> set[int]:
+    """The tokenizer's unknown token and its byte-fallback pieces (``<0x41>``), the ids a
+    tokenizer gives text it does not understand."""
+    ids = {int(tokenizer.unk_token_id)} if getattr(tokenizer, "unk_token_id", None) is not None else set()
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    ids.update(int(i) for token, i in vocab.items() if _BYTE_PIECE.match(token))
+    return ids
+
+
+def check_understood(tokenizer: Any, ids: torch.Tensor, where: str = "the text") -> None:
+    """Refuse text the tokenizer mostly does not know (see :data:`MAX_UNKNOWN_SHARE`)."""
+    unknown = unknown_token_ids(tokenizer)
+    if not unknown or ids.numel() == 0:
+        return
+    share = float(torch.isin(ids, torch.tensor(sorted(unknown), dtype=ids.dtype)).float().mean())
+    if share > MAX_UNKNOWN_SHARE:
+        raise DataError(
+            f"{where}: {share:.0%} of its tokens are unknown to the model's tokenizer (at most "
+            f"{MAX_UNKNOWN_SHARE:.0%} allowed): is it in a language or encoding the model reads?"
+        )
+
+
 def _read_json_docs(file: Path, text_field: str) -> list[str]:
-    raw = file.read_text(encoding="utf-8", errors="replace")
+    raw = read_utf8(file)
     if file.suffix == ".json":
         try:
             records = json.loads(raw)
@@ -126,6 +174,22 @@ def sample_windows(tokens: torch.Tensor, samples: int, seqlen: int, seed: int) -
     return torch.stack([tokens[s : s + seqlen] for s in starts])
 
 
+def context_length(model: Any) -> int | None:
+    """The model's context length (``max_position_embeddings`` of its text config), if it states one."""
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", None) or config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def check_seqlen(model: Any, seqlen: int | None, option: str = "--seqlen") -> None:
+    """Refuse windows longer than the model's context: OPT fails on them with an index error, and
+    rotary models run silently past what they were trained on."""
+    limit = context_length(model)
+    if seqlen is not None and limit is not None and seqlen > limit:
+        raise DataError(f"{option} {seqlen} is longer than the model's context length ({limit} tokens)")
+
+
 def to_batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Split (samples, seqlen) token windows into causal-LM batches."""
     if batch_size < 1:
@@ -170,5 +234,6 @@ def calibration_windows(
         docs = read_text(calib, text_field)
         source = str(Path(calib).resolve())
     tokens = tokenize_documents(tokenizer, docs)
+    check_understood(tokenizer, tokens, f"calibration text {source}")
     windows = sample_windows(tokens, samples, seqlen, seed)
     return windows, Provenance(source, samples, seqlen, seed, int(tokens.numel()))

@@ -39,13 +39,33 @@ def editable_weight(linear: nn.Linear) -> Iterator[nn.Parameter]:
         _write_back(linear)
 
 
-def _write_back(linear: nn.Linear) -> None:
+@contextmanager
+def materialized(module: nn.Module) -> Iterator[None]:
+    """Every offloaded weight under ``module`` materialised on its execution device for the whole
+    ``with`` body, forward passes included (accelerate would otherwise reload the stored weights
+    at each forward); the parameters, changed or not, are written back to their offload storage
+    on exit. A no-op for a module that is not offloaded."""
+    hooked = [m for m in module.modules() if is_offloaded(m)]
+    for m in hooked:
+        m._hf_hook.pre_forward(m)
+        m._hf_hook.offload = False
+    try:
+        yield
+    finally:
+        for m in hooked:
+            for name, _ in m.named_parameters(recurse=False):
+                _write_back(m, name)
+            m._hf_hook.offload = True
+            m._hf_hook.post_forward(m, None)
+
+
+def _write_back(module: nn.Module, name: str = "weight") -> None:
     from accelerate.utils import offload_weight
 
-    weights_map = linear._hf_hook.weights_map  # PrefixedDataset over the offloaded weights
-    key = f"{weights_map.prefix}weight"
+    weights_map = module._hf_hook.weights_map  # PrefixedDataset over the offloaded weights
+    key = f"{weights_map.prefix}{name}"
     dataset = weights_map.dataset
-    value = linear.weight.detach().to("cpu")
+    value = getattr(module, name).detach().to("cpu")
     state = getattr(dataset, "state_dict", dataset)
     if isinstance(state, dict) and key in state:
         state[key].copy_(value)  # CPU offload: the map holds the tensor itself

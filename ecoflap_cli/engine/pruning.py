@@ -9,17 +9,19 @@ and re-run the pruned block to produce the next block's inputs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ecoflap_cli.core import solvers
-from ecoflap_cli.core.methods import SOLVERS
+from ecoflap_cli.core.methods import RECONSTRUCTION, SOLVERS
 from ecoflap_cli.core.registry import Entry
 from ecoflap_cli.engine.blockwise import capture_inputs, module_device, run_block, to_device, trim_host_memory
 from ecoflap_cli.engine.offload import editable_weight
+from ecoflap_cli.engine.reconstruction import recording
 from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs
 
 Progress = Callable[[str], None]
@@ -35,6 +37,12 @@ class PruneSettings:
     store_device: torch.device | str | None = None
     #: the solver's own parameters (checked against its registry entry)
     solver_settings: dict[str, Any] = field(default_factory=dict)
+    #: local reconstruction after each block's masks (a RECONSTRUCTION entry), None: none
+    reconstruct: str | None = None
+    #: its parameters (checked against its registry entry)
+    reconstruct_settings: dict[str, Any] = field(default_factory=dict)
+    #: seeds the reconstruction's batch order
+    seed: int = 0
 
     @property
     def entry(self) -> Entry:
@@ -42,8 +50,8 @@ class PruneSettings:
 
     @property
     def needs_data(self) -> bool:
-        """False for solvers that read no input statistic (magnitude): no calibration pass."""
-        return self.entry.needs is not None
+        """False for solvers that read no input statistic (magnitude) and no reconstruction."""
+        return self.entry.needs is not None or self.reconstruct is not None
 
 
 @dataclass
@@ -101,19 +109,62 @@ def prune_block(
     inputs: Sequence[BlockInputs],
     prune_counts: dict[str, int],
     settings: PruneSettings,
+    notes: list[dict[str, Any]] | None = None,
 ) -> list[TensorResult]:
+    """Prune the block's planned linears (then reconstruct it, if asked); ``notes`` collects the
+    reconstruction's per-unit records."""
     names = [n for n in block.linears if f"{n}.weight" in prune_counts]
-    stats = _collect_statistics(block, inputs, settings.entry.needs, names)
     group = settings.compare_groups.get(block.tower) or adapter.default_compare_group(block)
+    recon = RECONSTRUCTION.get(settings.reconstruct) if settings.reconstruct else None
+    with recording(adapter, block, recon.name, inputs) if recon else nullcontext([]) as units:
+        stats = _collect_statistics(block, inputs, settings.entry.needs, names)
+    for name in names:
+        count = prune_counts[f"{name}.weight"]
+        prune_linear(block.linears[name], count, stats.pop(name, None), settings, group)
+    if recon is not None:
+        checked = recon.settings(settings.reconstruct_settings)
+        done = recon.resolve()(adapter, block, inputs, names, units, seed=settings.seed, **checked)
+        if notes is not None:
+            notes.extend(done)
     results = []
     for name in names:
         linear = block.linears[name]
         count = prune_counts[f"{name}.weight"]
-        prune_linear(linear, count, stats.pop(name, None), settings, group)
         with editable_weight(linear) as weight:
             zeros = int((weight == 0).sum())
         results.append(TensorResult(f"{name}.weight", block.tower, linear.weight.numel(), count, zeros))
     return results
+
+
+@dataclass
+class ResumePoint:
+    """Where an interrupted run stopped: the last finished block (``block`` of tower number
+    ``tower``, in the adapter's order), the inputs of the block after it (None when that block
+    ended its tower), and the results and notes of every finished block."""
+
+    tower: int
+    block: int
+    inputs: list[BlockInputs] | None
+    results: list[TensorResult]
+    notes: list[dict[str, Any]]
+
+
+class Journal(Protocol):
+    """Records the sequential pass block by block, so that an interrupted run can resume."""
+
+    def resume_point(self, adapter: Adapter) -> ResumePoint | None:
+        """The point to continue from, with every finished block's weights put back; None: start."""
+
+    def block_done(
+        self,
+        tower: int,
+        block: int,
+        module: Block,
+        next_inputs: list[BlockInputs] | None,
+        results: list[TensorResult],
+        notes: list[dict[str, Any]],
+    ) -> None:
+        """Called after each block is pruned (and the next block's inputs are computed)."""
 
 
 def prune_model(
@@ -122,25 +173,40 @@ def prune_model(
     batches: Sequence[Batch],
     settings: PruneSettings,
     progress: Progress | None = None,
+    notes: list[dict[str, Any]] | None = None,
+    journal: Journal | None = None,
 ) -> list[TensorResult]:
-    """Prune every planned tensor, tower by tower and block by block; returns per-tensor results."""
-    results: list[TensorResult] = []
+    """Prune every planned tensor, tower by tower and block by block; returns per-tensor results
+    (``notes`` collects the reconstruction's per-unit records). A ``journal`` records each finished
+    block and, when it holds one, continues from an interrupted run's last finished block."""
+    notes = [] if notes is None else notes
+    start = journal.resume_point(adapter) if journal else None
+    results: list[TensorResult] = list(start.results) if start else []
+    notes.extend(start.notes if start else [])
     needs_data = settings.needs_data
-    for tower in adapter.towers():
+    for t_index, tower in enumerate(adapter.towers()):
         blocks = adapter.blocks(tower)
         planned = [b for b in blocks if any(t in prune_counts for t in b.tensor_names())]
         if not planned:
             continue
-        inputs: list[BlockInputs] = []
-        if needs_data:
-            inputs = capture_inputs(adapter, blocks[0], batches, settings.store_device)
         last = blocks.index(planned[-1])
-        for block in blocks[: last + 1]:
+        first, inputs = 0, []
+        if start is not None and t_index <= start.tower:
+            if t_index < start.tower or start.block >= last:
+                continue  # finished before the interruption
+            first = start.block + 1
+            inputs = to_device(start.inputs or [], settings.store_device or module_device(blocks[first].module))
+        elif needs_data:
+            inputs = capture_inputs(adapter, blocks[0], batches, settings.store_device)
+        for b_index in range(first, last + 1):
+            block = blocks[b_index]
             if progress:
                 progress(f"pruning {block.name}")
-            results.extend(prune_block(adapter, block, inputs, prune_counts, settings))
-            if needs_data and block is not blocks[last]:
+            results.extend(prune_block(adapter, block, inputs, prune_counts, settings, notes))
+            if needs_data and b_index != last:
                 inputs = propagate(adapter, block, inputs, settings.store_device)
+            if journal:
+                journal.block_done(t_index, b_index, block, inputs if b_index != last else None, results, notes)
             trim_host_memory()
     return results
 

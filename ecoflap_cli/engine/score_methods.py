@@ -38,6 +38,16 @@ def owl(adapter: Adapter, batches: Sequence[Batch], settings: dict[str, Any], pr
     return scores, {"name": "owl", "threshold": settings["m"]}
 
 
+def search(adapter: Adapter, batches: Sequence[Batch], settings: dict[str, Any], progress: Progress | None) -> Scored:
+    from ecoflap_cli.engine.search import SearchSettings, search_levels
+    from ecoflap_cli.errors import PlanError
+
+    if settings.get("target") is None:
+        raise PlanError("the search needs the target sparsity: --sparsity (or --param target=P)")
+    levels, record = search_levels(adapter, batches, SearchSettings(**settings), progress)
+    return levels, record
+
+
 def auto(adapter: Adapter, batches: Sequence[Batch], settings: dict[str, Any], progress: Progress | None) -> Scored:
     """Exact gradient norms where backprop fits in memory, else the zeroth-order estimate.
 
@@ -67,6 +77,8 @@ def choose_score_method(adapter: Adapter, batches: Sequence[Batch]) -> tuple[str
     free = free_memory(device)
     if free is None:
         return "zeroth", "free memory unknown: forward-only scoring"
+    # the reason is stored in the scores file: it names the need, not the free memory of the
+    # moment, so that two identical runs write identical files
     if need <= 0.8 * free:
-        return "first", f"backprop needs about {need / 2**30:.2f} GiB of {free / 2**30:.1f} GiB free on {device}"
-    return "zeroth", f"backprop would need about {need / 2**30:.2f} GiB, {free / 2**30:.1f} GiB free on {device}"
+        return "first", f"backprop needs about {need / 2**30:.2f} GiB, within 80% of the free memory on {device}"
+    return "zeroth", f"backprop would need about {need / 2**30:.2f} GiB, over 80% of the free memory on {device}"

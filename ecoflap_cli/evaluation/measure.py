@@ -88,7 +88,8 @@ def perplexity(
     progress: Callable[[int, int], None] | None = None,
 ) -> float:
     """exp of the mean next-token cross-entropy over all windows (each window scored alone)."""
-    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    # weights all offloaded to disk are on "meta" until their hooks load them: inputs start on cpu
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     total_nll, total_tokens = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
         chunk = windows[start : start + batch_size].to(device)

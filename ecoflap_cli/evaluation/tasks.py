@@ -12,8 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ecoflap_cli.data.text import read_text, tokenize_documents
+from ecoflap_cli.data.text import check_seqlen, check_understood, read_text, tokenize_documents
 from ecoflap_cli.errors import DataError, ModelError
+from ecoflap_cli.evaluation.lm_eval_tasks import (
+    LmEvalRequest,
+    PreparedLmEval,
+    prepare_lm_eval,
+    run_lm_eval,
+    task_settings,
+)
 from ecoflap_cli.evaluation.measure import perplexity, perplexity_model, sparsity_report, windows_for_eval
 from ecoflap_cli.io import artifacts
 from ecoflap_cli.io.loading import LoadedModel
@@ -27,6 +34,23 @@ def _plan_for(checkpoint: str, plan: str | None) -> dict[str, Any] | None:
     if candidate.is_file():
         return artifacts.validate_plan(artifacts.read_json(str(candidate)), str(candidate))
     return None
+
+
+def pruning_method(checkpoint: str) -> dict[str, Any] | None:
+    """How the checkpoint was pruned (solver, settings, reconstruction), from its report; None
+    for a directory without one (or a model id)."""
+    from ecoflap_cli.io.checkpoint import REPORT_NAME, read_document
+
+    report = read_document(checkpoint, REPORT_NAME) if Path(checkpoint).is_dir() else None
+    if report is None:
+        return None
+    recon = report.get("reconstruction")
+    return {
+        "solver": report.get("solver"),
+        "solver_settings": report.get("solver_settings") or {},
+        "nm": report.get("nm"),
+        "reconstruction": None if recon is None else {k: v for k, v in recon.items() if k != "units"},
+    }
 
 
 def sparsity_rows(loaded: LoadedModel, plan: dict[str, Any] | None) -> dict[str, Any]:
@@ -143,7 +167,13 @@ def _prepare_tasks(tasks: MultimodalTasks) -> list[_PreparedTask]:
             assert tasks.captions is not None
             records = _records_with(tasks.captions, "caption")
             prompt = multimodal.DEFAULT_CAPTION_PROMPT if tasks.prompt is None else tasks.prompt
-            settings = {"prompt": prompt, "max_new_tokens": tasks.max_new_tokens or 20}
+            from ecoflap_cli.evaluation.metrics import resolve_cider_tokenizer
+
+            settings = {
+                "prompt": prompt,
+                "max_new_tokens": tasks.max_new_tokens or 20,
+                "cider_tokenizer": resolve_cider_tokenizer("auto"),  # named in the results
+            }
             data = tasks.captions
         prepared.append(_PreparedTask(name, str(data), records, settings))
     return prepared
@@ -215,7 +245,13 @@ def _run_task(loaded: LoadedModel, task: _PreparedTask, batch_size: int) -> dict
         )
     else:
         result = vlm.caption_eval(
-            model, processor, task.records, s["prompt"], s["max_new_tokens"], batch_size=batch_size
+            model,
+            processor,
+            task.records,
+            s["prompt"],
+            s["max_new_tokens"],
+            batch_size=batch_size,
+            cider_tokenizer=s["cider_tokenizer"],
         )
     return {**result, "time_s": round(time.perf_counter() - start, 3)}
 
@@ -236,15 +272,24 @@ def run_eval(
     load: Callable[[str], LoadedModel],
     tasks: MultimodalTasks | None = None,
     progress: Callable[[str], None] | None = None,
+    lm_tasks: LmEvalRequest | None = None,
 ) -> dict[str, Any]:
-    """Sparsity against the plan, then perplexity and the requested vision-language tasks on the
-    checkpoint and (with ``compare``) on a dense model; returns the results document.
+    """Sparsity against the plan, then perplexity, the requested vision-language tasks and the
+    lm-eval tasks (``lm_tasks``) on the checkpoint and (with ``compare``) on a dense model;
+    returns the results document.
 
     Data and prompts are checked before any model is loaded; the checkpoint is released before
     the dense model is loaded, so only one model is in memory at a time.
     """
     say = progress or (lambda _message: None)
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
+        raise DataError(f"--seqlen must be at least 2 tokens (a window predicts its next tokens), got {seqlen!r}")
+    if max_windows is not None and (
+        isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1
+    ):
+        raise DataError(f"--max-windows must be at least 1, got {max_windows!r}")
     prepared = _prepare_tasks(tasks or MultimodalTasks())
+    lm_prepared = None if lm_tasks is None else prepare_lm_eval(lm_tasks)
     plan_doc = _plan_for(checkpoint, plan)
     loaded = load(checkpoint)
     if plan_doc is not None:
@@ -253,14 +298,20 @@ def run_eval(
         artifacts.check_model_match(plan_doc, fingerprint(loaded.model), checkpoint, "the plan")
     _check_family(loaded, prepared, checkpoint)
     results: dict[str, Any] = {"checkpoint": checkpoint, **sparsity_rows(loaded, plan_doc)}
+    results["pruned_checkpoint"] = is_pruned_checkpoint(checkpoint)
+    which = "the pruned model" if results["pruned_checkpoint"] else "the model"
+    method = pruning_method(checkpoint)
+    if method is not None:
+        results["pruning"] = method
     windows = None
     if text is not None:
         if loaded.tokenizer is None:
             raise DataError(f"{checkpoint} has no tokenizer: cannot measure perplexity")
-        _perplexity_module(loaded, checkpoint)  # refuse a model without a causal LM early
+        check_seqlen(_perplexity_module(loaded, checkpoint), seqlen)  # no causal LM, or too long: refuse early
         tokens = tokenize_documents(loaded.tokenizer, read_text(text, text_field))
+        check_understood(loaded.tokenizer, tokens, f"evaluation text {text}")
         windows = windows_for_eval(tokens, seqlen, max_windows)
-        say("perplexity of the pruned model")
+        say(f"perplexity of {which}")
         results["perplexity"] = {
             "text": str(text),
             "seqlen": seqlen,
@@ -269,13 +320,16 @@ def run_eval(
         }
     task_results: dict[str, Any] = {}
     for task in prepared:
-        say(f"{task.name} on the pruned model")
+        say(f"{task.name} on {which}")
         task_results[task.name] = {
             "data": task.data,
             **_public(task.settings),
             "pruned": _run_task(loaded, task, batch_size),
         }
-    if compare is not None and (windows is not None or prepared):
+    if lm_prepared is not None:
+        say(f"lm-eval tasks on {which}")
+        results["lm_eval"] = _lm_eval_results(lm_prepared, loaded, checkpoint, "pruned")
+    if compare is not None and (windows is not None or prepared or lm_prepared is not None):
         del loaded
         dense = load(compare)
         _check_family(dense, prepared, compare)
@@ -286,9 +340,34 @@ def run_eval(
         for task in prepared:
             say(f"{task.name} on the dense model")
             task_results[task.name]["dense"] = _run_task(dense, task, batch_size)
+        if lm_prepared is not None:
+            say("lm-eval tasks on the dense model")
+            _lm_eval_results(lm_prepared, dense, compare, "dense", into=results["lm_eval"])
     if task_results:
         results["tasks"] = task_results
     return results
+
+
+def is_pruned_checkpoint(checkpoint: str) -> bool:
+    """Whether ``checkpoint`` is a directory ecoflap pruned (it carries a report or a plan): what
+    eval's tables call "pruned"; any other model is called "model"."""
+    from ecoflap_cli.io.checkpoint import REPORT_NAME
+
+    path = Path(checkpoint)
+    return path.is_dir() and ((path / REPORT_NAME).is_file() or (path / "plan.json").is_file())
+
+
+def _lm_eval_results(
+    prepared: PreparedLmEval, loaded: LoadedModel, label: str, role: str, into: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run the lm-eval tasks on one model and file its metrics under ``role`` ("pruned" or
+    "dense") of each task in the ``lm_eval`` section of the results (``into``, or a new one)."""
+    metrics, seconds = run_lm_eval(loaded, prepared, label)
+    section = into if into is not None else {**task_settings(prepared), "tasks": {}, "time_s": {}}
+    for name, values in metrics.items():
+        section["tasks"].setdefault(name, {})[role] = values
+    section["time_s"][role] = round(seconds, 3)
+    return section
 
 
 def _public(settings: dict[str, Any]) -> dict[str, Any]:

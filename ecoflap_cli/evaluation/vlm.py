@@ -90,8 +90,8 @@ def clip_zero_shot(
     ``get_text_features``; SigLIP's sigmoid of the scaled similarity ranks as the cosine does).
     Each class's text embedding is the normalised mean of its prompts' normalised embeddings
     (one prompt per template, ``{}`` or ``{class_name}`` standing for the class name); an image
-    is assigned the class of highest cosine similarity. Keys ``top{k}``, ``n_images``,
-    ``n_classes``.
+    is assigned the class of highest cosine similarity. Keys ``top{k}`` (top-1, and each other k
+    below the number of classes), ``n_images``, ``n_classes``.
     """
     if not templates:
         raise DataError("zero-shot classification needs at least one prompt template")
@@ -102,8 +102,10 @@ def clip_zero_shot(
     classes = text.reshape(len(names), len(templates), -1).mean(dim=1)
     classes = classes / classes.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     images = _image_features(model, processor, [r["image"] for r in records], batch_size)
-    logits = (images @ classes.T).tolist()
-    accuracy = metrics.zero_shot_accuracy(logits, [r["label"] for r in records], tuple(topk))
+    logits = images @ classes.T  # ranked with torch (metrics.zero_shot_accuracy)
+    # top-k over k or fewer classes is 100% whatever the model: reported only when it says something
+    shown = tuple(k for k in topk if k == 1 or k < len(names))
+    accuracy = metrics.zero_shot_accuracy(logits, [r["label"] for r in records], shown)
     out: dict[str, float] = {f"top{k}": v for k, v in accuracy.items()}
     out["n_images"] = len(records)
     out["n_classes"] = len(names)
@@ -135,7 +137,7 @@ def clip_retrieval(
         text_to_image.append(image_index.setdefault(key, len(image_index)))
     images = _image_features(model, processor, list(image_index), batch_size)
     texts = _text_features(model, processor, [r["caption"] for r in captioned], batch_size, max_text_len)
-    similarity = (images @ texts.T).tolist()
+    similarity = images @ texts.T  # ranked with torch (metrics.retrieval_recalls)
     out: dict[str, float] = dict(metrics.retrieval_recalls(similarity, text_to_image, tuple(ks)))
     out["n_images"] = len(image_index)
     out["n_texts"] = len(captioned)
@@ -240,9 +242,14 @@ def caption_eval(
     *,
     batch_size: int = 8,
     max_text_len: int = 64,
+    cider_tokenizer: str = "auto",
     **generate_kwargs: Any,
 ) -> dict[str, float]:
     """Captioning with ``generate``, scored by CIDEr-D against every caption of the image.
+
+    Captions are tokenised by ``cider_tokenizer`` (:func:`metrics.resolve_cider_tokenizer`:
+    auto is the COCO toolkit's PTB tokenizer when pycocoevalcap and java are there, else
+    ecoflap's Python port of its rules).
 
     Records with the same image are one image with several reference captions; one caption is
     generated per image after ``prompt`` (the prompt itself is not part of the candidate).
@@ -265,5 +272,5 @@ def caption_eval(
         max_new_tokens,
         generate_kwargs,
     )
-    score, _ = metrics.cider_d(candidates, [references[i] for i in images])
+    score, _ = metrics.cider_d(candidates, [references[i] for i in images], tokenizer=cider_tokenizer)
     return {"cider_d": 100.0 * score, "n_images": len(images)}

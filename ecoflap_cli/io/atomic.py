@@ -6,16 +6,39 @@ any failure the temporary is removed and the target is left as it was.  What end
 target has the permissions a plain ``open()`` / ``mkdir()`` would give it under the current
 umask (files ``0o666 & ~umask``, directories ``0o777 & ~umask``), not the private modes
 ``mkstemp`` / ``mkdtemp`` create.
+
+Outputs (checkpoint directories) get three more guarantees:
+
+- the final rename never replaces what it did not check: without ``replace`` it is exclusive
+  (Linux ``renameat2(RENAME_NOREPLACE)``; elsewhere an empty placeholder made with ``mkdir``,
+  which only one process can create, is swapped for the finished directory), and with
+  ``replace`` the old output is exchanged for the new one only once the new one is complete;
+- every temporary name carries its owner (``.NAME.ecoflap-PID@HOST.XXXX.tmp``), so the next
+  run to the same output removes the ones whose owner on this host is dead (:func:`clean_stale`);
+- :func:`output_lock` lets one run at a time write an output (an ``flock`` the kernel drops when
+  the process dies, so a killed run never leaves a lock that blocks the next one).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ecoflap_cli.errors import ArtifactError
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+#: errors that mean "renameat2 or this flag is not available here", not "the rename failed"
+_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 def current_umask() -> int:
@@ -49,17 +72,109 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:48] or "host"
+
+
 def _temp_name(target: Path) -> str:
-    return f".{target.name}."
+    """The prefix of a temporary sibling of ``target``, naming its owner (pid and host)."""
+    return f".{target.name}.ecoflap-{os.getpid()}@{_host()}."
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def clean_stale(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries of ``target`` left by killed runs; return what was removed.
+
+    Only entries named by :func:`_temp_name` whose owner ran on this host and is dead are removed;
+    a live owner's, another host's, or anything else is left alone.
+    """
+    target = Path(target)
+    owned = re.compile(rf"^\.{re.escape(target.name)}\.ecoflap-(\d+)@([A-Za-z0-9-]+)\..*\.(tmp|old)$")
+    removed: list[Path] = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = owned.match(entry.name)
+        if match is None or match[2] != _host() or pid_alive(int(match[1])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``; False where the call or the flag is not supported.
+
+    Raises OSError (FileExistsError for an existing ``dst`` under RENAME_NOREPLACE) otherwise.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(dst))
+
+
+def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Rename directory ``src`` to ``dst`` only if ``dst`` does not exist (FileExistsError if it does).
+
+    Atomic with ``renameat2(RENAME_NOREPLACE)``; where that is missing, ``mkdir(dst)`` reserves
+    the name (only one process can create it) and ``src`` replaces the empty placeholder.
+    """
+    src, dst = Path(src), Path(dst)
+    if _renameat2(src, dst, _RENAME_NOREPLACE):
+        return
+    os.mkdir(dst)  # FileExistsError when taken
+    try:
+        os.rename(src, dst)  # replaces only an empty directory: ours, unless someone wrote into it
+    except OSError:
+        with _suppress_oserror():
+            os.rmdir(dst)
+        raise
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+def _suppress_oserror() -> Iterator[None]:
+    try:
+        yield
+    except OSError:
+        pass
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str], replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; write the file there.
 
     On a normal exit the temporary file is fsynced, given the default file mode and renamed over
     ``path`` (created with its parents if missing).  On an exception it is removed and ``path`` is
-    untouched.  The yielded file exists (empty); a writer may also replace it.
+    untouched.  The yielded file exists (empty); a writer may also replace it.  Without
+    ``replace`` the final step is exclusive (a hard link, which fails on an existing name): a
+    ``path`` that appeared meanwhile (another run) raises ArtifactError and is left as it is.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -70,35 +185,60 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         _fsync_file(tmp)
         os.chmod(tmp, default_mode())
-        os.replace(tmp, target)
+        if replace or not _link_new(tmp, target):
+            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    tmp.unlink(missing_ok=True)  # linked: the temporary name goes, the file stays under ``target``
     _fsync_dir(target.parent)
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_file`)."""
-    with atomic_file(path) as tmp:
+def _link_new(tmp: Path, target: Path) -> bool:
+    """Give ``tmp`` the name ``target`` only if that name is free; False where hard links are not
+    supported (the caller falls back to a rename). ArtifactError if ``target`` exists."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise ArtifactError(
+            f"{target} appeared while this run was writing it (another run?): it was left as it is "
+            "(pass --overwrite to replace it)"
+        ) from None
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED or exc.errno in (errno.EPERM, errno.EXDEV, errno.EMLINK):
+            return False
+        raise
+    return True
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes, replace: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_file`; ``replace`` False: exclusively)."""
+    with atomic_file(path, replace) as tmp:
         tmp.write_bytes(data)
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; fill it, and it replaces ``path`` on success.
+def atomic_dir(path: str | os.PathLike[str], replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; fill it, and it becomes ``path`` on success.
 
     On a normal exit every entry inside gets the default mode (directories ``0o777 & ~umask``,
-    files ``0o666 & ~umask``) and the directory is renamed to ``path``; an existing ``path`` is
-    moved aside first and deleted after.  On an exception the temporary directory is deleted and
-    ``path`` is untouched.  Files inside are not fsynced one by one.
+    files ``0o666 & ~umask``) and the directory is renamed to ``path``.  With ``replace`` an
+    existing ``path`` is exchanged for the new directory and deleted after; without it the rename
+    is exclusive and an existing ``path`` (say, made by a concurrent run) raises ArtifactError,
+    leaving it untouched.  On an exception the temporary directory is deleted and ``path`` is
+    untouched.  Files inside are not fsynced one by one.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_name(target), suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         publish_modes(tmp)
-        _swap_in(tmp, target)
+        if replace:
+            _swap_in(tmp, target)
+        else:
+            _rename_new(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -113,13 +253,117 @@ def publish_modes(directory: Path) -> None:
             entry.chmod(dir_mode if entry.is_dir() else file_mode)
 
 
+def _rename_new(tmp: Path, target: Path) -> None:
+    try:
+        rename_noreplace(tmp, target)
+    except FileExistsError:
+        raise ArtifactError(
+            f"output {target} appeared while this run was writing it (another run?): it was left as it "
+            "is and this run's result discarded (pass --overwrite to replace it)"
+        ) from None
+
+
 def _swap_in(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``, moving an existing ``target`` aside and deleting it after."""
+    """Make ``tmp`` the ``target``: exchange the two atomically if ``target`` exists, delete the old.
+
+    Without ``renameat2(RENAME_EXCHANGE)`` the old ``target`` is moved aside (under an owned
+    temporary name, so a killed run's leftover is cleaned later) before ``tmp`` takes its place.
+    """
     if not target.exists():
         tmp.rename(target)
         return
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    target.rename(old)
+    try:
+        exchanged = _renameat2(tmp, target, _RENAME_EXCHANGE)
+    except FileNotFoundError:  # the old target went away meanwhile
+        exchanged = False
+    if exchanged:
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old output
+        return
+    old = Path(tempfile.mkdtemp(prefix=_temp_name(target), suffix=".old", dir=target.parent))
+    old.rmdir()
+    if target.exists():
+        target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _lock_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.ecoflap-lock")
+
+
+@contextmanager
+def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the write lock of output ``path`` (one run at a time); ArtifactError if another holds it.
+
+    An ``flock`` on ``.NAME.ecoflap-lock`` beside the output: the kernel drops it when its process
+    dies, so a killed run never blocks the next one.  The lock file is removed on release, and so
+    are the output's parent directories the lock had to create, if they are still empty (a run that
+    fails leaves no empty ``a/b/`` behind for ``-o a/b/out``).  Where ``fcntl`` is missing
+    (Windows) nothing is locked and the exclusive rename alone decides.
+    """
+    created = _make_dirs(_lock_path(Path(path)).parent)
+    try:
+        with _held_lock(path):
+            yield
+    finally:
+        for directory in reversed(created):  # innermost first; stops at the first one in use
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    """``mkdir -p directory``; the directories this call created, outermost first."""
+    missing: list[Path] = []
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+@contextmanager
+def _held_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """The ``flock`` of :func:`output_lock`, in an existing directory."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock = _lock_path(Path(path))
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, default_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise ArtifactError(
+                f"another ecoflap run{holder} is writing {path}: wait for it, or choose another --output"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a lock file its previous holder removed while we waited to open it
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}@{_host()}\n".encode())
+        yield
+    finally:
+        with _suppress_oserror():
+            lock.unlink()
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return f" (pid {text})" if text else ""

@@ -8,11 +8,13 @@ command). Both follow the Hugging Face shard layout; docs/packed-format.md has t
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
+import os
 import shutil
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +23,34 @@ import torch
 from ecoflap_cli import __version__
 from ecoflap_cli.errors import ArtifactError, EcoflapError
 from ecoflap_cli.io import artifacts
-from ecoflap_cli.io.atomic import atomic_dir
+from ecoflap_cli.io.atomic import atomic_dir, clean_stale
 from ecoflap_cli.io.loading import LoadedModel
-from ecoflap_cli.io.packed import FORMAT_NAME, INDEX_FILE, SINGLE_FILE, load_sharded, save_sharded
+from ecoflap_cli.io.model_card import write_card
+from ecoflap_cli.io.packed import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    SINGLE_FILE,
+    file_inside,
+    find_weights,
+    is_weight_file,
+    load_sharded,
+    save_sharded,
+)
 
 REPORT_NAME = "ecoflap_report.json"
 PLAN_NAME = "plan.json"
+CHECKSUMS_NAME = "ecoflap_checksums.json"
+CHECKSUMS_FORMAT = "ecoflap.checksums"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 LAYOUTS = ("dense", "packed")
-_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+#: config.json key of a packed checkpoint (see mark_config)
+PACKED_CONFIG_KEY = "ecoflap_packed"
+#: how to load a packed checkpoint; transformers puts it in the error it raises (see mark_config)
+PACKED_LOAD_HINT = (
+    "ecoflap packed checkpoint: plain transformers cannot read it; load it with "
+    "ecoflap_cli.api.load_pruned(DIR), or write a dense copy with `ecoflap convert DIR --to dense -o OUT`"
+)
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on a header
 
 
@@ -58,14 +79,129 @@ def _size_bytes(text: str) -> int:
     return int(number) if number.isdigit() else convert_file_size_to_int(text)
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output before any work starts (unless --overwrite)."""
+def check_output_dir(out: str | Path, overwrite: bool, sources: Sequence[str | Path] = ()) -> Path:
+    """Refuse, before any work starts, an output directory that cannot or must not be written.
+
+    Refused: an existing output (unless ``overwrite``) or one that is not a directory; the
+    current directory or one above it; an output equal to, inside or containing one of
+    ``sources`` (the input model; names that are not local paths are skipped); a path under a
+    regular file; a parent directory that cannot be written. Temporaries of ``out`` left by
+    killed runs are removed (:func:`ecoflap_cli.io.atomic.clean_stale`).
+    """
     path = Path(out)
     if path.exists() and not overwrite:
         raise ArtifactError(f"output {path} exists (pass --overwrite to replace it)")
     if path.exists() and not path.is_dir():
         raise ArtifactError(f"output {path} exists and is not a directory")
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ArtifactError(f"output {out} is the current directory or contains it: choose a new directory")
+    for source in sources:
+        _check_not_source(out, resolved, source)
+    _check_writable_parent(out, resolved)
+    clean_stale(path)
     return path
+
+
+def _check_not_source(out: str | Path, resolved: Path, source: str | Path) -> None:
+    src = Path(source)
+    if not src.exists():
+        return
+    src = src.resolve()
+    if resolved == src:
+        raise ArtifactError(f"output {out} is the input model {source}: choose another --output")
+    if src in resolved.parents:
+        raise ArtifactError(f"output {out} lies inside the input model {source}: choose a directory outside it")
+    if resolved in src.parents:
+        raise ArtifactError(f"output {out} contains the input model {source}: choose another --output")
+
+
+def _nearest_existing(resolved: Path) -> Path:
+    parent = resolved.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def _check_writable_parent(out: str | Path, resolved: Path) -> None:
+    """The output's nearest existing ancestor must be a directory this process can write."""
+    parent = _nearest_existing(resolved)
+    if not parent.is_dir():
+        raise ArtifactError(f"cannot create output {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ArtifactError(f"cannot write output {out}: directory {parent} is read-only or not writable by you")
+
+
+def check_free_space(out: str | Path, needed: int, what: str) -> None:
+    """Refuse a run whose output cannot fit on its file system, before the work."""
+    parent = _nearest_existing(Path(out).resolve())
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return
+    if free < needed:
+        raise ArtifactError(
+            f"not enough free space for {out}: about {_human(needed)} needed ({what}), "
+            f"{_human(free)} free on the file system of {parent}"
+        )
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} TB"
+
+
+#: safetensors header bytes per tensor (name, dtype, shape, offsets), and more per packed tensor
+#: (its four parts and its entry in the packed index); generous, so the estimate errs high
+_HEADER_BYTES = 160
+_PACKED_HEADER_BYTES = 768
+#: what a checkpoint holds besides weights (config, tokenizer, documents) when the input is no local
+#: directory to measure
+_OTHER_FILES_BYTES = 32 * 10**6
+
+
+def estimate_checkpoint_bytes(
+    model: torch.nn.Module,
+    prune_counts: Mapping[str, int] | None,
+    packed: bool,
+    source: str | Path | None = None,
+) -> int:
+    """Bytes the checkpoint of ``model`` will take: its weights, dense or packed, and the other files.
+
+    Tensors are counted once (tied weights share storage). Packed, each tensor of ``prune_counts``
+    (planned zeros per tensor name) takes the smaller of dense and the bitmask layout; headers
+    are counted generously, so the estimate errs high. Files besides the weights are measured
+    in ``source`` when it is a local directory.
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for name, tensor in model.state_dict().items():
+        key = (id(tensor.untyped_storage()) if tensor.device.type != "meta" else id(tensor), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        dense = tensor.numel() * tensor.element_size()
+        zeros = prune_counts.get(name) if packed and prune_counts is not None else None
+        if zeros is not None and tensor.dim() == 2:
+            rows, cols = tensor.shape
+            bitmask = (tensor.numel() - zeros) * tensor.element_size() + rows * ((cols + 7) // 8) + rows * 8 + 16
+            dense = min(dense, bitmask + _PACKED_HEADER_BYTES)
+        total += dense + _HEADER_BYTES
+    return total + _other_files_bytes(source)
+
+
+def _other_files_bytes(source: str | Path | None) -> int:
+    if source is None or not Path(source).is_dir():
+        return _OTHER_FILES_BYTES
+    other = 0
+    for entry in Path(source).rglob("*"):
+        if entry.is_file() and not entry.name.endswith((".safetensors", ".bin", ".pt", ".gguf")):
+            other += entry.stat().st_size
+    return other + 10**6  # plan, scores and report documents
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -82,23 +218,27 @@ def save_checkpoint(
 ) -> Path:
     """Save model, processor and JSON documents into ``out`` via a temporary sibling directory.
 
-    ``packed`` rewrites the weights ``save_pretrained`` wrote (so tied weights it drops stay
-    dropped) with the tensors of ``documents["plan.json"]`` packed; ``n_m`` lets the N:M layout
-    compete with the bitmask. Shards hold at most ``max_shard_size`` bytes of tensor data.
+    ``packed`` writes the weights ``save_pretrained`` would write (so tied weights it drops stay
+    dropped; caught in memory by :func:`captured_weights`, never written dense) with the tensors
+    of ``documents["plan.json"]`` packed; ``n_m`` lets the N:M layout compete with the bitmask.
+    Shards hold at most ``max_shard_size`` bytes of tensor data. Without ``overwrite`` the final
+    rename is exclusive: an output that appeared meanwhile is left alone (ArtifactError).
     """
     target = check_output_dir(out, overwrite)
     shard_bytes = parse_size(max_shard_size)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, replace=overwrite) as tmp:
         from ecoflap_cli.engine.offload import any_offloaded
 
-        if any_offloaded(loaded.model) and not packed:
+        if packed:
+            with captured_weights() as state:
+                loaded.model.save_pretrained(tmp, max_shard_size=shard_bytes)
+        elif any_offloaded(loaded.model):
             save_offloaded(loaded.model, tmp, shard_bytes)
         else:
             loaded.model.save_pretrained(tmp, max_shard_size=shard_bytes)
         if loaded.processor is not None:
             loaded.processor.save_pretrained(tmp)
         if packed:
-            state = load_sharded(tmp)
             write_weights(
                 tmp,
                 state,
@@ -109,7 +249,34 @@ def save_checkpoint(
             )
         for name, doc in documents.items():
             (tmp / name).write_text(json.dumps(doc, indent=2) + "\n")
+        write_card(tmp, "packed" if packed else "dense", target.name)
+        write_checksums(tmp)
     return target
+
+
+@contextmanager
+def captured_weights() -> Iterator[dict[str, torch.Tensor]]:
+    """Inside the ``with``, ``save_pretrained`` hands its weight shards to the yielded dict
+    instead of writing them (config and the other files are still written).
+
+    The dict is ordered by tensor name, the order :func:`load_sharded` reads a written
+    checkpoint back in, so packing it gives the bytes packing a dense save gives.
+    """
+    import transformers.modeling_utils as modeling_utils
+
+    caught: dict[str, torch.Tensor] = {}
+    original = modeling_utils.safe_save_file
+
+    def keep(tensors: dict[str, torch.Tensor], filename: str, metadata: Any = None) -> None:
+        caught.update(tensors)
+
+    ordered: dict[str, torch.Tensor] = {}
+    modeling_utils.safe_save_file = keep
+    try:
+        yield ordered
+    finally:
+        modeling_utils.safe_save_file = original
+    ordered.update(sorted(caught.items()))
 
 
 def _tensor_for_saving(model: torch.nn.Module, name: str) -> torch.Tensor:
@@ -206,8 +373,9 @@ def write_weights(
     sparse_names: set[str] | None = None,
     n_m: tuple[int, int] | None = None,
 ) -> list[Path]:
-    """Write (replace) the weight files of a checkpoint directory, dense or packed."""
-    return save_sharded(
+    """Write (replace) the weight files of a checkpoint directory, dense or packed, and mark its
+    config.json accordingly (:func:`mark_config`)."""
+    written = save_sharded(
         state,
         directory,
         packed=packed,
@@ -216,6 +384,8 @@ def write_weights(
         metadata={"ecoflap_version": __version__},
         n_m=n_m,
     )
+    mark_config(Path(directory), packed)
+    return written
 
 
 def packing_candidates(state: Mapping[str, torch.Tensor], plan: dict[str, Any] | None) -> set[str] | None:
@@ -230,23 +400,13 @@ def packing_candidates(state: Mapping[str, torch.Tensor], plan: dict[str, Any] |
 # --- reading ----------------------------------------------------------------------------------
 
 
-def is_weight_file(name: str) -> bool:
-    return name in (SINGLE_FILE, INDEX_FILE) or _SHARD_RE.match(name) is not None
-
-
 def weight_files(directory: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory (shards in index order); [] if none."""
-    directory = Path(directory)
-    index = directory / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            names = list(dict.fromkeys(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise ArtifactError(f"cannot read shard index {index}") from None
-        return [directory / n for n in names]
-    single = directory / SINGLE_FILE
-    return [single] if single.is_file() else []
+    """The safetensors files of a checkpoint directory (shards in index order); [] if none.
+
+    Every file the shard index names must lie inside the directory (no ``../``, absolute path or
+    symlink out of it): anything else raises ArtifactError.
+    """
+    return find_weights(directory)[1]
 
 
 def header_metadata(path: Path) -> dict[str, str] | None:
@@ -269,11 +429,126 @@ def header_metadata(path: Path) -> dict[str, str] | None:
 
 def checkpoint_layout(directory: str | Path) -> str | None:
     """``packed`` or ``dense`` for a directory with safetensors weights, else None."""
-    files = weight_files(directory)
+    index, files = find_weights(directory)
     if not files:
         return None
+    if (index or files[0]).name.startswith("ecoflap-packed"):
+        return "packed"
     packed = any((header_metadata(f) or {}).get("format") == FORMAT_NAME for f in files if f.is_file())
     return "packed" if packed else "dense"
+
+
+# --- the packed marker in config.json ---------------------------------------------------------
+
+
+def mark_config(directory: Path, packed: bool) -> None:
+    """Mark (or unmark) a checkpoint's config.json as holding packed weights.
+
+    ``transformers_weights`` is the config key transformers reads for the weights file; a value
+    that is not a safetensors name makes ``from_pretrained`` raise a ValueError quoting it, so a
+    plain transformers load (and lm-eval, ...) fails with :data:`PACKED_LOAD_HINT` instead of
+    loading random weights. ``ecoflap_packed`` records the format; :func:`clear_packed_marker`
+    removes both from a loaded config.
+    """
+    path = directory / "config.json"
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        raise ArtifactError(f"{path} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path} is not a model config")
+    config.pop(PACKED_CONFIG_KEY, None)
+    if config.get("transformers_weights") == PACKED_LOAD_HINT:
+        config.pop("transformers_weights")
+    if packed:
+        config[PACKED_CONFIG_KEY] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+        config["transformers_weights"] = PACKED_LOAD_HINT
+    artifacts.write_atomic(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+
+def clear_packed_marker(config: Any) -> None:
+    """Remove the packed marker from a loaded transformers config (the model in memory is dense)."""
+    if getattr(config, "transformers_weights", None) == PACKED_LOAD_HINT:
+        delattr(config, "transformers_weights")
+    if hasattr(config, PACKED_CONFIG_KEY):
+        delattr(config, PACKED_CONFIG_KEY)
+
+
+# --- integrity --------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _checksummed_files(directory: Path) -> list[Path]:
+    index, files = find_weights(directory)
+    return ([index] if index is not None else []) + files
+
+
+def write_checksums(directory: str | Path) -> Path:
+    """Record the sha256 of every weight file and shard index in ``CHECKSUMS_NAME``."""
+    directory = Path(directory)
+    files = {f.name: _sha256(f) for f in _checksummed_files(directory)}
+    doc = {"format": CHECKSUMS_FORMAT, "version": 1, "algorithm": "sha256", "files": dict(sorted(files.items()))}
+    path = directory / CHECKSUMS_NAME
+    artifacts.write_atomic(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def _recorded_checksums(directory: Path) -> dict[str, str] | None:
+    path = directory / CHECKSUMS_NAME
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        raise ArtifactError(f"{path} is not valid JSON") from None
+    files = doc.get("files") if isinstance(doc, dict) else None
+    valid = isinstance(files, dict) and all(
+        isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in files.items()
+    )
+    if not (valid and doc.get("format") == CHECKSUMS_FORMAT and doc.get("algorithm") == "sha256"):
+        raise ArtifactError(f"{path} is not an ecoflap checksums file")
+    return files  # type: ignore[return-value]
+
+
+def verify_checksums(directory: str | Path) -> str | None:
+    """Check every weight file against the sha256 recorded when the checkpoint was written.
+
+    Returns None when all match, or a note when the checkpoint records no checksums (written by
+    an older ecoflap or another tool: nothing to verify). A changed, missing or unrecorded weight
+    file raises ArtifactError naming it.
+    """
+    directory = Path(directory)
+    recorded = _recorded_checksums(directory)
+    if recorded is None:
+        return f"{directory} records no checksums ({CHECKSUMS_NAME}): weights not verified"
+    where = directory / CHECKSUMS_NAME
+    for name, digest in sorted(recorded.items()):
+        path = file_inside(directory, name, where)
+        if not path.is_file():
+            raise ArtifactError(f"{path}, listed in {CHECKSUMS_NAME}, is missing")
+        if _sha256(path) != digest:
+            raise ArtifactError(
+                f"{path} is corrupted: its sha256 differs from the one recorded when it was written "
+                "(eval, inspect and convert skip this check with --no-verify, load_pruned with verify=False)"
+            )
+    unrecorded = sorted(f.name for f in _checksummed_files(directory) if f.name not in recorded)
+    if unrecorded:
+        raise ArtifactError(f"{directory / unrecorded[0]} has no recorded checksum in {CHECKSUMS_NAME}")
+    return None
+
+
+def check_integrity(directory: str | Path, verify: bool) -> str:
+    """``verified``, ``skipped`` (not ``verify``) or ``unrecorded`` (no checksums to check against);
+    a mismatch raises ArtifactError (see :func:`verify_checksums`)."""
+    if not verify:
+        return "skipped"
+    return "unrecorded" if verify_checksums(directory) else "verified"
 
 
 def is_packed_checkpoint(directory: str | Path) -> bool:
@@ -285,7 +560,9 @@ def read_document(directory: str | Path, name: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path} is not UTF-8 text (byte at offset {exc.start})") from None
     except (OSError, json.JSONDecodeError):
         raise ArtifactError(f"{path} is not valid JSON") from None
     if not isinstance(doc, dict):
@@ -312,35 +589,46 @@ def convert_checkpoint(
     to: str,
     overwrite: bool = False,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Rewrite a checkpoint's weights dense <-> packed (losslessly); copy every other file.
 
     Dense -> packed packs the tensors listed in the checkpoint's plan.json (else every 2-D float
-    tensor where that is smaller), with N:M competing when the report records an N:M run.
+    tensor where that is smaller), with N:M competing when the report records an N:M run. The
+    source's weights are checked against its checksums first (``verify``); the output records
+    its own. The result's ``integrity`` is that of :func:`check_integrity`.
     """
     if to not in LAYOUTS:
         raise EcoflapError(f"--to takes packed or dense, got {to!r}")
     source = Path(source)
+    integrity = check_integrity(source, verify) if source.is_dir() else "skipped"
     layout = checkpoint_layout(source) if source.is_dir() else None
     if layout is None:
         raise ArtifactError(f"{source} is not a checkpoint directory with safetensors weights")
-    target = check_output_dir(out, overwrite)
+    # in place (-o SOURCE --overwrite) is allowed: the new directory replaces the source once
+    # complete. Inside the source (its temporary would be copied into itself) or containing it
+    # (--overwrite would delete it) is refused, as for prune.
+    in_place = Path(out).resolve() == source.resolve()
+    target = check_output_dir(out, overwrite, () if in_place else (source,))
     shard_bytes = parse_size(max_shard_size)
     before = weight_bytes(source)
     state = load_sharded(source)
     sparse_names = packing_candidates(state, read_plan(source))
     report = read_report(source) or {}
     n_m = tuple(report["nm"]) if report.get("nm") else None
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, replace=overwrite) as tmp:
         for entry in source.iterdir():
-            if is_weight_file(entry.name):
+            if is_weight_file(entry.name) or entry.name == CHECKSUMS_NAME:
                 continue
             copy = shutil.copytree if entry.is_dir() else shutil.copy2
             copy(entry, tmp / entry.name)
         write_weights(
             tmp, state, packed=to == "packed", max_shard_bytes=shard_bytes, sparse_names=sparse_names, n_m=n_m
         )  # type: ignore[arg-type]
+        write_card(tmp, to, target.name)  # the card names the layout and how to load it
+        write_checksums(tmp)
     return {
+        "integrity": integrity,
         "source": str(source),
         "output": str(target),
         "from": layout,

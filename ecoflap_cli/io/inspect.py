@@ -22,6 +22,7 @@ from ecoflap_cli.errors import ArtifactError, MissingDependencyError
 from ecoflap_cli.io import artifacts
 from ecoflap_cli.io.checkpoint import (
     REPORT_NAME,
+    check_integrity,
     checkpoint_layout,
     read_document,
     read_plan,
@@ -31,12 +32,11 @@ from ecoflap_cli.io.checkpoint import (
 from ecoflap_cli.io.packed import (
     FORMAT_NAME,
     FORMAT_VERSION,
-    NM_PARTS,
     PART_SEPARATOR,
     _kept,
+    _nm_tables,
     _parse_index,
-    _unpack_bits,
-    unpack,
+    bitmask_row_counts,
 )
 
 SUMMARY_FORMAT = "ecoflap.inspect"
@@ -45,10 +45,14 @@ SUMMARY_FORMAT = "ecoflap.inspect"
 _BLOCK_RE = re.compile(r"^(?P<tower>.+?)\.(?P<index>\d+)\.")
 
 
-def inspect_artifact(source: str) -> dict[str, Any]:
-    """Summary of a scores file, plan or checkpoint directory (``-`` reads a document from stdin)."""
+def inspect_artifact(source: str, verify: bool = True) -> dict[str, Any]:
+    """Summary of a scores file, plan or checkpoint directory (``-`` reads a document from stdin).
+
+    A checkpoint's weight files are first checked against its recorded sha256 (``verify``); the
+    summary's ``integrity`` says ``verified``, ``skipped`` or ``unrecorded``.
+    """
     if source != "-" and Path(source).is_dir():
-        return _inspect_checkpoint(Path(source))
+        return _inspect_checkpoint(Path(source), verify)
     doc = artifacts.read_json(source)
     where = "stdin" if source == "-" else source
     fmt = doc.get("format")
@@ -92,7 +96,7 @@ def _inspect_scores(doc: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _inspect_plan(doc: dict[str, Any], where: str) -> dict[str, Any]:
-    blocks = [_block_row(g, g["sparsity"], None) for g in doc["groups"]]
+    blocks = [_block_row(g, g["zeros"] / g["params"], None) for g in doc["groups"]]  # counted, not as stated
     return _summary(
         where,
         "plan",
@@ -149,7 +153,8 @@ def _weighted(rows: list[dict[str, Any]], key: str, total: int) -> float | None:
 # --- checkpoints ------------------------------------------------------------------------------
 
 
-def _inspect_checkpoint(directory: Path) -> dict[str, Any]:
+def _inspect_checkpoint(directory: Path, verify: bool) -> dict[str, Any]:
+    integrity = check_integrity(directory, verify)
     layout = checkpoint_layout(directory)
     if layout is None:
         raise ArtifactError(f"{directory} is not a checkpoint directory (no model.safetensors or index)")
@@ -177,6 +182,7 @@ def _inspect_checkpoint(directory: Path) -> dict[str, Any]:
         blocks=blocks,
         towers=_tower_rows(blocks),
         storage=storage,
+        integrity=integrity,
         solver=(report or {}).get("solver"),
         documents=sorted(n for n in ("plan.json", "scores.json", REPORT_NAME) if (directory / n).is_file()),
     )
@@ -201,7 +207,7 @@ def _plan_blocks(plan: dict[str, Any], counts: dict[str, tuple[int, int]], direc
             raise ArtifactError(f"{directory}/plan.json lists {missing[0]}, which the checkpoint lacks")
         numel = sum(counts[n][0] for n in names)
         zeros = sum(counts[n][1] for n in names)
-        blocks.append({**_block_row(g, g["sparsity"], zeros / numel if numel else 0.0), "params": numel})
+        blocks.append({**_block_row(g, g["zeros"] / g["params"], zeros / numel if numel else 0.0), "params": numel})
     return blocks
 
 
@@ -258,46 +264,64 @@ def _weight_counts(directory: Path, wanted: set[str] | None) -> tuple[dict[str, 
 
 
 def _packed_count(fh: Any, name: str, entry: dict[str, Any], path: Path) -> tuple[int, int]:
-    """(numel, zeros) of a tensor in the packed index.
+    """(numel, zeros) of a tensor in the packed index, counted without expanding it.
 
-    Bitmask: from the mask alone (a sixteenth of an fp16 tensor's bytes), checked against the
-    header of the stored values; N:M and dense entries are read whole.
+    Bitmask: from the mask alone (a sixteenth of an fp16 tensor's bytes), counted byte by byte and
+    checked against the header of the stored values; N:M: from the stored values, their shape
+    and that of the group codes checked against the recorded shape; dense entries are read whole.
     """
     shape = entry.get("shape")
     valid = isinstance(shape, list) and len(shape) == 2
-    if not (valid and all(isinstance(v, int) and v >= 0 for v in shape)):
+    if not (valid and all(type(v) is int and v >= 0 for v in shape)):
         raise ArtifactError(f"{path}: {name}: malformed shape {shape!r} in the packed index")
     rows, cols = shape
     layout = entry.get("layout")
     if layout == "bitmask":
         return rows * cols, rows * cols - _bitmask_kept(fh, name, rows, cols, path)
     if layout == "nm":
-        parts = {p: fh.get_tensor(f"{name}{PART_SEPARATOR}{p}") for p in NM_PARTS}
-        t = unpack(parts, "nm", f"{path}: {name}")
-    elif layout == "dense":
+        return rows * cols, rows * cols - _nm_kept(fh, name, rows, cols, path)
+    if layout == "dense":
         t = fh.get_tensor(name)
     else:
         raise ArtifactError(f"{path}: {name}: unknown packed layout {layout!r}")
     return t.numel(), t.numel() - int(_kept(t).sum())
 
 
+def _part(fh: Any, name: str, part: str, path: Path) -> str:
+    key = f"{name}{PART_SEPARATOR}{part}"
+    if key not in fh.keys():  # noqa: SIM118 - safe_open handles are not containers
+        raise ArtifactError(f"{path}: {name}: packed tensor is missing part {part}")
+    return key
+
+
 def _bitmask_kept(fh: Any, name: str, rows: int, cols: int, path: Path) -> int:
-    bitmask = fh.get_tensor(f"{name}{PART_SEPARATOR}bitmask")
-    values = fh.get_slice(f"{name}{PART_SEPARATOR}values").get_shape()
-    expected = (rows, (cols + 7) // 8)
-    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != expected:
-        raise ArtifactError(
-            f"{path}: {name}: bitmask has shape {tuple(bitmask.shape)} ({bitmask.dtype}), "
-            f"expected {expected} (torch.uint8)"
-        )
-    bits = _unpack_bits(bitmask)
-    if bool(bits[:, cols:].any()):
-        raise ArtifactError(f"{path}: {name}: bitmask has non-zero padding bits beyond column {cols}")
-    kept = int(bits.sum())
+    bitmask_shape = fh.get_slice(_part(fh, name, "bitmask", path)).get_shape()
+    values = fh.get_slice(_part(fh, name, "values", path)).get_shape()
+    expected = [rows, (cols + 7) // 8]
+    if fh.get_slice(_part(fh, name, "bitmask", path)).get_dtype() != "U8" or list(bitmask_shape) != expected:
+        raise ArtifactError(f"{path}: {name}: bitmask has shape {bitmask_shape}, expected {expected} (uint8)")
+    bitmask = fh.get_tensor(_part(fh, name, "bitmask", path))
+    kept = int(bitmask_row_counts(bitmask, cols, f"{path}: {name}").sum())
     if len(values) != 1 or values[0] != kept:
         stored = values[0] if len(values) == 1 else f"shape {values} of"
         raise ArtifactError(f"{path}: {name}: bitmask keeps {kept} entries but {stored} values are stored")
     return kept
+
+
+def _nm_kept(fh: Any, name: str, rows: int, cols: int, path: Path) -> int:
+    nm = fh.get_tensor(_part(fh, name, "nm", path))
+    if nm.dtype != torch.int64 or tuple(nm.shape) != (2,):
+        raise ArtifactError(f"{path}: {name}: packed 'nm' must be an int64 tensor of length 2")
+    n, m = (int(v) for v in nm.tolist())
+    if not (1 <= n <= m <= 16) or cols % m:
+        raise ArtifactError(f"{path}: {name}: N:M {n}:{m} does not fit shape [{rows}, {cols}]")
+    width = _nm_tables(n, m)[2]
+    for part, want in (("values", [rows, cols // m * n]), ("indices", [rows, (cols // m * width + 7) // 8])):
+        got = fh.get_slice(_part(fh, name, part, path)).get_shape()
+        if list(got) != want:
+            raise ArtifactError(f"{path}: {name}: N:M {part} have shape {got}, expected {want}")
+    values = fh.get_tensor(_part(fh, name, "values", path))
+    return int(_kept(values).sum())
 
 
 def _is_2d_float(fh: Any, key: str) -> bool:

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from ecoflap_cli.errors import MissingDependencyError, ModelError
+from ecoflap_cli.errors import ArtifactError, MissingDependencyError, ModelError
 
 DTYPES = {
     "float32": torch.float32,
@@ -34,6 +35,15 @@ class LoadOptions:
     offload_folder: str | None = None
     #: sequential mode: keep every block on "cpu" or "disk", onloaded only while it runs
     offload: str | None = None
+    #: check a checkpoint directory's weight files against the sha256 it records
+    verify: bool = True
+    #: hub models: the branch, tag or commit, and the download cache folder (None: the hub's defaults)
+    revision: str | None = None
+    cache_dir: str | None = None
+
+    def hub_kwargs(self) -> dict[str, Any]:
+        """``revision`` and ``cache_dir`` for ``from_pretrained``, when given."""
+        return {k: v for k, v in (("revision", self.revision), ("cache_dir", self.cache_dir)) if v is not None}
 
 
 @dataclass
@@ -42,6 +52,8 @@ class LoadedModel:
     processor: Any  # tokenizer or multimodal processor, None when the model ships none
     source: str
     gguf_file: str | None = None
+    #: why the weights were not verified against recorded checksums (None: verified, or not asked)
+    note: str | None = None
 
     @property
     def tokenizer(self) -> Any:
@@ -208,16 +220,23 @@ def load_model(source: str, opts: LoadOptions | None = None) -> LoadedModel:
         raise ModelError(f"model path not found: {source}")
     if path.suffix == ".gguf":
         return _load_gguf(path, opts)
+    note = None
     if path.is_dir():
-        from ecoflap_cli.io.checkpoint import is_packed_checkpoint
+        from ecoflap_cli.io.checkpoint import is_packed_checkpoint, verify_checksums, weight_files
+        from ecoflap_cli.io.packed import check_readable
 
+        note = verify_checksums(path) if opts.verify else None  # first: a corrupt file is named as such
         if is_packed_checkpoint(path):
-            return _load_packed(path, source, opts)
+            return _load_packed(path, source, opts, note)
+        refuse_pickle_only(path)
+        check_readable(weight_files(path))  # every shard the index names lies inside the directory
     import transformers
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=opts.trust_remote_code)
+        config = transformers.AutoConfig.from_pretrained(
+            source, trust_remote_code=opts.trust_remote_code, **opts.hub_kwargs()
+        )
     except Exception as exc:
         raise ModelError(f"cannot load model {source!r}: {_first_line(exc)}") from None
     cls = _model_class(getattr(config, "model_type", None))
@@ -233,41 +252,84 @@ def load_model(source: str, opts: LoadOptions | None = None) -> LoadedModel:
         if opts.device_map is not None:
             check_budget(source, config, cls, opts)
     try:
-        model = cls.from_pretrained(
+        model, info = cls.from_pretrained(
             source,
             dtype=resolve_dtype(opts.dtype),
             trust_remote_code=opts.trust_remote_code,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # wrong shapes come back in info, named by check_loading_info
+            use_safetensors=True,  # pickle files can run code when read: never unpickled
+            **opts.hub_kwargs(),
             **placement,
         )
-    except (ValueError, OSError, RuntimeError, KeyError) as exc:
+    except (ValueError, OSError, RuntimeError, KeyError, SafetensorError) as exc:
         raise ModelError(f"cannot load model {source!r}: {_first_line(exc)}") from None
+    check_loading_info(info, source)
     if opts.device_map is None:
         model.to(resolve_device(opts.device))
     model.eval()
-    return LoadedModel(model, _load_processor(source, opts.trust_remote_code), source)
+    return LoadedModel(model, _load_processor(source, opts.trust_remote_code, opts.hub_kwargs()), source, note=note)
 
 
-def _load_packed(path: Path, source: str, opts: LoadOptions) -> LoadedModel:
+#: weight files in Python's pickle format (torch.save): reading one can run arbitrary code
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickle_only(path: Path) -> None:
+    """A model directory must hold safetensors weights; one with pickle weights only is refused
+    by name, before transformers sees it (pickle is never loaded)."""
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
+    if pickles:
+        raise ModelError(
+            f"{path} holds pickle weights only ({pickles[0]}): ecoflap reads safetensors, as pickle can run code "
+            "when loaded; convert it where you trust it (model.save_pretrained(dir, safe_serialization=True))"
+        )
+
+
+def check_loading_info(info: dict[str, Any], source: str) -> None:
+    """Refuse a model whose weights do not match its config: weights the config's model needs but
+    the checkpoint lacks (they would be random), weights it has that the model has no place for
+    (they would be dropped), or weights of the wrong shape. Names a few of them.
+
+    ``info`` is ``from_pretrained(..., output_loading_info=True)``'s; transformers has already left
+    out what may legitimately be absent (tied weights, non-persistent buffers, the model class's
+    ignore patterns).
+    """
+    for key, what in (
+        ("missing_keys", "lacks weight(s)"),
+        ("unexpected_keys", "has weight(s) its config has no place for:"),
+        ("mismatched_keys", "has weight(s) of the wrong shape:"),
+    ):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise ArtifactError(f"{source} does not match its config.json: it {what} {', '.join(names[:3])}{more}")
+
+
+def _load_packed(path: Path, source: str, opts: LoadOptions, note: str | None) -> LoadedModel:
     """A packed checkpoint written by ``ecoflap prune --packed``: transformers cannot read it."""
-    from ecoflap_cli.io.pruned import load_pruned
+    from ecoflap_cli.io.pruned import load_pruned_checked
 
     dtype = resolve_dtype(opts.dtype)
-    model = load_pruned(
+    model, _ = load_pruned_checked(
         path,
         None if dtype == "auto" else dtype,
         opts.device,
         trust_remote_code=opts.trust_remote_code,
+        verify=False,  # load_model has verified it
         **_placement(opts),
     )
-    return LoadedModel(model, _load_processor(source, opts.trust_remote_code), source)
+    return LoadedModel(model, _load_processor(source, opts.trust_remote_code), source, note=note)
 
 
-def _load_processor(source: str, trust_remote_code: bool) -> Any:
+def _load_processor(source: str, trust_remote_code: bool, hub: dict[str, Any] | None = None) -> Any:
     import transformers
 
     for loader in (transformers.AutoProcessor, transformers.AutoTokenizer):
         try:
-            return loader.from_pretrained(source, trust_remote_code=trust_remote_code)
+            return loader.from_pretrained(source, trust_remote_code=trust_remote_code, **(hub or {}))
         except Exception:  # noqa: BLE001 - a model may ship only one of them, or none
             continue
     return None

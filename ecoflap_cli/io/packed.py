@@ -43,6 +43,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -61,8 +62,13 @@ NM_PARTS = ("values", "indices", "shape", "nm")
 LAYOUT_PARTS = {"bitmask": BITMASK_PARTS, "nm": NM_PARTS}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+#: packed weights use their own file names, so that ``transformers`` (and every loader that
+#: looks for ``model.safetensors``) finds no weights and fails instead of loading random ones
+PACKED_SINGLE_FILE = "ecoflap-packed.safetensors"
+PACKED_INDEX_FILE = "ecoflap-packed.safetensors.index.json"
 MAX_NM_M = 16
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_PACKED_SHARD_RE = re.compile(r"^ecoflap-packed-\d{5}-of-\d{5}\.safetensors$")
 _ALL_PARTS = frozenset(BITMASK_PARTS) | frozenset(NM_PARTS)
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -158,8 +164,26 @@ def pack_bitmask(t: torch.Tensor) -> Parts:
     }
 
 
-def unpack_bitmask(parts: Mapping[str, torch.Tensor], name: str = "tensor") -> torch.Tensor:
-    """Rebuild the dense tensor from bitmask parts; raise ArtifactError if they are inconsistent."""
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+_POPCOUNT_CHUNK = 1 << 20  # bitmask bytes counted at a time: bounds the counting's memory
+
+
+def bitmask_row_counts(bitmask: torch.Tensor, cols: int, name: str = "tensor") -> torch.Tensor:
+    """Kept entries per row of a (rows, ceil(cols / 8)) uint8 bitmask, counted byte by byte
+    without expanding it to bits; ArtifactError when a padding bit past ``cols`` is set."""
+    rows, nbytes = bitmask.shape
+    if cols % 8 and nbytes and bool((bitmask[:, -1] >> (cols % 8)).any()):
+        raise ArtifactError(f"{name}: bitmask has non-zero padding bits beyond column {cols}")
+    counts = torch.zeros(rows, dtype=torch.int64)
+    step = max(1, _POPCOUNT_CHUNK // max(nbytes, 1))
+    for start in range(0, rows, step):
+        counts[start : start + step] = _POPCOUNT[bitmask[start : start + step].to(torch.int64)].sum(dim=1)
+    return counts
+
+
+def check_bitmask_parts(parts: Mapping[str, torch.Tensor], name: str = "tensor") -> tuple[int, int, torch.Tensor]:
+    """``(rows, cols, mask counts per row)`` of bitmask parts, checked before anything is expanded:
+    part dtypes and shapes against the recorded shape, kept count against stored values, offsets."""
     _require_parts(parts, BITMASK_PARTS, name)
     rows, cols = _shape_of(parts, name)
     values, bitmask, offsets = parts["values"], parts["bitmask"], parts["row_offsets"]
@@ -170,25 +194,28 @@ def unpack_bitmask(parts: Mapping[str, torch.Tensor], name: str = "tensor") -> t
         )
     if values.dim() != 1:
         raise ArtifactError(f"{name}: packed values must be 1-D, got shape {tuple(values.shape)}")
-    bits = _unpack_bits(bitmask)
-    if bool(bits[:, cols:].any()):
-        raise ArtifactError(f"{name}: bitmask has non-zero padding bits beyond column {cols}")
-    mask = bits[:, :cols].bool()
-    counts = mask.sum(dim=1)
+    if offsets.dtype != torch.int64 or tuple(offsets.shape) != (rows,):
+        raise ArtifactError(f"{name}: row_offsets must be int64 of length {rows}")
+    counts = bitmask_row_counts(bitmask, cols, name)
     total = int(counts.sum())
     if total != values.numel():
         raise ArtifactError(f"{name}: bitmask keeps {total} entries but {values.numel()} values are stored")
-    if offsets.dtype != torch.int64 or tuple(offsets.shape) != (rows,):
-        raise ArtifactError(f"{name}: row_offsets must be int64 of length {rows}")
     want = torch.zeros(rows, dtype=torch.int64)
     if rows > 1:
         want[1:] = torch.cumsum(counts, dim=0)[:-1]
     if not torch.equal(offsets, want):
         raise ArtifactError(f"{name}: row_offsets do not match the per-row counts of the bitmask")
-    vbits = _bits_view(values)
+    return rows, cols, counts
+
+
+def unpack_bitmask(parts: Mapping[str, torch.Tensor], name: str = "tensor") -> torch.Tensor:
+    """Rebuild the dense tensor from bitmask parts; raise ArtifactError if they are inconsistent
+    (checked on the packed parts, before the dense tensor is allocated)."""
+    rows, cols, _ = check_bitmask_parts(parts, name)
+    vbits = _bits_view(parts["values"])
     out = torch.zeros((rows, cols), dtype=vbits.dtype)
-    out[mask] = vbits
-    return out.view(values.dtype)
+    out[_unpack_bits(parts["bitmask"])[:, :cols].bool()] = vbits
+    return out.view(parts["values"].dtype)
 
 
 # --------------------------------------------------------------------------- N:M layout
@@ -429,14 +456,33 @@ def _storable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def canonical_header(path: str | os.PathLike[str]) -> None:
+    """Rewrite a safetensors header in place with its ``__metadata__`` keys sorted and its tensor
+    entries in data order, so equal contents give equal bytes (safetensors writes the metadata
+    from a hash map, in an order that changes from run to run). The header keeps its length."""
+    with open(path, "r+b") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(length)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        canonical: dict[str, Any] = {} if meta is None else {"__metadata__": dict(sorted(meta.items()))}
+        canonical.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"], kv[0])))
+        text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length:
+            fh.seek(8)
+            fh.write(text + b" " * (length - len(text)))
+
+
 def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
     stored = _storable(tensors)
     with atomic_file(path) as tmp:
         save_file(stored, tmp, metadata=metadata)
+        canonical_header(tmp)
 
 
 def _packed_metadata(index: dict[str, dict], user: dict[str, str]) -> dict[str, str]:
-    return {**user, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, INDEX_KEY: json.dumps(index)}
+    index_text = json.dumps(index, sort_keys=True)
+    return {**user, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, INDEX_KEY: index_text}
 
 
 def save_packed(
@@ -510,7 +556,25 @@ def _split_parts(
     return dense, parts
 
 
-def _decode_entry(name: str, entry: dict, dense: dict, parts: dict, path: Path) -> torch.Tensor:
+def _check_entry_shape(name: str, entry: dict, own: Mapping[str, torch.Tensor], path: Path, expected: Any) -> None:
+    """Before expanding: the index entry, the stored ``shape`` part, the values' dtype and the
+    shape the caller expects (the model's) must agree, so no size is taken from one field alone."""
+    shape, dtype = entry.get("shape"), entry.get("dtype")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int and v >= 0 for v in shape)):
+        raise ArtifactError(f"{path}: {name}: malformed shape {shape!r} in the packed index")
+    if "shape" in own and list(_shape_of(own, f"{path}: {name}")) != shape:
+        raise ArtifactError(f"{path}: {name}: stored shape {own['shape'].tolist()} does not match the index {shape}")
+    if "values" in own and str(own["values"].dtype).removeprefix("torch.") != dtype:
+        raise ArtifactError(
+            f"{path}: {name}: stored values are {own['values'].dtype}, which does not match the index ({dtype})"
+        )
+    if expected is not None and name in expected and tuple(expected[name]) != tuple(shape):
+        raise ArtifactError(f"{path}: {name} has shape {shape}, the model expects {list(expected[name])}")
+
+
+def _decode_entry(
+    name: str, entry: dict, dense: dict, parts: dict, path: Path, expected: Mapping[str, tuple[int, ...]] | None
+) -> torch.Tensor:
     layout = entry.get("layout")
     if layout == "dense":
         if name not in dense:
@@ -521,7 +585,9 @@ def _decode_entry(name: str, entry: dict, dense: dict, parts: dict, path: Path) 
         extra = sorted(own.keys() - set(LAYOUT_PARTS[layout]))
         if extra:
             raise ArtifactError(f"{path}: {name}: unexpected part(s) {', '.join(extra)} for layout {layout}")
-        t = unpack(own, layout, name)
+        _require_parts(own, LAYOUT_PARTS[layout], f"{path}: {name}")
+        _check_entry_shape(name, entry, own, path, expected)
+        t = unpack(own, layout, f"{path}: {name}")
     else:
         raise ArtifactError(f"{path}: {name}: unknown packed layout {layout!r}")
     if entry.get("dtype") != str(t.dtype).removeprefix("torch.") or entry.get("shape") != list(t.shape):
@@ -532,13 +598,18 @@ def _decode_entry(name: str, entry: dict, dense: dict, parts: dict, path: Path) 
     return t
 
 
-def _decode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path) -> dict[str, torch.Tensor]:
+def _decode(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    path: Path,
+    expected: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict[str, torch.Tensor]:
     index = _parse_index(metadata, path)
     dense, parts = _split_parts(tensors)
     clash = sorted(dense.keys() & parts.keys())
     if clash:
         raise ArtifactError(f"{path}: {clash[0]} is stored both dense and packed")
-    out = {name: _decode_entry(name, entry, dense, parts, path) for name, entry in index.items()}
+    out = {name: _decode_entry(name, entry, dense, parts, path, expected) for name, entry in index.items()}
     if parts:
         raise ArtifactError(f"{path}: packed parts of {min(parts)!r} are not in the tensor index")
     clash = sorted(dense.keys() & out.keys())
@@ -591,11 +662,25 @@ def _plan_shards(
     return shards
 
 
+def is_weight_file(name: str) -> bool:
+    """Whether a file name is one of a checkpoint's weight files or shard indexes (dense or packed)."""
+    names = (SINGLE_FILE, INDEX_FILE, PACKED_SINGLE_FILE, PACKED_INDEX_FILE)
+    return name in names or bool(_SHARD_RE.match(name) or _PACKED_SHARD_RE.match(name))
+
+
+def weight_file_names(total: int, packed: bool) -> tuple[list[str], str]:
+    """The weight file names of a checkpoint with ``total`` shards, and its index file's name."""
+    if total == 1:
+        return [PACKED_SINGLE_FILE if packed else SINGLE_FILE], PACKED_INDEX_FILE if packed else INDEX_FILE
+    stem = "ecoflap-packed" if packed else "model"
+    names = [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+    return names, PACKED_INDEX_FILE if packed else INDEX_FILE
+
+
 def _remove_stale(directory: Path, keep: set[str]) -> None:
     """Delete checkpoint files of an earlier save that the new one does not use."""
     for entry in directory.iterdir():
-        stale = entry.name in (SINGLE_FILE, INDEX_FILE) or _SHARD_RE.match(entry.name)
-        if stale and entry.name not in keep and entry.is_file():
+        if is_weight_file(entry.name) and entry.name not in keep and entry.is_file():
             entry.unlink()
 
 
@@ -614,7 +699,8 @@ def save_sharded(
     Shards hold at most ``max_shard_bytes`` of tensor data unless one tensor alone is larger; the
     parts of a packed tensor always share a shard.  One shard is written as ``model.safetensors``;
     more as ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json`` (written
-    last).  Checkpoint files of an earlier save in ``directory`` are removed afterwards.
+    last); packed files are named ``ecoflap-packed...`` instead of ``model...``.  Checkpoint files
+    of an earlier save in ``directory`` are removed afterwards.
     """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -627,7 +713,7 @@ def save_sharded(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     total = len(shards)
-    names = [SINGLE_FILE] if total == 1 else [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+    names, index_name = weight_file_names(total, packed)
     weight_map: dict[str, str] = {}
     for file_name, members in zip(names, shards):
         tensors = {k: v for i in members for k, v in encoded[i][1].items()}
@@ -641,63 +727,116 @@ def save_sharded(
         index_meta: dict = {"total_size": size}
         if packed:
             index_meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION)
-        body = json.dumps({"metadata": index_meta, "weight_map": weight_map}, indent=2)
-        write_atomic(directory / INDEX_FILE, (body + "\n").encode())
-        written.append(directory / INDEX_FILE)
+        body = json.dumps({"metadata": index_meta, "weight_map": weight_map}, indent=2, sort_keys=True)
+        write_atomic(directory / index_name, (body + "\n").encode())
+        written.append(directory / index_name)
     _remove_stale(directory, {p.name for p in written})
     return written
 
 
-def _load_any(path: Path) -> dict[str, torch.Tensor]:
+def _load_any(path: Path, expected: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
     """Dense tensors of one file, packed or plain."""
     tensors, metadata = _read_safetensors(path)
     if metadata.get("format") == FORMAT_NAME or INDEX_KEY in metadata:
-        return _decode(tensors, metadata, path)
+        return _decode(tensors, metadata, path, expected)
     _, parts = _split_parts(tensors)
     if any({"values", "shape"} <= own.keys() for own in parts.values()):
         raise ArtifactError(f"{path} holds packed parts but no packed-format metadata")
     return tensors
 
 
-def _read_weight_map(index_path: Path) -> dict[str, str]:
+def file_inside(directory: Path, name: str, where: Path) -> Path:
+    """``directory / name`` for a weight file an index names; ArtifactError unless it is a plain
+    file name whose file (symlinks resolved) lies in ``directory`` itself."""
+    if not name or name in (".", "..") or Path(name).name != name or "\\" in name or "\0" in name:
+        raise ArtifactError(f"{where}: shard {name!r} is not a file name in the checkpoint directory")
+    path = directory / name
     try:
-        data = json.loads(index_path.read_text())
+        inside = path.resolve().parent == directory.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        inside = False
+    if not inside:
+        raise ArtifactError(f"{where}: shard {name!r} points outside the checkpoint directory")
+    return path
+
+
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index; every file it names must lie in the index's directory."""
+    try:
+        data = json.loads(index_path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise ArtifactError(f"cannot read shard index {index_path}: {exc}") from None
+        raise ArtifactError(f"cannot read shard index {index_path}: {(str(exc).splitlines() or [''])[0]}") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise ArtifactError(f"{index_path}: 'weight_map' must be an object mapping names to files")
     for file_name in set(weight_map.values()):
-        if Path(file_name).name != file_name or file_name in ("", ".", ".."):
-            raise ArtifactError(f"{index_path}: shard {file_name!r} is not a file name in the directory")
+        file_inside(index_path.parent, file_name, index_path)
     return weight_map
 
 
-def load_sharded(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def find_weights(directory: str | os.PathLike[str]) -> tuple[Path | None, list[Path]]:
+    """``(index, files)`` of a checkpoint directory: its shard index (None for one file) and its
+    weight files in index order, every one inside ``directory``; ``(None, [])`` when it has none.
+
+    Packed names are looked for first; a directory holding both packed and dense weights is refused.
+    """
+    directory = Path(directory)
+    found = []
+    for index_name, single in ((PACKED_INDEX_FILE, PACKED_SINGLE_FILE), (INDEX_FILE, SINGLE_FILE)):
+        index = directory / index_name
+        if index.is_file():
+            names = list(dict.fromkeys(read_weight_map(index).values()))
+            found.append((index, [file_inside(directory, n, index) for n in names]))
+        elif (directory / single).is_file():
+            found.append((None, [file_inside(directory, single, directory)]))
+    if len(found) > 1:
+        raise ArtifactError(f"{directory} holds both packed ({PACKED_SINGLE_FILE}...) and dense weights")
+    return found[0] if found else (None, [])
+
+
+def check_readable(files: Iterable[Path]) -> None:
+    """Open each safetensors file's header (not its data): a truncated file, a broken header or
+    a missing file raises ArtifactError naming it, before another library reads it."""
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                fh.metadata()
+        except FileNotFoundError:
+            raise ArtifactError(f"checkpoint file not found: {path}") from None
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            detail = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ArtifactError(f"cannot read safetensors file {path}: {detail}") from None
+
+
+def load_sharded(
+    directory: str | os.PathLike[str], expected: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, torch.Tensor]:
     """Read a checkpoint written by :func:`save_sharded` (or any HF-style safetensors checkpoint).
 
-    ``directory`` may hold ``model.safetensors.index.json`` with its shards, or ``model.safetensors``;
-    a path to a single ``.safetensors`` file is accepted too.  Packed and dense files both load to
-    dense tensors; missing shards, missing or unexpected tensors raise ArtifactError.
+    ``directory`` may hold a shard index with its shards, or one weight file (packed or dense
+    names); a path to a single ``.safetensors`` file is accepted too.  Packed and dense files both
+    load to dense tensors; missing shards, missing or unexpected tensors raise ArtifactError.
+    ``expected`` (name -> shape, e.g. the model's) is checked against each packed tensor's recorded
+    shape before it is expanded.
     """
     directory = Path(directory)
     if directory.is_file():
-        return _load_any(directory)
-    index_path = directory / INDEX_FILE
-    if not index_path.is_file():
-        if (directory / SINGLE_FILE).is_file():
-            return _load_any(directory / SINGLE_FILE)
-        raise ArtifactError(f"{directory} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
-    weight_map = _read_weight_map(index_path)
+        return _load_any(directory, expected)
+    index_path, files = find_weights(directory)
+    if not files:
+        raise ArtifactError(f"{directory} holds neither {INDEX_FILE} nor {SINGLE_FILE} (nor {PACKED_SINGLE_FILE})")
+    if index_path is None:
+        return _load_any(files[0], expected)
+    weight_map = read_weight_map(index_path)
     by_file: dict[str, set[str]] = {}
     for name, file_name in weight_map.items():
         by_file.setdefault(file_name, set()).add(name)
     out: dict[str, torch.Tensor] = {}
-    for file_name, expected in by_file.items():
-        tensors = _load_any(directory / file_name)
-        missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    for file_name, names in by_file.items():
+        tensors = _load_any(directory / file_name, expected)
+        missing, extra = sorted(names - tensors.keys()), sorted(tensors.keys() - names)
         if missing or extra:
             what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
             raise ArtifactError(f"{directory / file_name}: does not match the shard index ({what})")

@@ -11,6 +11,7 @@ read the packed layout. Dense ones load either way.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,16 @@ import torch
 from torch import nn
 
 from ecoflap_cli.errors import ArtifactError, ModelError
-from ecoflap_cli.io.checkpoint import checkpoint_layout
-from ecoflap_cli.io.loading import _first_line, _model_class, quiet_transformers, resolve_device, resolve_dtype
-from ecoflap_cli.io.packed import load_sharded
+from ecoflap_cli.io.checkpoint import checkpoint_layout, clear_packed_marker, verify_checksums, weight_files
+from ecoflap_cli.io.loading import (
+    _first_line,
+    _model_class,
+    check_loading_info,
+    quiet_transformers,
+    resolve_device,
+    resolve_dtype,
+)
+from ecoflap_cli.io.packed import check_readable, load_sharded
 
 __all__ = ["load_pruned", "model_class"]
 
@@ -44,6 +52,7 @@ def load_pruned(
     device: torch.device | str = "cpu",
     *,
     trust_remote_code: bool = False,
+    verify: bool = True,
     **from_pretrained: Any,
 ) -> nn.Module:
     """Load a pruned checkpoint directory, dense or packed, as the class its config records.
@@ -52,12 +61,34 @@ def load_pruned(
     ``from_pretrained``. Extra keywords (``device_map``, ``max_memory``, ...) go to
     ``from_pretrained``; with a ``device_map`` the model is not moved to ``device``. Every weight
     must come from the checkpoint: a missing, unexpected or mis-shaped tensor raises ArtifactError,
-    an unreadable or corrupt file too. The model is returned in eval mode.
+    an unreadable or corrupt file too. With ``verify`` (the default) every weight file is first
+    checked against the sha256 the checkpoint records (a checkpoint that records none loads with
+    a warning). The model is returned in eval mode.
     """
+    model, note = load_pruned_checked(
+        directory, dtype, device, trust_remote_code=trust_remote_code, verify=verify, **from_pretrained
+    )
+    if note:
+        warnings.warn(note, stacklevel=2)
+    return model
+
+
+def load_pruned_checked(
+    directory: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    *,
+    trust_remote_code: bool = False,
+    verify: bool = True,
+    **from_pretrained: Any,
+) -> tuple[nn.Module, str | None]:
+    """:func:`load_pruned`, returning ``(model, note)``: the note says why the weights were not
+    verified (None when they were, or ``verify`` is False)."""
     import transformers
 
     quiet_transformers()
     directory = Path(directory)
+    note = verify_checksums(directory) if verify and directory.is_dir() else None
     layout = checkpoint_layout(directory) if directory.is_dir() else None
     if layout is None:
         raise ArtifactError(f"{directory} is not a checkpoint directory with safetensors weights")
@@ -65,34 +96,37 @@ def load_pruned(
         config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
         raise ModelError(f"cannot read the config of {directory}: {_first_line(exc)}") from None
+    clear_packed_marker(config)
     cls = model_class(config)
     dtype_arg = "auto" if dtype is None else dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
     kwargs: dict[str, Any] = dict(
         config=config, dtype=dtype_arg, trust_remote_code=trust_remote_code, output_loading_info=True, **from_pretrained
     )
+    kwargs["ignore_mismatched_sizes"] = True  # wrong shapes come back in info, named by check_loading_info
     if layout == "packed":
-        source, kwargs["state_dict"] = None, load_sharded(directory)
+        source, kwargs["state_dict"] = None, load_sharded(directory, _expected_shapes(cls, config))
     else:
         source = str(directory)
+        check_readable(weight_files(directory))
     try:
         model, info = cls.from_pretrained(source, **kwargs)
     except (ValueError, OSError, RuntimeError, KeyError) as exc:
         raise ModelError(f"cannot load {directory}: {_first_line(exc)}") from None
-    _check_complete(info, directory)
+    check_loading_info(info, str(directory))
     model.tie_weights()
     if "device_map" not in from_pretrained:
         model.to(resolve_device(str(device)))
-    return model.eval()
+    return model.eval(), note
 
 
-def _check_complete(info: dict[str, Any], directory: Path) -> None:
-    """Refuse a model any of whose weights did not come from the checkpoint."""
-    for key, what in (
-        ("missing_keys", "lacks"),
-        ("unexpected_keys", "has unexpected"),
-        ("mismatched_keys", "has mis-shaped"),
-    ):
-        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
-        if names:
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            raise ArtifactError(f"{directory} {what} weight(s) {', '.join(names[:3])}{more}")
+def _expected_shapes(cls: Any, config: Any) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of the model the config describes, built on the meta device:
+    packed tensors are checked against them before they are expanded."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights(include_buffers=True):
+            skeleton = cls._from_config(config)
+    except Exception:  # noqa: BLE001 - a config transformers cannot build: from_pretrained reports it
+        return {}
+    return {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}

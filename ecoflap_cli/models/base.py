@@ -166,6 +166,27 @@ class Adapter:
         """A hint for a plan that prunes tensors outside this run's towers (e.g. an opt-in tower)."""
         return ""
 
+    def reconstruction_units(self, block: Block) -> list[str]:
+        """The sub-layers that local reconstruction fits one at a time, as module paths relative
+        to the block, in the order the block runs them; ``""`` is the block itself.
+
+        Default, from the structure alone: each child of the block that holds prunable linears
+        (a child ModuleList's items one by one), e.g. ``self_attn`` and ``mlp`` of a LLaMA or
+        CLIP layer, ``layer.0`` / ``layer.1`` / ``layer.2`` of a T5 block. Linears that sit
+        directly in the block (OPT's ``fc1`` / ``fc2``) have no sub-layer of their own: the whole
+        block is fitted last for them (a single linear alone fits worse than its sub-layer).
+        """
+        units: list[str] = []
+        direct = False
+        for name, child in block.module.named_children():
+            items = list(child.named_children()) if isinstance(child, nn.ModuleList) else [("", child)]
+            for sub, module in items:
+                if isinstance(module, nn.Linear):
+                    direct = True
+                elif any(isinstance(m, nn.Linear) for m in module.modules()):
+                    units.append(f"{name}.{sub}" if sub else name)
+        return [*units, ""] if direct or not units else units
+
     def dense_parts(self) -> list[str]:
         """Human description of what stays dense (for reports)."""
         return ["embeddings", "lm_head", "norms", "biases"]

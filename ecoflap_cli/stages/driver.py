@@ -19,9 +19,13 @@ import torch
 
 from ecoflap_cli import __version__
 from ecoflap_cli.core.methods import ALLOCATORS, AUTO_ALLOCATOR, SCORING, Groups, allocator_settings, scoring_for
-from ecoflap_cli.data.text import Provenance, calibration_windows, to_batches
+from ecoflap_cli.data.text import Provenance, calibration_windows, check_seqlen, context_length, to_batches
 from ecoflap_cli.engine.estimates import check_activation_memory
-from ecoflap_cli.engine.pruning import PruneSettings, prune_model  # noqa: F401 - PruneSettings is part of the stage API
+from ecoflap_cli.engine.pruning import (  # noqa: F401 - PruneSettings is part of the stage API
+    Journal,
+    PruneSettings,
+    prune_model,
+)
 from ecoflap_cli.errors import DataError, PlanError
 from ecoflap_cli.io import artifacts
 from ecoflap_cli.io.loading import LoadedModel, fingerprint
@@ -45,10 +49,7 @@ def default_seqlen(model: torch.nn.Module) -> int:
 
     Wanda took ``max_position_embeddings`` as is and ran out of memory on long-context models.
     """
-    config = getattr(model, "config", None)
-    text_config = getattr(config, "text_config", None) or config
-    limit = getattr(text_config, "max_position_embeddings", None) or 2048
-    return int(min(limit, 2048))
+    return min(context_length(model) or 2048, 2048)
 
 
 def model_info(loaded: LoadedModel, adapter: Adapter) -> dict[str, Any]:
@@ -70,6 +71,7 @@ def calibration_batches(
     if adapter.data_kind == "text":
         if loaded.tokenizer is None:
             raise DataError("the model ships no tokenizer: cannot tokenise calibration text")
+        check_seqlen(loaded.model, opts.seqlen)
         seqlen = opts.seqlen or default_seqlen(loaded.model)
         windows, prov = calibration_windows(
             loaded.tokenizer, opts.calib, opts.samples, seqlen, opts.seed, opts.text_field
@@ -126,6 +128,8 @@ def auto_allocator(scores_doc: dict[str, Any]) -> tuple[str, str]:
     """The default allocator for a scores file, and why (recorded in the plan)."""
     if (scores_doc.get("method") or {}).get("name") == "owl":
         return "owl", "the scores are OWL outlier ratios"
+    if (scores_doc.get("method") or {}).get("name") == "search":
+        return "search", "the scores are levels found by the search"
     towers = {g["tower"] for g in scores_doc["groups"]}
     if len(towers) == 1:
         return "mix", (
@@ -197,6 +201,12 @@ def allocate(
         raise PlanError(f"the {allocator} allocator needs outlier ratios: run `ecoflap score --method owl`")
     if entry.needs == "scores" and kind == "owl":
         raise PlanError(f"the {allocator} allocator needs importance scores, not OWL outlier ratios")
+    if (entry.needs == "levels") != (kind == "search"):
+        raise PlanError(
+            f"the {allocator} allocator needs search levels: run `ecoflap score --method search --sparsity P`"
+            if entry.needs == "levels"
+            else f"search levels go with --allocator search, not {allocator}"
+        )
     groups = scores_doc["groups"]
     towers = list(dict.fromkeys(g["tower"] for g in groups))
     parts = [[g for g in groups if g["tower"] == t] for t in towers] if per_tower else [groups]
@@ -204,6 +214,12 @@ def allocate(
     for part in parts:
         result = entry.resolve()(_groups(part), sparsity, **checked)
         keep.update(zip([g["name"] for g in part], result.keep_counts))
+    emptied = [g["name"] for g in groups if keep[g["name"]] == 0 and sparsity > 0]
+    if emptied:
+        raise PlanError(
+            f"the {allocator} allocator with these settings prunes block {emptied[0]} entirely "
+            f"({len(emptied)} of {len(groups)} blocks at sparsity 1.0): lower --lam, --depth-step or --max-sparsity"
+        )
     record = {"name": allocator, "per_tower": per_tower, **checked, **({"chosen": f"auto: {reason}"} if reason else {})}
     return artifacts.plan_document(scores_doc, record, sparsity, keep)
 
@@ -216,8 +232,10 @@ def prune(
     calibration: dict[str, Any] | None,
     settings: PruneSettings,
     progress: Progress | None = None,
+    journal: Journal | None = None,
 ) -> dict[str, Any]:
-    """The fine stage, in place on ``loaded.model``; returns the report document."""
+    """The fine stage, in place on ``loaded.model``; returns the report document. A ``journal``
+    (``io.resume.ResumeState``) records each finished block, or continues an interrupted run."""
     artifacts.check_model_match(plan, fingerprint(loaded.model), loaded.source, "the plan")
     if settings.nm is not None:
         artifacts.check_nm_plan(plan, settings.nm)
@@ -228,13 +246,16 @@ def prune(
         raise PlanError(
             f"the plan prunes {len(uncovered)} tensors that this run does not cover, e.g. {uncovered[0]}{hint}"
         )
+    artifacts.check_plan_structure(plan, adapter.blocks())
     unknown = sorted(set(settings.compare_groups) - set(adapter.towers()))
     if unknown:
         raise PlanError(
             f"--compare-group names unknown tower {unknown[0]!r} (this model has: {', '.join(adapter.towers())})"
         )
+    check_nm_widths(adapter, settings.nm)
     start = time.perf_counter()
-    results = prune_model(adapter, artifacts.prune_counts(plan), batches, settings, progress)
+    notes: list[dict[str, Any]] = []
+    results = prune_model(adapter, artifacts.prune_counts(plan), batches, settings, progress, notes, journal)
     elapsed = time.perf_counter() - start
     total = sum(r.numel for r in results)
     return {
@@ -245,6 +266,7 @@ def prune(
         "plan_hash": artifacts.doc_hash(plan),
         "solver": settings.solver,
         "solver_settings": settings.solver_settings,
+        "reconstruction": reconstruction_record(settings, notes),
         "nm": list(settings.nm) if settings.nm else None,
         "compare_groups": settings.compare_groups,
         "calibration": calibration,
@@ -254,6 +276,60 @@ def prune(
         "versions": _versions(),
         "tensors": [asdict(r) for r in results],
     }
+
+
+def check_sizes(**sizes: int | None) -> None:
+    """Refuse calibration sizes no run can use, before any model is loaded: ``samples``,
+    ``batch_size`` (and ``score_samples``) at least 1, ``seqlen`` (and ``score_seqlen``) at least
+    2 tokens (a window predicts its next tokens); None means the default."""
+    for name, value in sizes.items():
+        least = 2 if name.endswith("seqlen") else 1
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            option = "--" + name.replace("_", "-")
+            raise DataError(f"{option} must be a whole number of at least {least}, got {value!r}")
+
+
+def check_nm_request(nm: tuple[int, int] | None, sparsity: float | None) -> None:
+    """N:M fixes the sparsity at 1 - N/M: a one-shot target that differs is refused before loading."""
+    if nm is None or sparsity is None:
+        return
+    n, m = nm
+    if abs(sparsity - (m - n) / m) > 1e-3:
+        raise PlanError(
+            f"--nm {n}:{m} prunes exactly {(m - n) / m:.4g} of every tensor: use --sparsity {(m - n) / m:.4g}"
+        )
+
+
+def check_against_model(
+    loaded: LoadedModel, adapter: Adapter, nm: tuple[int, int] | None = None, score_seqlen: int | None = None
+) -> None:
+    """What can be checked only once the model is loaded, before any calibration or pruning:
+    N:M divides every prunable input width, and the scoring windows fit the context."""
+    check_nm_widths(adapter, nm)
+    check_seqlen(loaded.model, score_seqlen, "--score-seqlen")
+
+
+def check_nm_widths(adapter: Adapter, nm: tuple[int, int] | None) -> None:
+    """N:M groups ``m`` consecutive input weights of a row: refuse, before any work, a model with
+    a prunable linear whose input width ``m`` does not divide."""
+    if nm is None:
+        return
+    for block in adapter.blocks():
+        for name, linear in block.linears.items():
+            width = linear.weight.shape[1]
+            if width % nm[1]:
+                raise PlanError(
+                    f"--nm {nm[0]}:{nm[1]} needs input widths that are multiples of {nm[1]}, but {name} has {width}"
+                )
+
+
+def reconstruction_record(settings: PruneSettings, units: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the report says of the reconstruction: method, settings, seed and each unit's fit."""
+    if settings.reconstruct is None:
+        return None
+    return {"name": settings.reconstruct, **settings.reconstruct_settings, "seed": settings.seed, "units": units}
 
 
 @dataclass
@@ -288,6 +364,8 @@ def one_shot_plan(
         scores_doc = structure_document(loaded, adapter)
     else:
         settings = dict(one_shot.scoring_settings or {})
+        if SCORING.get(method).param("target") is not None and settings.get("target") is None:
+            settings["target"] = sparsity  # the search looks for levels of this very target
 
         def compute() -> dict[str, Any]:
             opts = CalibrationOptions(
@@ -310,7 +388,7 @@ def _resolved_allocator(loaded: LoadedModel, adapter: Adapter, allocator: str, s
     if allocator != AUTO_ALLOCATOR:
         return allocator
     probe = structure_document(loaded, adapter)
-    probe["method"] = {"name": "owl" if scoring == "owl" else "auto"}
+    probe["method"] = {"name": scoring if scoring in ("owl", "search") else "auto"}
     return auto_allocator(probe)[0]
 
 

@@ -1,6 +1,6 @@
 """`ecoflap sweep`: several allocators x solvers x sparsities, each pruned and evaluated, in one run.
 
-A method is written ``ALLOCATOR[-SCORING]:SOLVER[@key=value,...]``:
+A method is written ``ALLOCATOR[-SCORING]:SOLVER[+RECONSTRUCTION][@key=value,...]``:
 
     uniform:magnitude  uniform:wanda  uniform:sparsegpt     the baselines
     owl:wanda@m=5,lam=0.08                                  OWL outlier ratios -> OWL allocator
@@ -11,6 +11,7 @@ A method is written ``ALLOCATOR[-SCORING]:SOLVER[@key=value,...]``:
     rank-first:wanda@metric=gradnorm,lam=0.15               sparsity linear in the score's rank
     mix-first:wanda@metric=gradnorm,lam=0.15,alpha=0.5      depth schedule blended with score rank
     llmc:wanda  llmc:sparsegpt  llmc-owl:wanda@m=5,lam=0.08 llm-compressor (the peer; --llmc-python)
+    mix:wanda+sublayer@steps=32,lr=1e-4                     Wanda masks, then local reconstruction
 
 Stages that do not change between runs are computed once and reused: the model is loaded once
 and a CPU copy of its dense state dict is ``load_state_dict``-ed back before every run;
@@ -47,7 +48,7 @@ from typing import Any
 import torch
 
 from ecoflap_cli import __version__
-from ecoflap_cli.core.methods import ALLOCATORS, SCORING, SOLVERS, scoring_for
+from ecoflap_cli.core.methods import ALLOCATORS, RECONSTRUCTION, SCORING, SOLVERS, scoring_for
 from ecoflap_cli.core.registry import Entry
 from ecoflap_cli.data.text import read_text, tokenize_documents
 from ecoflap_cli.engine.memory import total_memory
@@ -74,6 +75,7 @@ class MethodSpec:
     scoring: str | None  # a registered scoring method, or None
     solver: str
     params: tuple[tuple[str, Any], ...] = ()
+    reconstruct: str | None = None  # a RECONSTRUCTION entry, or None
 
     @property
     def peer(self) -> bool:
@@ -88,19 +90,21 @@ class MethodSpec:
         head = self.allocator
         if self.scoring is not None and not self.peer and ALLOCATORS.get(self.allocator).needs == "scores":
             head = f"{head}-{self.scoring}"
-        text = f"{head}:{self.solver}"
+        text = f"{head}:{self.solver}" + (f"+{self.reconstruct}" if self.reconstruct else "")
         if self.params:
             text += "@" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params)
         return text
 
     def owners(self) -> list[Entry]:
-        """The registry entries whose settings the @keys may set: allocator, scoring, solver."""
+        """The registry entries whose settings the @keys may set: allocator, scoring, solver,
+        reconstruction."""
         if self.peer:
             return []
         found = [ALLOCATORS.get(self.allocator)]
         if self.scoring is not None:
             found.append(SCORING.get(self.scoring))
-        return [*found, SOLVERS.get(self.solver)]
+        found.append(SOLVERS.get(self.solver))
+        return found + ([RECONSTRUCTION.get(self.reconstruct)] if self.reconstruct else [])
 
     def settings_of(self, entry: Entry) -> dict[str, Any]:
         """The @key=value settings that belong to ``entry`` (keyed by the parameter's name)."""
@@ -121,6 +125,9 @@ class MethodSpec:
 
     def solver_settings(self) -> dict[str, Any]:
         return self.settings_of(SOLVERS.get(self.solver))
+
+    def reconstruct_settings(self) -> dict[str, Any]:
+        return self.settings_of(RECONSTRUCTION.get(self.reconstruct)) if self.reconstruct else {}
 
     def score_key(self) -> str | None:
         """What identifies this method's scores: methods with equal keys share one scores doc."""
@@ -156,20 +163,24 @@ def _parse_params(text: str, tail: str) -> dict[str, Any]:
 
 
 def parse_method(text: str) -> MethodSpec:
-    """Parse ``ALLOCATOR[-SCORING]:SOLVER[@k=v,...]`` (see the module docstring).
+    """Parse ``ALLOCATOR[-SCORING]:SOLVER[+RECONSTRUCTION][@k=v,...]`` (see the module docstring).
 
     Allocators, scoring methods, solvers and the @keys come from the registries; a scoring method
     left out is the allocator's default, the same one ``ecoflap prune`` uses.
     """
     raw = ALIASES.get(text.strip(), text.strip())
     head, _, tail = raw.partition("@")
-    left, sep, solver = head.partition(":")
-    if not sep or not left or not solver:
+    left, sep, right = head.partition(":")
+    solver, plus, reconstruct = right.partition("+")
+    if not sep or not left or not solver or (plus and not reconstruct):
         raise PlanError(
-            f"method {text!r}: write ALLOCATOR[-SCORING]:SOLVER, e.g. uniform:wanda or ecoflap-zeroth:wanda"
+            f"method {text!r}: write ALLOCATOR[-SCORING]:SOLVER[+RECONSTRUCTION], e.g. uniform:wanda, "
+            "ecoflap-zeroth:wanda or mix:wanda+sublayer"
         )
     params = _parse_params(text, tail)
     if left in PEERS:
+        if plus:
+            raise PlanError(f"method {text!r}: llm-compressor runs take no reconstruction")
         if solver not in PEER_SOLVERS:
             raise PlanError(f"method {text!r}: llm-compressor solvers are {', '.join(PEER_SOLVERS)}")
         unknown = set(params) - set(PEERS[left])
@@ -186,13 +197,16 @@ def parse_method(text: str) -> MethodSpec:
     try:
         scoring = scoring_for(entry, scoring_text or None)
         SOLVERS.get(solver)
+        if plus:
+            RECONSTRUCTION.get(reconstruct)
     except PlanError as exc:
         raise PlanError(f"method {text!r}: {exc}") from None
-    spec = MethodSpec(allocator, scoring, solver)
+    spec = MethodSpec(allocator, scoring, solver, reconstruct=reconstruct or None)
     _check_params(text, spec, params)
     if entry.extra.get("name_with_defaults"):
-        params = {**{p.name: p.default for e in spec.owners()[:-1] for p in e.params}, **params}
-    return MethodSpec(allocator, scoring, solver, tuple(sorted(params.items())))
+        named = [entry, *([SCORING.get(scoring)] if scoring else [])]
+        params = {**{p.name: p.default for e in named for p in e.params}, **params}
+    return MethodSpec(allocator, scoring, solver, tuple(sorted(params.items())), reconstruct or None)
 
 
 def _check_params(text: str, spec: MethodSpec, params: dict[str, Any]) -> None:
@@ -442,13 +456,19 @@ class SweepRunner:
             for name, path in zip(self.cfg.extra_names(), self.cfg.extra_texts or [])
         }
 
-    def scores(self, spec: MethodSpec) -> tuple[dict[str, Any], float, bool]:
+    def scores(self, spec: MethodSpec, sparsity: float) -> tuple[dict[str, Any], float, bool]:
         """(scores doc, seconds it took to compute, reused?) for a method's scoring; once per key.
 
         The scores come from the driver's one-shot path (what ``ecoflap prune --sparsity`` runs),
-        with this runner's cache in front of it.
+        with this runner's cache in front of it. A scoring method that works for one target (the
+        search) is run, and cached, per sparsity.
         """
         key = spec.score_key()
+        settings = spec.scoring_settings()
+        per_target = spec.scoring is not None and SCORING.get(spec.scoring).param("target") is not None
+        if key is not None and per_target and settings.get("target") is None:
+            settings["target"] = sparsity
+            key = f"{key}{'@' if '@' not in key else ','}target={sparsity:g}"
         if key is None:
             if self._structure is None:
                 self._structure = driver.structure_document(self.loaded, self.adapter)
@@ -467,9 +487,7 @@ class SweepRunner:
         self.log(f"scoring: {key} ({len(batches)} batches)")
         start = time.perf_counter()
         assert spec.scoring is not None
-        doc = driver.score(
-            self.loaded, self.adapter, batches, prov, spec.scoring, spec.scoring_settings(), seed=self.cfg.seed
-        )
+        doc = driver.score(self.loaded, self.adapter, batches, prov, spec.scoring, settings, seed=self.cfg.seed)
         seconds = time.perf_counter() - start
         self.counters[f"score:{key}"] += 1
         self._scores[key] = (doc, seconds)
@@ -509,7 +527,7 @@ class SweepRunner:
             return self._run_peer(spec, sparsity)
         record: dict[str, Any] = self._record(spec, sparsity)
         try:
-            scores_doc, score_s, reused = self.scores(spec)
+            scores_doc, score_s, reused = self.scores(spec, sparsity)
             start = time.perf_counter()
             plan = self.plan(spec, sparsity, scores_doc)
             allocate_s = time.perf_counter() - start
@@ -555,7 +573,7 @@ class SweepRunner:
                 record["times"]["prune_s"].extend(entry["oneshot_s"])
                 record["times"].setdefault("prune_cpu_s", []).extend(entry.get("oneshot_cpu_s", []))
         else:
-            scores_doc, _, _ = self.scores(spec)
+            scores_doc, _, _ = self.scores(spec, sparsity)
             plan = self.plan(spec, sparsity, scores_doc)
             record["times"]["prune_s"].append(round(self._prune(spec, plan), 3))
             record["times"].setdefault("prune_cpu_s", []).append(self._last_cpu_s)
@@ -565,7 +583,13 @@ class SweepRunner:
 
     def _prune(self, spec: MethodSpec, plan: dict[str, Any]) -> float:
         self.restore()
-        settings = PruneSettings(spec.solver, solver_settings=spec.solver_settings())
+        settings = PruneSettings(
+            spec.solver,
+            solver_settings=spec.solver_settings(),
+            reconstruct=spec.reconstruct,
+            reconstruct_settings=spec.reconstruct_settings(),
+            seed=self.cfg.seed,
+        )
         batches, prov = self.prune_data() if settings.needs_data else ([], None)
         self._dirty = True
         start, cpu = time.perf_counter(), time.process_time()
@@ -580,6 +604,7 @@ class SweepRunner:
             "allocator": spec.allocator,
             "scoring": spec.scoring,
             "solver": spec.solver,
+            "reconstruct": spec.reconstruct,
             "params": spec.param,
             "sparsity": sparsity,
             "isolated": self.cfg.isolate,

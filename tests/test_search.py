@@ -1,0 +1,192 @@
+"""The search allocator: exact budget on the level grid, seeded, resumable, elitist."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from ecoflap_cli.cli.app import app
+from ecoflap_cli.core import allocation
+from ecoflap_cli.engine.search import SearchSettings, level_bounds, mutate, search_levels, snap
+from ecoflap_cli.io.loading import load_model
+from ecoflap_cli.models import get_adapter
+from ecoflap_cli.stages import driver
+
+
+@given(
+    st.lists(st.integers(1, 4), min_size=2, max_size=12),
+    st.floats(0.05, 0.9),
+    st.sampled_from([0.01, 0.05, 0.1]),
+    st.integers(0, 10_000),
+)
+@settings(max_examples=150, deadline=None)
+def test_snap_and_mutations_keep_every_class_at_the_target(size_ids, target, step, seed):
+    classes: dict[int, list[int]] = {}
+    for i, size in enumerate(size_ids):
+        classes.setdefault(size, []).append(i)
+    groups = list(classes.values())
+    low, high = level_bounds(target, step, 0.2)
+    rng = random.Random(seed)
+    offsets = [rng.uniform(-0.3, 0.3) for _ in size_ids]
+    levels = snap(offsets, groups, step, low, high)
+    for _ in range(20):
+        for members in groups:
+            assert sum(levels[i] for i in members) == 0
+        assert all(low <= k <= high for k in levels)
+        assert all(0.0 <= target + k * step <= 0.99 + 1e-9 for k in levels)
+        levels = mutate(levels, groups, low, high, rng, moves=3)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama, calib_text):
+    loaded = load_model(str(tiny_llama))
+    adapter = get_adapter(loaded.model)
+    opts = driver.CalibrationOptions(str(calib_text), samples=8, seqlen=32, batch_size=4, seed=0)
+    batches, prov = driver.calibration_batches(loaded, adapter, opts)
+    return loaded, adapter, batches, prov
+
+
+def _run(tiny, **overrides):
+    _loaded, adapter, batches, _prov = tiny
+    # a deliberately poor start (a steep depth schedule) so that the tiny model has room to improve
+    options = dict(target=0.7, step=0.1, generations=5, offspring=6, survivors=2, seed=0, start="depth", depth_step=0.1)
+    options.update(overrides)
+    return search_levels(adapter, batches, SearchSettings(**options))
+
+
+def test_search_improves_monotonically_and_restores_the_model(tiny):
+    loaded, _adapter, _batches, _prov = tiny
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    levels, record = _run(tiny)
+    history = record["history"]
+    assert len(history) == 6  # the start and one per generation
+    assert all(b <= a for a, b in zip(history, history[1:]))
+    assert history[-1] < history[0], "the search found nothing better than its start on the tiny model"
+    assert record["fitness_kind"] == "kl"
+    for name, value in loaded.model.state_dict().items():  # dense weights are back
+        assert value.equal(before[name]), name
+    # on the grid, and the mean is the target exactly (all blocks have the same size)
+    assert all(abs(round((s - 0.7) / 0.1) * 0.1 - (s - 0.7)) < 1e-9 for s in levels.values())
+    assert sum(levels.values()) / len(levels) == pytest.approx(0.7, abs=1e-9)
+
+
+def test_search_is_reproducible_with_a_seed_and_differs_across_seeds(tiny):
+    a = _run(tiny)
+    b = _run(tiny)
+    assert a[0] == b[0] and a[1]["history"] == b[1]["history"]
+    c = _run(tiny, seed=7)
+    assert c[1]["history"] != a[1]["history"] or c[0] != a[0]
+
+
+def test_search_resumes_after_an_interruption_to_the_same_result(tiny, tmp_path):
+    _loaded, adapter, batches, _prov = tiny
+    state = tmp_path / "search.json"
+    options = dict(target=0.7, step=0.1, generations=5, offspring=6, survivors=2, seed=0, start="depth", depth_step=0.1)
+    full = search_levels(adapter, batches, SearchSettings(**options))
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(message: str) -> None:
+        if message.startswith("search generation 3/"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        search_levels(adapter, batches, SearchSettings(**options, state=str(state)), interrupt)
+    saved = json.loads(state.read_text())
+    assert saved["generation"] == 3
+    resumed = search_levels(adapter, batches, SearchSettings(**options, state=str(state)))
+    assert resumed[0] == full[0]
+    assert resumed[1]["history"] == full[1]["history"]
+    other = SearchSettings(**{**options, "step": 0.05}, state=str(state))
+    with pytest.raises(Exception, match="another search"):
+        search_levels(adapter, batches, other)
+
+
+def test_search_plan_keeps_the_exact_budget_on_the_grid(tiny):
+    loaded, adapter, batches, prov = tiny
+    levels, record = _run(tiny, generations=2)
+    from ecoflap_cli.io import artifacts
+
+    scores = artifacts.scores_document(driver.model_info(loaded, adapter), adapter.blocks(), levels, record, prov)
+    plan = driver.allocate(scores, 0.7)  # auto picks search for search levels
+    assert plan["allocator"]["name"] == "search"
+    sizes = [g["params"] for g in scores["groups"]]
+    counts = artifacts.prune_counts(plan)
+    total_zeros = sum(counts.values())
+    assert sum(sizes) - total_zeros == allocation.keep_budget(sizes, 0.7)
+    by_block = {g["name"]: 0 for g in scores["groups"]}
+    for tensor, zeros in counts.items():
+        block = next(b for b in by_block if tensor.startswith(b + "."))
+        by_block[block] += zeros
+    for g in scores["groups"]:
+        assert abs(by_block[g["name"]] - levels[g["name"]] * g["params"]) <= 1.0
+    with pytest.raises(Exception, match="found for sparsity"):
+        driver.allocate(scores, 0.6, "search")
+    with pytest.raises(Exception, match="search levels go with"):
+        driver.allocate(scores, 0.7, "mix")
+
+
+def test_one_shot_prune_with_the_search_allocator(tiny_llama, calib_text, tmp_path):
+    out = tmp_path / "pruned"
+    result = CliRunner().invoke(
+        app,
+        [
+            "prune",
+            "--model",
+            str(tiny_llama),
+            "--sparsity",
+            "0.5",
+            "--allocator",
+            "search",
+            "--score-param",
+            "generations=2",
+            "--score-param",
+            "offspring=3",
+            "--calib",
+            str(calib_text),
+            "--samples",
+            "4",
+            "--seqlen",
+            "32",
+            "--score-samples",
+            "8",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["allocator"]["name"] == "search"
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["method"]["name"] == "search" and scores["method"]["target"] == 0.5
+    assert len(scores["method"]["history"]) == 3
+
+
+def test_search_needs_a_target_and_checks_its_settings(tiny_llama, calib_text, tmp_path):
+    runner = CliRunner()
+    bad = runner.invoke(
+        app, ["score", "--model", str(tiny_llama), "--method", "search", "-o", str(tmp_path / "s.json")]
+    )
+    assert bad.exit_code != 0 and "target sparsity" in bad.output
+    bad = runner.invoke(
+        app,
+        ["prune", "--model", str(tiny_llama), "-s", "0.5", "--allocator", "search", "--score-param", "gens=-1"],
+    )
+    assert bad.exit_code != 0 and "generations" in bad.output
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_best_start_is_the_start_with_the_lower_fitness(tiny):
+    _levels, record = _run(tiny, start="best", generations=0)
+    fits = record["start_fitnesses"]
+    assert set(fits) == {"uniform", "depth"}
+    assert record["started_from"] == min(fits, key=fits.get)
+    assert record["start_fitness"] == min(fits.values()) == record["final_fitness"]
+    # the steep depth start is the worse one on the tiny model: the search starts from uniform
+    assert record["started_from"] == "uniform"
