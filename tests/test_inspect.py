@@ -66,7 +66,7 @@ def test_scores(artifacts_dir):
 def test_plan(artifacts_dir):
     summary = inspect_json(artifacts_dir / "plan.json")
     plan = json.loads((artifacts_dir / "plan.json").read_text())
-    assert summary["kind"] == "plan" and summary["allocator"]["name"] == "mix"  # auto, one tower
+    assert summary["kind"] == "plan" and summary["allocator"]["name"] == "ecoflap"  # auto
     assert summary["target_sparsity"] == 0.5
     assert summary["achieved_sparsity"] == plan["achieved_sparsity"]
     assert [b["planned"] for b in summary["blocks"]] == [g["sparsity"] for g in plan["groups"]]

@@ -245,8 +245,8 @@ AllocatorOpt = Annotated[
         ALLOCATORS,
         _methods_help(
             ALLOCATORS,
-            "Allocator; auto: mix for one-tower language models, ecoflap for "
-            "multi-tower models (the plan records which and why).",
+            "Allocator; auto: ecoflap (the paper's rule), owl for OWL scores, search for search "
+            "levels (the plan records which and why).",
         ),
         extra=("auto",),
     ),

@@ -49,8 +49,8 @@ def methods_markdown() -> str:
     lines += _section(
         "Allocators (`--allocator`)",
         ALLOCATORS,
-        "`auto` (the default) chooses `mix` for one-tower language models and `ecoflap` for "
-        "multi-tower models, and records which and why in the plan.",
+        "`auto` (the default) chooses `ecoflap` (`owl` for OWL outlier ratios, `search` for search "
+        "levels), and records which and why in the plan.",
     )
     lines += _section(
         "Scoring methods (`ecoflap score --method`, `prune --score-method`)",

@@ -131,14 +131,10 @@ def auto_allocator(scores_doc: dict[str, Any]) -> tuple[str, str]:
     if (scores_doc.get("method") or {}).get("name") == "search":
         return "search", "the scores are levels found by the search"
     towers = {g["tower"] for g in scores_doc["groups"]}
-    if len(towers) == 1:
-        return "mix", (
-            "one tower: mix (depth schedule + score rank, lam 0.15, alpha 0.5), the best rule on "
-            "the validation split in docs/allocation.md"
-        )
     return "ecoflap", (
-        f"{len(towers)} towers: the paper's rule, which balances towers by score; mix is "
-        "measured on language models only (docs/allocation.md)"
+        "the paper's rule (cap target + 0.1) on the scores: with exact gradient norms, the best "
+        "mean over SmolLM2 and Qwen2.5-Coder on their validation splits at 0.6 and 0.7 "
+        "(docs/allocation.md)" + (f"; it balances the {len(towers)} towers by score" if len(towers) > 1 else "")
     )
 
 
