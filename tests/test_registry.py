@@ -185,7 +185,7 @@ def test_every_param_check_accepts_only_valid_values(name, value):
 @pytest.mark.parametrize(
     "method, options",
     [
-        ("mix:wanda", []),  # the defaults: prune's auto allocator is mix for a one-tower LM, auto scoring
+        ("ecoflap:wanda", []),  # the defaults: prune's auto allocator is ecoflap, auto scoring
         (
             "ecoflap-zeroth:sparsegpt@temp=2,damp=0.02",
             [

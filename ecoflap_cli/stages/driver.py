@@ -132,9 +132,10 @@ def auto_allocator(scores_doc: dict[str, Any]) -> tuple[str, str]:
         return "search", "the scores are levels found by the search"
     towers = {g["tower"] for g in scores_doc["groups"]}
     return "ecoflap", (
-        "the paper's rule (cap target + 0.1) on the scores: with exact gradient norms, the best "
-        "mean over SmolLM2 and Qwen2.5-Coder on their validation splits at 0.6 and 0.7 "
-        "(docs/allocation.md)" + (f"; it balances the {len(towers)} towers by score" if len(towers) > 1 else "")
+        "the paper's rule (cap target + 0.1) on the scores: with exact gradient norms it tied mix "
+        "for the best mean over SmolLM2 and Qwen2.5-Coder validation splits at 0.6 and 0.7, with no "
+        "setting tuned on either model (docs/allocation.md)"
+        + (f"; it balances the {len(towers)} towers by score" if len(towers) > 1 else "")
     )
 
 
