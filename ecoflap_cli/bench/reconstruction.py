@@ -3,8 +3,8 @@
     python -m ecoflap_cli.bench.reconstruction --model smollm2 --sparsities 0.5 0.6 0.7 --split test
     python -m ecoflap_cli.bench.reconstruction --model qwen --split test --split shakespeare --repeats 3
 
-For each sparsity it runs uniform Wanda, uniform SparseGPT, the default allocation (``mix``:
-depth schedule + score rank, scored by ``auto``) with Wanda and with SparseGPT, and each of the
+For each sparsity it runs uniform Wanda, uniform SparseGPT, the default allocation (``ecoflap``,
+the paper's rule, scored by ``auto``) with Wanda and with SparseGPT, and each of the
 four again with reconstruction (``+sublayer`` with the registry's default settings, written out
 in full in the method name so a cached run never stands for other settings). Perplexity is
 measured on the first ``--split`` text (``test``, ``valid`` or ``shakespeare``) and on every other
@@ -32,7 +32,7 @@ from ecoflap_cli.bench.models import MODELS, TEXTS, model_config
 from ecoflap_cli.data import assets
 
 #: the four compared methods, without reconstruction
-BASES = ["uniform:wanda", "uniform:sparsegpt", "mix:wanda", "mix:sparsegpt"]
+BASES = ["uniform:wanda", "uniform:sparsegpt", "ecoflap:wanda", "ecoflap:sparsegpt"]
 REFERENCE = "uniform:sparsegpt"
 
 
