@@ -37,6 +37,8 @@ from ecoflap_cli.bench.smollm import (  # noqa: F401 - re-exported: the benchmar
     SETTINGS,
     SPARSITIES,
     TIMING_METHODS,
+    add_size_options,
+    size_overrides,
     smollm2_config,
 )
 from ecoflap_cli.data import assets
@@ -76,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "other-domain text from ecoflap_cli.data.assets.",
     )
     sizes = parser.add_argument_group("data sizes (default: the benchmark's, see SETTINGS)")
-    for name in ("samples", "seqlen", "score-samples", "score-seqlen", "batch-size", "eval-seqlen", "seed"):
-        sizes.add_argument(f"--{name}", type=int, default=None)
+    add_size_options(sizes, "seed")
     swap = parser.add_argument_group("other model or data (default: SmolLM2 and the Wikipedia splits)")
     swap.add_argument("-m", "--model", help="Model directory or .gguf file instead of SmolLM2.")
     swap.add_argument("--calib", help="Calibration text instead of the Wikipedia calib split.")
@@ -110,12 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         timing_sparsities=args.timing_sparsity or [0.5],
         eval_windows=args.eval_windows,
-        samples=args.samples,
-        seqlen=args.seqlen,
-        score_samples=args.score_samples,
-        score_seqlen=args.score_seqlen,
-        batch_size=args.batch_size,
-        eval_seqlen=args.eval_seqlen,
+        **size_overrides(args),
         seed=args.seed,
         dtype=args.dtype,
         device=args.device,

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ecoflap_cli.bench.models import MODELS, TEXTS, model_config
+from ecoflap_cli.bench.smollm import add_size_options, size_overrides
 from ecoflap_cli.data import assets
 
 #: the four compared methods, without reconstruction
@@ -172,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", help="Output directory (default: CACHE/bench/reconstruction/MODEL-SPLIT).")
     swap = parser.add_argument_group("other model or data (the smoke test)")
     swap.add_argument("--model-path", help="A model directory or .gguf instead of the named model.")
-    for name in ("samples", "seqlen", "score-samples", "score-seqlen", "batch-size", "eval-seqlen"):
-        swap.add_argument(f"--{name}", type=int, default=None)
+    add_size_options(swap)
     parser.add_argument(
         "--block-study",
         type=int,
@@ -220,12 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         log=log,
         threads=args.threads,
         eval_windows=args.eval_windows,
-        samples=args.samples,
-        seqlen=args.seqlen,
-        score_samples=args.score_samples,
-        score_seqlen=args.score_seqlen,
-        batch_size=args.batch_size,
-        eval_seqlen=args.eval_seqlen,
+        **size_overrides(args),
         **({"model": args.model_path} if args.model_path else {}),
     )
     cfg.timing_methods = None  # every method is re-timed: the ratios compare them all

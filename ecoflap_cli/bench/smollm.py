@@ -50,6 +50,21 @@ INTERLEAVED = [
     "ecoflap-zeroth:sparsegpt",
 ]
 SPARSITIES = [0.5, 0.6, 0.7]
+#: the data-size options (``--samples`` ...) the benchmarks built on ``SETTINGS`` take, None = preset
+SIZE_OPTIONS = ("samples", "seqlen", "score-samples", "score-seqlen", "batch-size", "eval-seqlen")
+
+
+def add_size_options(group: Any, *extra: str) -> None:
+    """Add ``--samples`` ... (and ``extra`` integer options) to an argparse group, default None."""
+    for name in (*SIZE_OPTIONS, *extra):
+        group.add_argument(f"--{name}", type=int, default=None)
+
+
+def size_overrides(args: Any) -> dict[str, int | None]:
+    """The parsed size options as ``smollm2_config`` overrides (None: keep the preset)."""
+    return {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name in SIZE_OPTIONS}
+
+
 #: extra prune-stage timing passes (--repeats) go to the solvers compared with llm-compressor
 TIMING_METHODS = ["uniform:wanda", "llmc:wanda", "uniform:sparsegpt", "llmc:sparsegpt"]
 #: the preset's data sizes (CPU-friendly): pruning calibration, scoring, evaluation
