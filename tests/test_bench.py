@@ -220,6 +220,28 @@ def test_alloc_study_tables(
     assert "Chosen on both models: None" in out
 
 
+def test_alloc_study_verdicts_name_each_shortfall(
+    fake_assets: dict[str, Path], cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ecoflap_cli.bench import alloc_study
+    from ecoflap_cli.bench.models import DEFAULT_WANDA
+    from ecoflap_cli.data import assets
+
+    monkeypatch.setattr(assets, "qwen25_coder", lambda: fake_assets["model"])
+    values = {"uniform:wanda": 100.0, "owl:wanda@lam=0.08,m=5": 80.0, "depth:wanda@step=0.01": 90.0}
+
+    def ppl(runner, name, sparsity, extra=None):  # the default: better at 0.6, worse at 0.7
+        if name == DEFAULT_WANDA:
+            return 72.0 if sparsity == 0.6 else 88.0
+        return values.get(name) if extra is None else None  # the other text: baselines not run
+
+    monkeypatch.setattr(alloc_study, "_ppl", ppl)
+    rows = [line for line in alloc_study.verdicts(["smollm2"], DEFAULT_WANDA) if line.startswith("| SmolLM2")]
+    assert rows[0].endswith("| 72.00 | 100.00 | 80.00 | 90.00 | **10.0% lower** |")
+    assert rows[1].endswith("| 88.00 | 100.00 | 80.00 | 90.00 | 10.0% higher (OWL better) |")
+    assert rows[2].endswith("| not run |") and len(rows) == 4
+
+
 def test_alloc_study_chooses_on_both_models_and_leaves_one_out() -> None:
     from ecoflap_cli.bench.alloc_study import VALID_METHODS, choose
 
@@ -543,7 +565,7 @@ def test_reconstruction_on_a_tiny_model(fake_assets: dict[str, Path], tmp_path: 
             "--samples", "4", "--seqlen", "32", "--eval-seqlen", "32", "--eval-windows", "2",
             "-o", str(out)]  # fmt: skip
     assert reconstruction.main(args) == 0
-    text = (out / "results.md").read_text()
+    text = (out / "results-reconstruction.md").read_text()
     assert text in capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| 0.5 |")]
     # uniform SparseGPT (the reference, always run), uniform Wanda, and Wanda with reconstruction
@@ -554,6 +576,29 @@ def test_reconstruction_on_a_tiny_model(fake_assets: dict[str, Path], tmp_path: 
     ]
     assert all(r.split(" | ")[4].endswith("(2)") for r in rows)  # two timings each
     assert rows[0].split(" | ")[5].startswith("1.00")
+
+
+def test_reconstruction_target_table(fake_assets: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from ecoflap_cli.bench import reconstruction
+    from ecoflap_cli.bench.models import DEFAULT_SPARSEGPT, DEFAULT_WANDA
+
+    out = tmp_path / "recon"
+    args = ["--model", "smollm2", "--sparsities", "0.6", "--split", "test", "--split", "shakespeare",
+            "--recon-param", "steps=2", "--recon-param", "lr=0.001", "--method", DEFAULT_WANDA,
+            "--method", DEFAULT_SPARSEGPT, "--threads", "1", "--samples", "4", "--seqlen", "32",
+            "--eval-seqlen", "32", "--eval-windows", "2", "--score-samples", "4", "--score-seqlen", "16",
+            "-o", str(out)]  # fmt: skip
+    assert reconstruction.main(args) == 0
+    text = (out / "results-reconstruction.md").read_text()
+    rows = [line.split(" | ") for line in text.split("The target")[1].splitlines() if line.startswith("| 0.6 |")]
+    assert [r[1] for r in rows] == ["eval", "other"]  # each text at 0.6 (the fake assets' file names)
+    for row in rows:  # the verdict follows the numbers in the row
+        mine, *rivals = (float(v) for v in row[2:5])
+        assert row[5].startswith("**yes**") == all(mine < v for v in rivals)
+    assert "default + Wanda + reconstruction / uniform SparseGPT (pooled medians)" in text
+    # a second call reports from the cache without running anything
+    assert reconstruction.main([*args, "--report-only"]) == 0
+    assert (out / "results-reconstruction.md").read_text() == text
 
 
 def test_reconstruction_block_study(fake_assets: dict[str, Path], capsys) -> None:

@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Any
 
-from ecoflap_cli.bench.models import MODELS, model_config
+from ecoflap_cli.bench.models import MODELS, SIZES, model_config
 
 G = "metric=gradnorm"
 #: the default until this study (mix, lam 0.15, alpha 0.5, on exact gradient norms)
@@ -56,12 +56,8 @@ TEST_METHODS = [
     "uniform:sparsegpt",
 ]
 VALID_SPARSITIES = [0.6, 0.7]
-#: per model: pruning calibration samples (x 512 tokens), evaluation windows (x 512 tokens) per
-#: text, and the sparsities of the test stage
-SIZES: dict[str, dict[str, Any]] = {
-    "smollm2": {"samples": 16, "valid_windows": 10, "test_windows": 10, "sparsities": [0.5, 0.6, 0.7]},
-    "qwen": {"samples": 8, "valid_windows": 4, "test_windows": 4, "sparsities": [0.6, 0.7]},
-}
+#: what the default must beat at 0.6 and 0.7 on every model and text (the issue's bar)
+BASELINES = {"uniform": "uniform:wanda", "OWL": "owl:wanda@m=5,lam=0.08", "depth": "depth:wanda@step=0.01"}
 
 
 def configs(model: str, default: str | None = None) -> dict[str, Any]:
@@ -121,6 +117,38 @@ def choose(scores: dict[str, dict[str, float]], models: list[str]) -> str | None
     return min(common, key=lambda m: sum(scores[model][m] for model in models) / len(models))
 
 
+def verdicts(models: list[str], default: str) -> list[str]:
+    """Markdown: the default against uniform, OWL and depth (Wanda) at 0.6 and 0.7, test stage."""
+    from ecoflap_cli.stages.sweep import SweepRunner, parse_method
+
+    lines = ["", "#### The default against uniform, OWL and depth (all with Wanda), test stage", ""]
+    lines.append(
+        "| model | text | sparsity | default | " + " | ".join(BASELINES) + " | the default against the best of them |"
+    )
+    lines.append("|---|---|---:|---:|" + "---:|" * len(BASELINES) + "---|")
+    for model in models:
+        cfg = configs(model, default)["test"]
+        runner = SweepRunner(cfg)
+        for label, extra in [("Wikipedia test", None)] + [(t, t) for t in cfg.extra_names()]:
+            for p in VALID_SPARSITIES:
+                mine = _ppl(runner, parse_method(default).name, p, extra)
+                theirs = {k: _ppl(runner, parse_method(m).name, p, extra) for k, m in BASELINES.items()}
+                cells = " | ".join("-" if v is None else f"{v:.2f}" for v in [mine, *theirs.values()])
+                known = {k: v for k, v in theirs.items() if v is not None}
+                if mine is None or not known:
+                    verdict = "not run"
+                else:
+                    best = min(known, key=lambda k: known[k])
+                    if mine < known[best]:
+                        verdict = f"**{100 * (1 - mine / known[best]):.1f}% lower**"
+                    else:
+                        verdict = f"{100 * (mine / known[best] - 1):.1f}% higher ({best} better)"
+                    if len(known) < len(BASELINES):
+                        verdict += " (not all run)"
+                lines.append(f"| {MODELS[model][0]} | {label} | {p:g} | {cells} | {verdict} |")
+    return lines
+
+
 def tables(models: list[str]) -> str:
     """The docs' tables from the cached runs, the choice and the leave-one-model-out check."""
     from ecoflap_cli.stages.sweep import SweepRunner, parse_method
@@ -149,6 +177,8 @@ def tables(models: list[str]) -> str:
                         cells.append(f"{v:.2f}" if v is not None else "-")
                     mark = " (default)" if method == default else ""
                     lines.append(f"| {name}{mark} | " + " | ".join(cells) + " |")
+    if default is not None:
+        lines += verdicts(models, default)
     lines += ["", "#### The choice (mean log perplexity ratio to uniform Wanda, validation split, 0.6 and 0.7)", ""]
     lines.append("| candidate | " + " | ".join(MODELS[m][0] for m in MODELS) + " | both |")
     lines.append("|---|" + "---:|" * (len(MODELS) + 1))
@@ -200,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="METHOD@SPARSITY",
         help="valid stage: run just these runs, in this order (e.g. 'uniform:wanda@0.7'; repeat)",
     )
+    parser.add_argument(
+        "--sparsity",
+        type=float,
+        action="append",
+        help="test stage: only this sparsity (repeat; two processes can split a model's sparsities)",
+    )
     args = parser.parse_args(argv)
     models = list(MODELS) if args.model == "both" else [args.model]
 
@@ -229,7 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("test", "all"):
         default = choose(valid_scores(list(MODELS)), list(MODELS))
         for model in models:
-            run_sweep(configs(model, default)["test"], log)
+            cfg = configs(model, default)["test"]
+            if args.sparsity:
+                unknown = sorted(set(args.sparsity) - set(cfg.sparsities))
+                if unknown:
+                    parser.error(f"--sparsity {unknown[0]:g} is not a test sparsity ({cfg.sparsities})")
+                cfg.sparsities = [p for p in cfg.sparsities if p in args.sparsity]
+            run_sweep(cfg, log)
     if args.stage in ("tables", "all"):
         print(tables(models))
     return 0

@@ -26,6 +26,17 @@ MODELS: dict[str, tuple[str, Callable[[], Path]]] = {
 }
 #: evaluation texts: Wikipedia splits and the other-domain text
 TEXTS = ("test", "valid", "shakespeare")
+#: per model: pruning calibration samples (x 512 tokens), evaluation windows (x 512 tokens) per
+#: text on the validation and on the test texts, and the test sparsities (Qwen's sizes are smaller:
+#: it costs about four times as much per token on the same CPU); every two-model benchmark uses them
+SIZES: dict[str, dict[str, Any]] = {
+    "smollm2": {"samples": 16, "valid_windows": 10, "test_windows": 10, "sparsities": [0.5, 0.6, 0.7]},
+    "qwen": {"samples": 8, "valid_windows": 4, "test_windows": 4, "sparsities": [0.5, 0.6, 0.7]},
+}
+#: the default allocation (``auto`` resolves to it), spelled out so every benchmark names it alike
+#: and shares its cached runs
+DEFAULT_WANDA = "ecoflap-first:wanda@metric=gradnorm"
+DEFAULT_SPARSEGPT = "ecoflap-first:sparsegpt@metric=gradnorm"
 
 
 def text_path(text: str) -> str:

@@ -4,19 +4,21 @@
     python -m ecoflap_cli.bench.reconstruction --model qwen --split test --split shakespeare --repeats 3
 
 For each sparsity it runs uniform Wanda, uniform SparseGPT, the default allocation (``ecoflap``,
-the paper's rule, scored by ``auto``) with Wanda and with SparseGPT, and each of the
-four again with reconstruction (``+sublayer`` with the registry's default settings, written out
-in full in the method name so a cached run never stands for other settings). Perplexity is
-measured on the first ``--split`` text (``test``, ``valid`` or ``shakespeare``) and on every other
-one given; the prune stage is timed ``--repeats`` times per run, interleaved with the other
-methods (sparsity outer loop, methods inner), and each method's median is divided by uniform
-SparseGPT's median at the same sparsity.
+the paper's rule on exact gradient norms: what ``auto`` resolves to) with Wanda and with
+SparseGPT, and each of the four again with reconstruction (``+sublayer`` with the registry's
+default settings, written out in full in the method name so a cached run never stands for other
+settings). Perplexity is measured on the first ``--split`` text (``test``, ``valid`` or
+``shakespeare``) and on every other one given. Each method's prune stage is timed in every run
+(sparsity outer loop, methods inner, so methods interleave in time) and ``--repeats`` times per
+run; each median is divided by uniform SparseGPT's at the same sparsity, and a last table gives
+the median over all runs of a method (the prune time hardly depends on the sparsity).
 
 Everything runs through ``ecoflap_cli.stages.sweep.SweepRunner`` (the dense weights, calibration
-batches and scores are computed once) with the SmolLM2 benchmark's data sizes
-(``ecoflap_cli.bench.smollm.SETTINGS``: 16 x 512 calibration tokens). Runs are cached under
-``CACHE/bench/reconstruction/MODEL-SPLIT``: an interrupted benchmark resumes. The tables go to
-``results.md`` there (and stdout).
+batches and scores are computed once) with the model's data sizes from
+``ecoflap_cli.bench.models.SIZES`` (the allocation study's), in the allocation study's cache
+``CACHE/bench/MODEL-TEXT``: the four runs without reconstruction are the same runs as that
+study's, computed once for both, and an interrupted benchmark resumes. The tables go to
+``results-reconstruction.md`` there (and stdout).
 """
 
 from __future__ import annotations
@@ -28,22 +30,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ecoflap_cli.bench.models import MODELS, TEXTS, model_config
+from ecoflap_cli.bench.models import DEFAULT_SPARSEGPT, DEFAULT_WANDA, MODELS, SIZES, TEXTS, model_config
 from ecoflap_cli.bench.smollm import add_size_options, size_overrides
-from ecoflap_cli.data import assets
 
 #: the four compared methods, without reconstruction
-BASES = ["uniform:wanda", "uniform:sparsegpt", "ecoflap:wanda", "ecoflap:sparsegpt"]
+BASES = ["uniform:wanda", "uniform:sparsegpt", DEFAULT_WANDA, DEFAULT_SPARSEGPT]
 REFERENCE = "uniform:sparsegpt"
 
 
-def methods(reconstruction: str, settings: dict[str, Any]) -> list[str]:
-    """The bases and each with reconstruction, every setting spelled out."""
+def with_reconstruction(base: str, reconstruction: str, settings: dict[str, Any]) -> str:
+    """``base`` (``ALLOC:SOLVER[@k=v,..]``) with ``+reconstruction`` and every setting spelled out."""
     from ecoflap_cli.core.methods import RECONSTRUCTION
 
     checked = RECONSTRUCTION.get(reconstruction).settings(settings)
-    tail = ",".join(f"{k}={v}" for k, v in sorted(checked.items()))
-    return [*BASES, *(f"{m}+{reconstruction}@{tail}" for m in BASES)]
+    head, _, given = base.partition("@")
+    tail = ",".join(filter(None, [given, *(f"{k}={v}" for k, v in sorted(checked.items()))]))
+    return f"{head}+{reconstruction}@{tail}"
+
+
+def methods(reconstruction: str, settings: dict[str, Any], bases: list[str] | None = None) -> list[str]:
+    """The bases and each with reconstruction."""
+    chosen = bases or BASES
+    return [*chosen, *(with_reconstruction(m, reconstruction, settings) for m in chosen)]
 
 
 def _median(values: list[float] | None) -> float | None:
@@ -65,7 +73,8 @@ def table(cfg: Any, runner: Any, names: list[str]) -> str:
         for name in names:
             record = runner.load_record(_name(name), sparsity) or {}
             if "error" in record or not record:
-                lines.append(f"| {sparsity:g} | {name} | " + " | ".join("error" for _ in texts) + " | - | - |")
+                what = "error" if record else "-"
+                lines.append(f"| {sparsity:g} | {name} | " + " | ".join(what for _ in texts) + " | - | - |")
                 continue
             ppls = [record.get("ppl"), *((record.get("ppl_extra") or {}).get(t) for t in texts[1:])]
             times = (record.get("times") or {}).get("prune_s") or []
@@ -76,7 +85,56 @@ def table(cfg: Any, runner: Any, names: list[str]) -> str:
                 + " | ".join(_fmt(p) for p in ppls)
                 + f" | {median:.1f} ({len(times)}) | {ratio} |"
             )
+    lines += ["", "Prune time over all sparsities (median of every timing of the method; ratio of medians):", ""]
+    lines += ["| method | prune s (median, n) | vs SparseGPT |", "|---|---:|---:|"]
+    pooled = {}
+    for name in dict.fromkeys([REFERENCE, *names]):
+        times = []
+        for sparsity in cfg.sparsities:
+            record = runner.load_record(_name(name), sparsity) or {}
+            times += (record.get("times") or {}).get("prune_s") or []
+        pooled[name] = times
+    ref = _median(pooled[REFERENCE])
+    for name, times in pooled.items():
+        median = _median(times)
+        if median is not None:
+            ratio = f"{median / ref:.2f}" if ref else "-"
+            lines.append(f"| {name} | {median:.1f} ({len(times)}) | {ratio} |")
+    lines += target(cfg, runner, names, pooled)
     return "\n".join(lines) + "\n"
+
+
+def target(cfg: Any, runner: Any, names: list[str], pooled: dict[str, list[float]]) -> list[str]:
+    """The issue's bar: default + Wanda + reconstruction below uniform SparseGPT and default +
+    SparseGPT at 0.6 and 0.7 on every text, at a prune time no more than uniform SparseGPT's."""
+    mine = next((n for n in names if n.startswith(DEFAULT_WANDA.partition("@")[0] + "+")), None)
+    if mine is None:
+        return []
+    texts = [Path(cfg.text).stem, *cfg.extra_names()]
+    rivals = {"uniform SparseGPT": REFERENCE, "default + SparseGPT": DEFAULT_SPARSEGPT}
+    lines = ["", "The target (default + Wanda + reconstruction against the two SparseGPT runs):", ""]
+    lines += ["| sparsity | text | default + Wanda + recon | " + " | ".join(rivals) + " | below both? |"]
+    lines += ["|---:|---|---:|" + "---:|" * len(rivals) + "---|"]
+
+    def ppl(name: str, sparsity: float, index: int) -> float | None:
+        record = runner.load_record(_name(name), sparsity) or {}
+        value = record.get("ppl") if index == 0 else (record.get("ppl_extra") or {}).get(texts[index])
+        return value if isinstance(value, float) else None
+
+    for sparsity in [p for p in cfg.sparsities if p >= 0.6]:
+        for index, text in enumerate(texts):
+            values = [ppl(mine, sparsity, index), *(ppl(r, sparsity, index) for r in rivals.values())]
+            if any(v is None for v in values):
+                verdict = "not run"
+            else:
+                worse = [k for k, v in zip(rivals, values[1:]) if values[0] >= v]
+                verdict = "**yes**" if not worse else "no: " + ", ".join(worse) + " lower"
+            lines.append(f"| {sparsity:g} | {text} | " + " | ".join(_fmt(v) for v in values) + f" | {verdict} |")
+    ours, ref = _median(pooled.get(mine)), _median(pooled.get(REFERENCE))
+    if ours and ref:
+        lines += ["", f"Prune time, default + Wanda + reconstruction / uniform SparseGPT (pooled medians): "
+                      f"{ours / ref:.2f} ({'within' if ours <= ref else 'over'} the bar)"]  # fmt: skip
+    return lines
 
 
 def _name(method: str) -> str:
@@ -162,15 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--split", action="append", choices=TEXTS, help="Evaluation text (repeat; the first is the main one)."
     )
-    parser.add_argument("--repeats", type=int, default=3, help="Prune-stage timings per run (medians).")
+    parser.add_argument("--repeats", type=int, default=1, help="Prune-stage timings per run (medians).")
     parser.add_argument("--reconstruction", default="sublayer", help="Reconstruction (a registry name).")
     parser.add_argument(
         "--recon-param", action="append", default=[], help="A reconstruction setting NAME=VALUE (repeat)."
     )
-    parser.add_argument("--method", action="append", help="Only these of the eight methods (repeat).")
+    parser.add_argument(
+        "--method", action="append", help="Only these of the four bases (repeat), each with and without."
+    )
+    parser.add_argument("--report-only", action="store_true", help="Only the tables, from the cached runs.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own).")
-    parser.add_argument("--eval-windows", type=int, default=None, help="512-token windows per text (default 20).")
-    parser.add_argument("-o", "--output", help="Output directory (default: CACHE/bench/reconstruction/MODEL-SPLIT).")
+    parser.add_argument(
+        "--eval-windows", type=int, default=None, help="512-token windows per text (default: the model's SIZES)."
+    )
+    parser.add_argument("-o", "--output", help="Output directory (default: CACHE/bench/MODEL-SPLIT, shared).")
     swap = parser.add_argument_group("other model or data (the smoke test)")
     swap.add_argument("--model-path", help="A model directory or .gguf instead of the named model.")
     add_size_options(swap)
@@ -201,35 +264,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     texts = args.split or ["test"]
-    chosen = methods(args.reconstruction, parse_assignments(args.recon_param, "--recon-param"))
+    settings = parse_assignments(args.recon_param, "--recon-param")
     if args.method:
-        unknown = [m for m in args.method if m not in chosen and m not in BASES]
+        unknown = [m for m in args.method if m not in BASES]
         if unknown:
-            parser.error(f"unknown method {unknown[0]!r}: choose from {', '.join(chosen)}")
-        picked = {parse_method(m).name for m in args.method}
-        chosen = [m for m in chosen if parse_method(m).name in picked or parse_method(m.split("+")[0]).name in picked]
+            parser.error(f"unknown method {unknown[0]!r}: choose from {', '.join(BASES)}")
+    chosen = methods(args.reconstruction, settings, [m for m in BASES if not args.method or m in args.method])
     run_methods = chosen if REFERENCE in chosen else [REFERENCE, *chosen]
-    output = args.output or str(assets.cache_dir() / "bench" / "reconstruction" / f"{args.model}-{texts[0]}")
+    size = SIZES[args.model]
+    sizes = {
+        "samples": size["samples"],
+        "eval_windows": size["valid_windows" if texts[0] == "valid" else "test_windows"],
+        **{k: v for k, v in size_overrides(args).items() if v is not None},
+        **({"eval_windows": args.eval_windows} if args.eval_windows else {}),
+    }
     cfg = model_config(
         args.model,
         run_methods,
         args.sparsities,
         text=texts[0],
         extra_texts=texts[1:],
-        output=output,
+        output=args.output,
         log=log,
         threads=args.threads,
-        eval_windows=args.eval_windows,
-        **size_overrides(args),
+        **sizes,
         **({"model": args.model_path} if args.model_path else {}),
     )
+    output = cfg.output
     cfg.timing_methods = None  # every method is re-timed: the ratios compare them all
     runner = SweepRunner(cfg, log)
     specs = [parse_method(m) for m in run_methods]
-    for repeat in range(max(args.repeats, 1)):
+    for repeat in range(0 if args.report_only else max(args.repeats, 1)):
         runner.run_pass(specs, repeat)
     text = table(cfg, runner, run_methods)
-    path = Path(output) / "results.md"
+    path = Path(output) / "results-reconstruction.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(text)
