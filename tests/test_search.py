@@ -73,6 +73,13 @@ def test_search_improves_monotonically_and_restores_the_model(tiny):
     # on the grid, and the mean is the target exactly (all blocks have the same size)
     assert all(abs(round((s - 0.7) / 0.1) * 0.1 - (s - 0.7)) < 1e-9 for s in levels.values())
     assert sum(levels.values()) / len(levels) == pytest.approx(0.7, abs=1e-9)
+    # what it held beyond the model: a dense copy (fp32) and an int16 rank per prunable weight,
+    # and the dense model's log-probabilities (fp16) on every calibration token
+    prunable = sum(lin.weight.numel() for b in _adapter.blocks() for lin in b.linears.values())
+    tokens = sum(b["input_ids"].numel() for b in _batches)
+    vocab = loaded.model.config.vocab_size
+    assert record["memory_bytes"] == {"dense_weights": 4 * prunable, "ranks": 2 * prunable,
+                                      "dense_logprobs": 2 * tokens * vocab}  # fmt: skip
 
 
 def test_search_is_reproducible_with_a_seed_and_differs_across_seeds(tiny):

@@ -400,5 +400,14 @@ def search_levels(
         "evaluations": state["evaluations"],
         "accepted": state["accepted"],
         "search_s": round(time.perf_counter() - started, 3),
+        "memory_bytes": {  # what the search holds beyond the model itself
+            "dense_weights": _nbytes(database.dense.values()),
+            "ranks": _nbytes(database.ranks.values()),
+            "dense_logprobs": _nbytes(fitness.dense),
+        },
     }
     return levels, record
+
+
+def _nbytes(tensors: Any) -> int:
+    return int(sum(t.numel() * t.element_size() for t in tensors))
