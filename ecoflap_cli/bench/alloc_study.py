@@ -6,7 +6,7 @@
 
 SmolLM2-135M (LLaMA, 30 blocks) and Qwen2.5-Coder-0.5B (Qwen2, 24 blocks), pruned with Wanda;
 calibration from the Wikipedia calib split (seed 0); block scores from 32 x 128 tokens. The
-data sizes per model are in ``SIZES`` (Qwen's are smaller: it costs about four times as much per
+data sizes per model are in ``bench.models.SIZES`` (Qwen's are smaller: it costs about four times as much per
 token on the same CPU).
 
 1. ``valid``: the candidate allocators at 0.6 and 0.7, perplexity on the Wikipedia *validation*
@@ -15,8 +15,11 @@ token on the same CPU).
 2. ``test``: the baselines, the candidates worth showing and the chosen default, perplexity on
    the Wikipedia *test* split and on the other-domain text (six Shakespeare tragedies; never used
    to choose anything).
-3. ``tables``: markdown tables from the cached runs (what docs/allocation.md shows), the choice,
-   and the leave-one-model-out check (the choice made on one model alone, scored on the other).
+3. ``peer`` (optional, ``--sparsity P``): llm-compressor's Wanda and SparseGPT beside ecoflap's
+   uniform runs, on the test stage's windows and cache (its venv is created once).
+4. ``tables``: markdown tables from the cached runs (what docs/allocation.md shows), the default
+   against uniform / OWL / depth, the choice, the search's cost, and the leave-one-model-out
+   check (the choice made on one model alone, scored on the other).
 
 Every run is cached under CACHE/bench/, so each stage resumes where it stopped.
 """
@@ -56,16 +59,22 @@ TEST_METHODS = [
     "uniform:sparsegpt",
 ]
 VALID_SPARSITIES = [0.6, 0.7]
+#: the peer stage: llm-compressor's solvers beside ours, in the test stage's cache (same windows)
+PEER_METHODS = ["uniform:wanda", "llmc:wanda", "uniform:sparsegpt", "llmc:sparsegpt"]
 #: what the default must beat at 0.6 and 0.7 on every model and text (the issue's bar)
 BASELINES = {"uniform": "uniform:wanda", "OWL": "owl:wanda@m=5,lam=0.08", "depth": "depth:wanda@step=0.01"}
 
 
-def configs(model: str, default: str | None = None) -> dict[str, Any]:
+def configs(model: str, default: str | None = None, llmc_python: str | None = None) -> dict[str, Any]:
+    """The validation and test stages' sweep configurations; with ``llmc_python`` the test stage
+    runs ``PEER_METHODS`` (llm-compressor beside ecoflap) instead of the allocators."""
     size = SIZES[model]
     common = {"samples": size["samples"], "threads": 1}
     valid = model_config(model, VALID_METHODS, VALID_SPARSITIES, "valid", eval_windows=size["valid_windows"], **common)
-    methods = list(TEST_METHODS)
-    if default is not None:
+    methods = list(TEST_METHODS) if llmc_python is None else list(PEER_METHODS)
+    if llmc_python is not None:
+        common["llmc_python"] = llmc_python
+    elif default is not None:
         for extra in (default, default.replace(":wanda", ":sparsegpt", 1)):
             if extra not in methods:
                 methods.append(extra)
@@ -177,6 +186,12 @@ def tables(models: list[str]) -> str:
                         cells.append(f"{v:.2f}" if v is not None else "-")
                     mark = " (default)" if method == default else ""
                     lines.append(f"| {name}{mark} | " + " | ".join(cells) + " |")
+                for name in [m for m in PEER_METHODS if m.startswith("llmc")] if stage == "test" else []:
+                    cells = [_ppl(runner, name, p, extra) for p in sparsities]
+                    if any(v is not None for v in cells):  # llm-compressor, where the peer stage ran
+                        lines.append(
+                            f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |"
+                        )
     if default is not None:
         lines += verdicts(models, default)
     lines += ["", "#### The choice (mean log perplexity ratio to uniform Wanda, validation split, 0.6 and 0.7)", ""]
@@ -223,7 +238,7 @@ def tables(models: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=(*MODELS, "both"), default="both")
-    parser.add_argument("--stage", choices=("valid", "test", "tables", "all"), default="all")
+    parser.add_argument("--stage", choices=("valid", "test", "peer", "tables", "all"), default="all")
     parser.add_argument(
         "--only",
         action="append",
@@ -272,6 +287,16 @@ def main(argv: list[str] | None = None) -> int:
                     parser.error(f"--sparsity {unknown[0]:g} is not a test sparsity ({cfg.sparsities})")
                 cfg.sparsities = [p for p in cfg.sparsities if p in args.sparsity]
             run_sweep(cfg, log)
+    if args.stage == "peer":  # llm-compressor beside ecoflap, in the test stage's cache
+        from ecoflap_cli.bench.llmc_env import default_root, ensure_llmc_venv
+        from ecoflap_cli.stages.sweep import SweepRunner
+
+        python = str(ensure_llmc_venv(default_root(), log))
+        for model in models:
+            cfg = configs(model, llmc_python=python)["test"]
+            if args.sparsity:
+                cfg.sparsities = [p for p in cfg.sparsities if p in args.sparsity]
+            SweepRunner(cfg, log).run_pass(cfg.specs(), 0)
     if args.stage in ("tables", "all"):
         print(tables(models))
     return 0
