@@ -24,7 +24,7 @@ from ecoflap_cli.models import REGISTRY, get_adapter
 from ecoflap_cli.models.base import hidden_of
 from ecoflap_cli.stages.sweep import parse_method
 
-FIT = {"steps": 12, "lr": 1e-3, "batch": 0, "bias": True}
+FIT = {"steps": 12, "lr": 0.05, "batch": 0, "bias": True}
 
 
 def _batches(rows: int = 4, n: int = 2) -> list[dict]:
@@ -245,3 +245,42 @@ def test_cli_prune_records_the_reconstruction(tiny_llama: Path, calib_text: Path
     assert not (tmp_path / "b").exists()
     off = runner.invoke(app, [*base, "--recon-param", "steps=2", "-o", str(tmp_path / "c")])
     assert off.exit_code != 0 and "--reconstruct" in off.output
+
+
+def _linear_fit(lr: float, scale: float = 1.0):
+    """A pruned linear (half its weights zero) fitted to its dense outputs; weights x ``scale``."""
+    from ecoflap_cli.engine.reconstruction import _Fit
+
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.nn.Linear(32, 16)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(16, 32, generator=gen) * 0.2 * scale)
+        dense.bias.copy_(torch.randn(16, generator=gen) * 0.1 * scale)
+    unit = torch.nn.Linear(32, 16)
+    unit.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        unit.weight.masked_fill_(torch.rand(16, 32, generator=gen) < 0.5, 0.0)
+    inputs = [torch.randn(4, 8, 32, generator=gen) for _ in range(6)]
+    pieces = [(((x,), {}), dense(x).detach()) for x in inputs]
+    pruned = unit.weight.detach().clone()
+    fit = _Fit(unit, "u", ["u.weight", "u.bias"], seed=0)
+    return fit.run(pieces, 8, lr), unit, pruned
+
+
+def test_a_fit_that_does_not_lower_the_error_is_dropped() -> None:
+    record, unit, pruned = _linear_fit(lr=50.0)  # absurd steps: the error rises
+    assert record["kept"] is False and record["error_after"] >= record["error_before"]
+    assert unit.weight.equal(pruned)  # the unit keeps its pruned weights
+    record, unit, pruned = _linear_fit(lr=0.05)
+    assert record["kept"] is True and record["error_after"] < record["error_before"]
+    assert not unit.weight.equal(pruned) and unit.weight[pruned == 0].eq(0).all()
+
+
+def test_the_step_size_is_relative_to_the_weights_scale() -> None:
+    # the same model with weights 10x smaller (Qwen2.5's are about 12x smaller than SmolLM2's):
+    # the same setting gives the same relative improvement
+    big, _, _ = _linear_fit(lr=0.05)
+    small, _, _ = _linear_fit(lr=0.05, scale=0.1)
+    assert small["error_after"] / small["error_before"] == pytest.approx(
+        big["error_after"] / big["error_before"], rel=1e-3
+    )

@@ -226,7 +226,8 @@ SOLVERS.add(
 _RECONSTRUCTION_PARAMS = (
     Param("steps", 8, "Adam steps per unit, each on `batch` rows of one calibration batch.", kind="int",
           low=0, high=100000),
-    Param("lr", 3e-3, "Adam learning rate.", low=0.0, high=1.0),
+    Param("lr", 0.015, "Adam step size, relative: each tensor's rate is lr x its root-mean-square.", low=0.0,
+          high=1.0),
     Param("batch", 1, "Rows (samples) per step; 0: a whole calibration batch.", kind="int", low=0, high=100000),
     Param("bias", True, "Fit the pruned linears' biases too.", kind="bool"),
     Param("inputs_from", "pruned", "Each unit's inputs: what it sees in the pruned block (earlier units "

@@ -14,9 +14,17 @@ then ``mlp``), or the whole block. For each unit, in the order the block runs th
    dense-block inputs (every unit fitted on its own, no re-run);
 3. Adam fits the kept weights of the unit's pruned linears (and their biases, ``bias``) to the
    targets by mean squared error, in fp32 whatever the model's dtype, one calibration batch (or
-   ``batch`` rows of one) per step, in an order drawn from a seeded generator. Gradients of
-   pruned weights are masked, and the final weights keep the old bits wherever the mask is off,
-   so pruned weights stay zero bit for bit. The result is cast back to the model's dtype.
+   ``batch`` rows of one) per step, in an order drawn from a seeded generator. The step size is
+   relative: each tensor's learning rate is ``lr`` times its root-mean-square (a bias: the larger
+   of its own and its weight's), so one setting means the same on models whose weights differ in
+   scale (Qwen2.5's are about 12 times smaller than SmolLM2's; an absolute rate tuned on one
+   destroyed the other). Gradients of pruned weights are masked, and the final weights keep the
+   old bits wherever the mask is off, so pruned weights stay zero bit for bit. The result is cast
+   back to the model's dtype;
+4. a guard: the unit's error on (up to) ``GUARD_PIECES`` calibration pieces is measured before
+   and after the fit, and a fit that did not lower it is dropped (the unit keeps its pruned
+   weights; the record says ``kept: false``), so a step size that is wrong for some model can
+   cost time but never quality on the calibration data.
 
 Norms and everything outside the pruned linears stay as they are. The next block's inputs then
 come from the reconstructed block (the pruner's usual pass).
@@ -40,6 +48,8 @@ from ecoflap_cli.models.base import Adapter, Block, BlockInputs, hidden_of
 
 #: the precision of the fit, whatever the model's dtype
 FIT_DTYPE = torch.float32
+#: calibration pieces the guard measures each unit's error on, before and after its fit
+GUARD_PIECES = 4
 
 
 @dataclass
@@ -210,9 +220,31 @@ class _Fit:
         args, kwargs = item
         return hidden_of(functional_call(self.unit, {**self.frozen, **self.leaves}, tuple(args), dict(kwargs)))
 
+    def _rms(self, rel: str) -> float:
+        """The tensor's root-mean-square (a weight: over its kept entries; a bias: the larger of
+        its own and its weight's), the unit of its step size."""
+        value = self.frozen[rel]
+        if rel in self.masks:
+            value = value[self.masks[rel]]
+        rms = float(value.square().mean().sqrt()) if value.numel() else 0.0
+        weight = rel[: -len("bias")] + "weight"
+        if rel.endswith("bias") and weight in self.frozen:
+            rms = max(rms, float(self.frozen[weight].square().mean().sqrt()))
+        return max(rms, 1e-12)
+
+    def _error(self, pieces: list[tuple[BlockInputs, torch.Tensor]], scales: list[float]) -> float:
+        with torch.no_grad():
+            return sum(
+                float(torch.nn.functional.mse_loss(self._forward(item), target)) / scale
+                for (item, target), scale in zip(pieces, scales)
+            ) / max(len(pieces), 1)
+
     def run(self, pieces: list[tuple[BlockInputs, torch.Tensor]], steps: int, lr: float) -> dict[str, Any]:
-        optimizer = torch.optim.Adam(list(self.leaves.values()), lr=lr)
+        groups = [{"params": [leaf], "lr": lr * self._rms(rel)} for rel, leaf in self.leaves.items()]
+        optimizer = torch.optim.Adam(groups, lr=lr)
         scales = [max(float(target.square().mean()), 1e-30) for _, target in pieces]
+        guard = pieces[:GUARD_PIECES]
+        before = self._error(guard, scales) if steps > 0 else None
         order: list[int] = []
         errors = []
         for _ in range(steps):
@@ -228,13 +260,19 @@ class _Fit:
                 for rel, keep in self.masks.items():
                     self.leaves[rel].masked_fill_(~keep, 0.0)
             errors.append(float(loss.detach()) / scales[index])
-        self._write()
+        after = self._error(guard, scales) if steps > 0 else None
+        kept = before is None or after is None or after < before
+        if kept:
+            self._write()
         window = max(len(errors) // 4, 1)  # the first and last quarter of the steps
         return {
             "weights": sum(int(k.sum()) for k in self.masks.values()),
             "steps": steps,
             "error_first": sum(errors[:window]) / window if errors else None,
             "error_last": sum(errors[-window:]) / window if errors else None,
+            "error_before": before,
+            "error_after": after,
+            "kept": kept,
         }
 
     def _write(self) -> None:
