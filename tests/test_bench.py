@@ -572,7 +572,7 @@ def test_reconstruction_on_a_tiny_model(fake_assets: dict[str, Path], tmp_path: 
     assert [r.split(" | ")[1] for r in rows] == [
         "uniform:sparsegpt",
         "uniform:wanda",
-        "uniform:wanda+sublayer@batch=1,bias=True,inputs_from=pruned,lr=0.003,steps=2",
+        "uniform:wanda+sublayer@batch=1,bias=True,inputs_from=pruned,lr=0.015,steps=2",
     ]
     assert all(r.split(" | ")[4].endswith("(2)") for r in rows)  # two timings each
     assert rows[0].split(" | ")[5].startswith("1.00")
