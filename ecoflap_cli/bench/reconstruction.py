@@ -171,7 +171,7 @@ def block_study(
     seqlen: int | None = None,
 ) -> list[str]:
     """The per-block proxy of docs/reconstruction.md: each listed block of the dense model pruned
-    by ``SOLVER[+RECONSTRUCTION][@k=v,..]`` (e.g. ``wanda+sublayer@lr=0.003``) to ``sparsity``;
+    by ``SOLVER[+RECONSTRUCTION][@k=v,..]`` (e.g. ``wanda+sublayer@lr=0.03``) to ``sparsity``;
     the relative error of its update (output - input) against the dense block's on the
     calibration windows and on 4 held-out validation windows, and the time of the block's prune."""
     import torch
