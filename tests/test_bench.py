@@ -249,6 +249,7 @@ def test_alloc_study_chooses_on_both_models_and_leaves_one_out() -> None:
     scores = {"smollm2": {a: 0.0, b: -0.30, c: -0.20}, "qwen": {a: 0.0, b: 0.05, c: -0.10}}
     assert choose(scores, ["smollm2", "qwen"]) == c  # -0.15 beats b's -0.125
     assert choose(scores, ["smollm2"]) == b and choose(scores, ["qwen"]) == c
+    assert choose(scores, ["smollm2", "qwen"], excluded={c}) == b  # over the time budget: not eligible
     del scores["qwen"][c]  # a candidate not measured on every model is not chosen
     assert choose(scores, ["smollm2", "qwen"]) == b
 

@@ -31,6 +31,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Collection
 from typing import Any
 
 from ecoflap_cli.bench.models import MODELS, SIZES, model_config
@@ -59,6 +60,8 @@ TEST_METHODS = [
     "uniform:sparsegpt",
 ]
 VALID_SPARSITIES = [0.6, 0.7]
+#: the time budget of a default: its scoring may cost at most this many Wanda prunes (median)
+BUDGET = 3.0
 #: the peer stage: llm-compressor's solvers beside ours, in the test stage's cache (same windows)
 PEER_METHODS = ["uniform:wanda", "llmc:wanda", "uniform:sparsegpt", "llmc:sparsegpt"]
 #: what the default must beat at 0.6 and 0.7 on every model and text (the issue's bar)
@@ -118,9 +121,33 @@ def valid_scores(models: list[str]) -> dict[str, dict[str, float]]:
     return out
 
 
-def choose(scores: dict[str, dict[str, float]], models: list[str]) -> str | None:
-    """The candidate with the lowest mean score over ``models`` (among those measured on all)."""
-    common = [m for m in VALID_METHODS if all(m in scores.get(model, {}) for model in models)]
+def scoring_costs(models: list[str]) -> dict[str, list[float]]:
+    """Candidate -> its scoring time / the Wanda prune's time, for every run (valid and test
+    stages) that computed its scores and pruned in the same process (the search: every run)."""
+    from ecoflap_cli.stages.sweep import SweepRunner, parse_method
+
+    out: dict[str, list[float]] = {}
+    for model in models:
+        for cfg in configs(model).values():
+            runner = SweepRunner(cfg)
+            for method in VALID_METHODS:
+                for p in sorted(set(VALID_SPARSITIES) | set(SIZES[model]["sparsities"])):
+                    times = (runner.load_record(parse_method(method).name, p) or {}).get("times") or {}
+                    if times.get("score_reused") is False and times.get("prune_s"):
+                        out.setdefault(method, []).append(times["score_s"] / statistics.median(times["prune_s"]))
+    return out
+
+
+def over_budget(models: list[str]) -> dict[str, float]:
+    """Candidates whose median scoring cost is over ``BUDGET`` prunes (-> that median)."""
+    medians = {m: statistics.median(r) for m, r in scoring_costs(models).items()}
+    return {m: v for m, v in medians.items() if v > BUDGET}
+
+
+def choose(scores: dict[str, dict[str, float]], models: list[str], excluded: Collection[str] = ()) -> str | None:
+    """The candidate with the lowest mean score over ``models`` (among those measured on all and
+    not ``excluded``)."""
+    common = [m for m in VALID_METHODS if m not in excluded and all(m in scores.get(model, {}) for model in models)]
     if not common:
         return None
     return min(common, key=lambda m: sum(scores[model][m] for model in models) / len(models))
@@ -163,7 +190,8 @@ def tables(models: list[str]) -> str:
     from ecoflap_cli.stages.sweep import SweepRunner, parse_method
 
     scores = valid_scores(list(MODELS))
-    default = choose(scores, list(MODELS))
+    dear = over_budget(list(MODELS))
+    default = choose(scores, list(MODELS), dear)
     lines = []
     for model in models:
         title = MODELS[model][0]
@@ -222,11 +250,13 @@ def tables(models: list[str]) -> str:
     if ratios:
         lines.append(f"| median | | | | | {statistics.median(ratios):.1f} |")
     lines += ["", f"Chosen on both models: {default}"]
+    for method, ratio in dear.items():
+        lines.append(f"Not eligible: {method} (its scoring costs {ratio:.1f} prunes, median; the budget is {BUDGET:g})")
     for held in MODELS:
         others = [m for m in MODELS if m != held]
-        pick = choose(scores, others)
+        pick = choose(scores, others, dear)
         if pick is not None and pick in scores.get(held, {}):
-            best = choose(scores, [held])
+            best = choose(scores, [held], dear)
             lines.append(
                 f"Leave-one-model-out: chosen on {', '.join(MODELS[m][0] for m in others)} alone: {pick}; "
                 f"on {MODELS[held][0]} it scores {scores[held][pick]:+.3f} (the best there, {best}: "
@@ -278,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run_sweep(configs(model)["valid"], log)
     if args.stage in ("test", "all"):
-        default = choose(valid_scores(list(MODELS)), list(MODELS))
+        default = choose(valid_scores(list(MODELS)), list(MODELS), over_budget(list(MODELS)))
         for model in models:
             cfg = configs(model, default)["test"]
             if args.sparsity:
