@@ -613,6 +613,22 @@ def test_reconstruction_block_study(fake_assets: dict[str, Path], capsys) -> Non
     assert float(rows[1][3]) < float(rows[0][3])  # the fit lowers the block's error on its calibration data
 
 
+def test_reconstruction_block_study_measures_each_block_in_the_dense_model(
+    fake_assets: dict[str, Path], capsys
+) -> None:
+    from ecoflap_cli.bench import reconstruction
+
+    def block_rows(*blocks: str) -> dict[str, str]:
+        args = ["--block-study", *blocks, "--setting", "wanda", "--sparsities", "0.5", "--samples", "4",
+                "--seqlen", "16"]  # fmt: skip
+        assert reconstruction.main(args) == 0
+        rows = [line for line in capsys.readouterr().out.splitlines() if line[:3] in ("| 0", "| 1")]
+        return {r.split(" | ")[0]: r.rsplit(" | ", 1)[0] for r in rows}  # without the time
+
+    # block 1 alone and after block 0: the same inputs (block 0 is dense again before block 1)
+    assert block_rows("0", "1")["| 1"] == block_rows("1")["| 1"]
+
+
 # --- scoring_cost -----------------------------------------------------------------------------
 
 

@@ -210,6 +210,9 @@ def block_study(
             errors = [_update_error(block, part, targets) for part, targets in zip(data, dense)]
             lines.append(f"| {index} | {text} | {errors[0]:.4f} | {errors[1]:.4f} | {elapsed:.1f} |")
             print(lines[-1], flush=True)
+        with torch.no_grad():  # the block dense again: later blocks see the dense model's activations
+            for name, param in block.module.named_parameters():
+                param.copy_(dense_state[name])
     return lines
 
 
