@@ -20,6 +20,7 @@ image, such as BLIP-2, InstructBLIP and LLaVA) return plain dicts of metrics com
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from collections import Counter
@@ -37,7 +38,15 @@ from ecoflap_cli.models import get_adapter
 from ecoflap_cli.models.base import Adapter
 from ecoflap_cli.models.layout import IGNORE_INDEX
 
-__all__ = ["IGNORE_INDEX", "RecordTexts", "make_multimodal_batches", "read_class_folders", "read_image_text_jsonl"]
+__all__ = [
+    "DEFAULT_IMAGE_TEXT_DATASET",
+    "IGNORE_INDEX",
+    "RecordTexts",
+    "default_image_text_records",
+    "make_multimodal_batches",
+    "read_class_folders",
+    "read_image_text_jsonl",
+]
 
 Record = dict[str, Any]
 Batch = dict[str, torch.Tensor]
@@ -286,6 +295,137 @@ def make_multimodal_batches(
         batch.update(adapter.calibration_text(processor, chunk, max_text_len, texts))
         batches.append(batch)
     return batches
+
+
+# --------------------------------------------------------------------------------------------
+# The default image-text calibration set (from the hub)
+# --------------------------------------------------------------------------------------------
+
+#: Conceptual Captions 3M (web images with alt-text captions), as WebDataset shards with the
+#: images inside (``jpg``, ``txt``): the set the ECoFLaP reference calibrates BLIP-2 on (its jobs
+#: are named ``cc3m-...`` and read ``num_data_first_stage 128`` pairs). Streamed: only the shards
+#: that the seeded shuffle reads are downloaded, never the whole set.
+DEFAULT_IMAGE_TEXT_DATASET = "pixparse/cc3m-wds"
+IMAGE_COLUMNS = ("jpg", "image", "png", "jpeg", "webp")
+CAPTION_COLUMNS = ("txt", "caption", "text", "captions", "sentences")
+
+
+def _column(row: dict[str, Any], names: Sequence[str]) -> Any:
+    for name in names:
+        if row.get(name) is not None:
+            return row[name]
+    return None
+
+
+def _row_caption(row: dict[str, Any]) -> str | None:
+    value = _column(row, CAPTION_COLUMNS)
+    if isinstance(value, list):
+        value = next((v.get("raw", v.get("text")) if isinstance(v, dict) else v for v in value), None)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return " ".join(value.split()) if isinstance(value, str) and value.strip() else None
+
+
+def _row_image(row: dict[str, Any]) -> Any:
+    """The row's image as a PIL RGB image, or None when it has none or it cannot be decoded."""
+    import io
+
+    value = _column(row, IMAGE_COLUMNS)
+    if isinstance(value, dict):  # an undecoded datasets Image: {"bytes": ..., "path": ...}
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, bytes):
+        value = io.BytesIO(value)
+    if value is None:
+        return None
+    try:
+        return load_image(value)
+    except DataError:
+        return None
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_") or "dataset"
+
+
+def default_image_text_records(
+    samples: int,
+    seed: int,
+    *,
+    dataset: str = DEFAULT_IMAGE_TEXT_DATASET,
+    split: str = "train",
+    shuffle_buffer: int = 1000,
+    cache: str | Path | None = None,
+) -> list[Record]:
+    """``samples`` image-caption pairs from a hub dataset (default: CC3M), as the records
+    :func:`read_image_text_jsonl` returns (``{"image": absolute path, "caption": text}``).
+
+    The dataset is streamed through ``datasets`` (shuffled with ``seed`` in a buffer of
+    ``shuffle_buffer`` rows); ``dataset`` may also be a local directory written by
+    ``Dataset.save_to_disk`` (read the same way). A row needs an image column (``jpg``, ``image``,
+    ...) and a caption column (``txt``, ``caption``, ``captions``, ...); rows whose image does not
+    decode or whose caption is empty are skipped. The images are written as PNG files with a
+    ``records.jsonl`` beside them under ``cache`` (default ``$ECOFLAP_CACHE/calibration/...``),
+    which is read back with :func:`read_image_text_jsonl`, so a later call with the same
+    arguments needs no network and the batches equal those of ``--calib records.jsonl``.
+
+    Without ``datasets`` or without the hub, one line: a ``MissingDependencyError`` or a
+    ``DataError`` naming the dataset and ``--calib``.
+    """
+    from ecoflap_cli.errors import MissingDependencyError
+
+    if samples < 1:
+        raise DataError(f"the number of calibration pairs must be at least 1, got {samples}")
+    local = Path(dataset).expanduser()
+    is_local = local.is_dir()
+    name = str(local.resolve()) if is_local else dataset
+    if cache is None:
+        from ecoflap_cli.data.assets import cache_dir
+
+        tag = hashlib.sha1(name.encode()).hexdigest()[:8] if is_local else _slug(dataset)
+        cache = cache_dir() / "calibration" / f"{tag}-{_slug(split)}-seed{seed}-n{samples}-b{shuffle_buffer}"
+    folder = Path(cache)
+    listing = folder / "records.jsonl"
+    if listing.is_file():
+        return read_image_text_jsonl(listing)
+    hint = "pass local image-text pairs with --calib FILE.jsonl"
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        raise MissingDependencyError("datasets", f"the default image-text calibration set ({dataset}; or {hint})",
+                                     "hub") from None  # fmt: skip
+    pairs: list[tuple[Any, str]] = []
+    try:
+        if is_local:
+            stream = datasets.load_from_disk(str(local))
+            if isinstance(stream, datasets.DatasetDict):
+                stream = stream[split]
+            stream = stream.to_iterable_dataset()
+        else:
+            stream = datasets.load_dataset(dataset, split=split, streaming=True)
+        for row in stream.shuffle(seed=seed, buffer_size=shuffle_buffer):
+            caption, image = _row_caption(row), _row_image(row)
+            if caption is not None and image is not None:
+                pairs.append((image, caption))
+                if len(pairs) == samples:
+                    break
+    except Exception as exc:  # network, auth, a missing dataset or split: all end the same way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = f"local dataset {name}" if is_local else f"hub dataset {dataset!r}"
+        raise DataError(f"cannot load the default image-text calibration set, {where} ({first}); {hint}") from None
+    if not pairs:
+        raise DataError(f"{name} holds no image-caption pairs (an image column and a caption column); {hint}")
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, (image, caption) in enumerate(pairs):
+        file = f"{index:05d}.png"
+        partial = folder / f".{file}.part"
+        image.save(partial, format="PNG")
+        partial.replace(folder / file)
+        lines.append(json.dumps({"image": file, "caption": caption}) + "\n")
+    partial = folder / ".records.jsonl.part"
+    partial.write_text("".join(lines), encoding="utf-8")
+    partial.replace(listing)  # written last: a folder without it is never taken as complete
+    return read_image_text_jsonl(listing)
 
 
 # --------------------------------------------------------------------------------------------
