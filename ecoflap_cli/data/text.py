@@ -19,16 +19,30 @@ DEFAULT_TEXT_DATASET = ("allenai/c4", "en/c4-train.00000-of-01024.json.gz")
 
 @dataclass(frozen=True)
 class Provenance:
-    """Where calibration tokens came from, recorded in every artifact."""
+    """Where calibration tokens came from, recorded in every artifact.
+
+    ``source`` is the file, ``hub:NAME``, ``self`` or the whole mixing spec; ``tokens`` the size of
+    the token stream the windows were drawn from (all sources together). For ``self`` and for a
+    mixture, ``sources`` has one record per source: its name, its share of the windows (``weight``,
+    normalised to sum 1), the windows it gave (``samples``), its stream's tokens and, for ``self``,
+    the generation recipe (``recipe``). A single file or hub source leaves it None, and
+    ``to_dict`` then writes the record as it always did.
+    """
 
     source: str
     samples: int
     seqlen: int
     seed: int
     tokens: int
+    sources: tuple[dict[str, Any], ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        out = self.__dict__.copy()
+        if self.sources is None:
+            del out["sources"]
+        else:
+            out["sources"] = [dict(s) for s in self.sources]
+        return out
 
 
 def read_text(path: str | Path, text_field: str = "text") -> list[str]:
@@ -216,15 +230,68 @@ def hub_documents(dataset: str, data_file: str | None, limit: int, seed: int) ->
     return [ds[i]["text"] for i in picks]
 
 
-def calibration_windows(
+#: the ``--calib`` name of self-generated calibration text (see ``data.self_calib``)
+SELF_SOURCE = "self"
+
+
+def parse_calib_spec(calib: str) -> list[tuple[str, float]]:
+    """``--calib`` as ``[(source, weight)]``, weights normalised to sum 1.
+
+    One source: a file path, ``hub:NAME`` or ``self`` (weight 1). Several sources mixed in stated
+    proportions: ``SOURCE:WEIGHT,SOURCE:WEIGHT,...`` (``wiki.txt:0.5,self:0.5``; weights are
+    positive numbers, normalised, so ``a.txt:1,self:3`` is a quarter and three quarters). A value
+    that names an existing file is always that one file, whatever commas or colons it holds.
+    """
+    if Path(calib).is_file() or "," not in calib and not _weighted(calib)[1]:
+        return [(calib, 1.0)]
+    items = [part.strip() for part in calib.split(",")]
+    parsed = [_weighted(item) for item in items]
+    if any(not name for name, _ in parsed):
+        raise DataError(f"--calib {calib!r}: an empty source in the mix")
+    if any(weight is None for _, weight in parsed):
+        raise DataError(
+            f"--calib {calib!r}: give every source of a mix a weight, as SOURCE:WEIGHT (e.g. wiki.txt:0.5,self:0.5)"
+        )
+    weights = [float(w) for _, w in parsed]  # type: ignore[arg-type]
+    if any(not (w > 0 and w < float("inf")) for w in weights):
+        raise DataError(f"--calib {calib!r}: mixing weights must be positive numbers")
+    names = [name for name, _ in parsed]
+    if len(set(names)) != len(names):
+        raise DataError(f"--calib {calib!r}: a source appears twice in the mix")
+    total = sum(weights)
+    return [(name, w / total) for name, w in zip(names, weights)]
+
+
+def _weighted(item: str) -> tuple[str, float | None]:
+    """``SOURCE:WEIGHT`` -> (SOURCE, WEIGHT); anything else -> (item, None)."""
+    head, sep, tail = item.rpartition(":")
+    if not sep or not head:
+        return item, None
+    try:
+        return head, float(tail)
+    except ValueError:
+        return item, None
+
+
+def _source_windows(
     tokenizer: Any,
     calib: str | None,
     samples: int,
     seqlen: int,
     seed: int,
-    text_field: str = "text",
-) -> tuple[torch.Tensor, Provenance]:
-    """Token windows for calibration from ``calib`` (file path or ``hub:NAME``) or the default."""
+    text_field: str,
+    model: Any,
+    self_recipe: Any,
+) -> tuple[torch.Tensor, str, int, dict[str, Any] | None]:
+    """Windows of one source: (windows, its recorded name, its stream's tokens, its recipe)."""
+    if calib == SELF_SOURCE:
+        from ecoflap_cli.data.self_calib import DEFAULT_RECIPE, generate_windows
+
+        if model is None:
+            raise DataError("--calib self needs the model to write its calibration text (none was given)")
+        recipe = self_recipe or DEFAULT_RECIPE
+        windows = generate_windows(model, tokenizer, samples, seqlen, seed, recipe)
+        return windows, SELF_SOURCE, int(windows.numel()), recipe.to_dict()
     if calib is None or calib.startswith("hub:"):
         name = calib[4:] if calib else DEFAULT_TEXT_DATASET[0]
         data_file = DEFAULT_TEXT_DATASET[1] if calib is None else None
@@ -235,5 +302,52 @@ def calibration_windows(
         source = str(Path(calib).resolve())
     tokens = tokenize_documents(tokenizer, docs)
     check_understood(tokenizer, tokens, f"calibration text {source}")
-    windows = sample_windows(tokens, samples, seqlen, seed)
-    return windows, Provenance(source, samples, seqlen, seed, int(tokens.numel()))
+    return sample_windows(tokens, samples, seqlen, seed), source, int(tokens.numel()), None
+
+
+def calibration_windows(
+    tokenizer: Any,
+    calib: str | None,
+    samples: int,
+    seqlen: int,
+    seed: int,
+    text_field: str = "text",
+    *,
+    model: Any = None,
+    self_recipe: Any = None,
+) -> tuple[torch.Tensor, Provenance]:
+    """Token windows for calibration from ``calib`` (see :func:`parse_calib_spec`) or the default.
+
+    ``self`` (alone or in a mix) has ``model`` write its windows (``data.self_calib``, with
+    ``self_recipe`` or the default recipe). A mix gives each source its share of the ``samples``
+    windows (largest remainders, ties to the earlier source; every source must get at least one),
+    each drawn with the same ``seed``, concatenated in the order the spec names them.
+    """
+    if calib is None:
+        windows, source, tokens, _ = _source_windows(tokenizer, None, samples, seqlen, seed, text_field, None, None)
+        return windows, Provenance(source, samples, seqlen, seed, tokens)
+    spec = parse_calib_spec(calib)
+    if len(spec) == 1 and spec[0][0] != SELF_SOURCE:
+        windows, source, tokens, _ = _source_windows(tokenizer, calib, samples, seqlen, seed, text_field, None, None)
+        return windows, Provenance(source, samples, seqlen, seed, tokens)
+    from ecoflap_cli.core.rounding import largest_remainder
+
+    counts = largest_remainder([samples * w for _, w in spec], None, samples)
+    if any(c == 0 for c in counts):
+        raise DataError(
+            f"--calib {calib!r}: {samples} samples cannot give every source of the mix a window "
+            f"(shares {', '.join(f'{n}={c}' for (n, _), c in zip(spec, counts))}); raise --samples"
+        )
+    parts, records, total = [], [], 0
+    for (name, weight), count in zip(spec, counts):
+        windows, source, tokens, recipe = _source_windows(
+            tokenizer, name, count, seqlen, seed, text_field, model, self_recipe
+        )
+        parts.append(windows)
+        total += tokens
+        record: dict[str, Any] = {"source": source, "weight": weight, "samples": count, "tokens": tokens}
+        if recipe is not None:
+            record["recipe"] = recipe
+        records.append(record)
+    label = ",".join(f"{r['source']}:{r['weight']:g}" for r in records) if len(records) > 1 else records[0]["source"]
+    return torch.cat(parts, dim=0), Provenance(label, samples, seqlen, seed, total, tuple(records))

@@ -1,0 +1,143 @@
+"""Self-calibration: the model writes its own calibration text (``--calib self``).
+
+Following the idea of Williams, Chrysostomou & Aletras (NAACL 2025, "Self-calibration for language
+model quantization and pruning"): calibration text sampled from the model itself approximates the
+distribution it was trained on, needs no dataset and no hub. The recipe here is ecoflap's own and
+is recorded in full in every artifact's calibration provenance:
+
+- **prompt**: the tokenizer's BOS token (its EOS token when it has no BOS, as Qwen2 tokenizers
+  do), followed by ``prompt`` (empty by default: generation starts from the start token alone,
+  as a pre-training document does);
+- **sampling**: ancestral sampling with nucleus (top-p) truncation, and a temperature that moves
+  linearly from ``temperature_start`` at the first generated token to ``temperature_end`` at the
+  last: more varied openings, more fluent continuations. Every window is generated to exactly the
+  requested length; an end-of-text token does not stop it (the model starts a new document, as in
+  the concatenated text of a real corpus);
+- **determinism**: one ``torch.Generator`` seeded with the calibration seed draws every token, on
+  the CPU, from fp32 probabilities; windows are generated ``batch_size`` at a time with a KV cache,
+  in order, so the same model, seed, sizes and recipe give the same tokens.
+
+Everything here is pure tensor code over a causal LM's ``forward``; nothing knows a model family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ecoflap_cli.errors import DataError
+
+#: the probabilities are computed and sampled in this precision, on the CPU, whatever the model's
+SAMPLING_PRECISION = torch.float32
+
+
+@dataclass(frozen=True)
+class SelfRecipe:
+    """How the model writes its calibration text (recorded with the tokens it produced)."""
+
+    prompt: str = ""
+    temperature_start: float = 1.0
+    temperature_end: float = 0.7
+    top_p: float = 0.95
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not (self.temperature_start > 0 and self.temperature_end > 0):
+            raise DataError("self-calibration temperatures must be positive")
+        if not 0 < self.top_p <= 1:
+            raise DataError(f"self-calibration top_p must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise DataError("self-calibration batch_size must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "self-generated", "start": "bos (eos when none)", "sampling": "top-p", **asdict(self)}
+
+
+DEFAULT_RECIPE = SelfRecipe()
+
+
+def start_ids(tokenizer: Any, prompt: str = "") -> list[int]:
+    """The ids every generated window starts with: BOS (or EOS) then the prompt's tokens."""
+    start = getattr(tokenizer, "bos_token_id", None)
+    if start is None:
+        start = getattr(tokenizer, "eos_token_id", None)
+    if start is None:
+        raise DataError("self-calibration needs a tokenizer with a BOS or EOS token to start from")
+    ids = [int(start)]
+    if prompt:
+        ids += list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def temperature_at(step: int, steps: int, recipe: SelfRecipe) -> float:
+    """The temperature of generated token ``step`` (0-based) of ``steps``: linear start -> end."""
+    if steps <= 1:
+        return recipe.temperature_start
+    frac = step / (steps - 1)
+    return recipe.temperature_start + frac * (recipe.temperature_end - recipe.temperature_start)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``logits`` (batch, vocab): temperature, then nucleus truncation."""
+    probs = torch.softmax(logits.to(device="cpu", dtype=SAMPLING_PRECISION) / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the better tokens
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the first always stays
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _device(model: Any) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def generate_windows(
+    model: Any,
+    tokenizer: Any,
+    samples: int,
+    seqlen: int,
+    seed: int,
+    recipe: SelfRecipe = DEFAULT_RECIPE,
+) -> torch.Tensor:
+    """``samples`` windows of exactly ``seqlen`` tokens written by ``model``, shape (samples, seqlen).
+
+    Each window is the start ids (see :func:`start_ids`) followed by sampled tokens; generation
+    runs ``recipe.batch_size`` windows at a time with the model's KV cache.
+    """
+    prefix = start_ids(tokenizer, recipe.prompt)
+    if samples < 1 or seqlen <= len(prefix):
+        raise DataError(f"self-calibration needs at least 1 sample longer than its prompt (got {samples} x {seqlen})")
+    vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    device = _device(model)
+    steps = seqlen - len(prefix)
+    windows = []
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for first in range(0, samples, recipe.batch_size):
+                rows = min(recipe.batch_size, samples - first)
+                ids = torch.tensor([prefix] * rows, dtype=torch.long)
+                out = model(input_ids=ids.to(device), use_cache=True)
+                produced = [ids]
+                for step in range(steps):
+                    logits = out.logits[:, -1, :]
+                    if vocab is not None and logits.shape[-1] > vocab:  # padded embedding rows
+                        logits = logits[:, :vocab]
+                    token = sample_next(logits, temperature_at(step, steps, recipe), recipe.top_p, generator)
+                    produced.append(token.unsqueeze(1))
+                    if step + 1 < steps:
+                        out = model(
+                            input_ids=token.unsqueeze(1).to(device), past_key_values=out.past_key_values, use_cache=True
+                        )
+                windows.append(torch.cat(produced, dim=1))
+                del out
+    finally:
+        model.train(was_training)
+    return torch.cat(windows, dim=0)

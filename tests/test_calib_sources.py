@@ -1,0 +1,116 @@
+"""Calibration sources: self-generated text (``--calib self``) and mixes in stated proportions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ecoflap_cli.data.self_calib import SelfRecipe, generate_windows, sample_next, start_ids, temperature_at
+from ecoflap_cli.data.text import calibration_windows, parse_calib_spec
+from ecoflap_cli.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def test_self_generation_is_deterministic_and_seeded(tiny):
+    model, tok = tiny
+    first = generate_windows(model, tok, 5, 12, seed=0, recipe=SelfRecipe(batch_size=2))
+    again = generate_windows(model, tok, 5, 12, seed=0, recipe=SelfRecipe(batch_size=2))
+    other = generate_windows(model, tok, 5, 12, seed=1, recipe=SelfRecipe(batch_size=2))
+    assert first.shape == (5, 12) and first.dtype == torch.long
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert (first[:, 0] == tok.bos_token_id).all()
+    assert int(first.max()) < len(tok)
+
+
+def test_generation_with_the_kv_cache_matches_full_recompute(tiny):
+    """With a nucleus so small only the best token survives, sampling is greedy decoding: the
+    cached generation must equal argmax decoding that re-runs the whole prefix at every step."""
+    model, tok = tiny
+    got = generate_windows(model, tok, 3, 10, seed=0, recipe=SelfRecipe(top_p=1e-9, batch_size=3))
+    ids = torch.tensor([start_ids(tok)] * 3)
+    with torch.no_grad():
+        while ids.shape[1] < 10:
+            logits = model(input_ids=ids).logits[:, -1, : len(tok)]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, ids)
+
+
+def test_prompt_and_schedule():
+    recipe = SelfRecipe(temperature_start=1.2, temperature_end=0.6)
+    assert temperature_at(0, 5, recipe) == pytest.approx(1.2)
+    assert temperature_at(4, 5, recipe) == pytest.approx(0.6)
+    assert temperature_at(2, 5, recipe) == pytest.approx(0.9)
+    with pytest.raises(DataError):
+        SelfRecipe(top_p=0)
+    with pytest.raises(DataError):
+        SelfRecipe(temperature_end=0)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    drawn = {int(sample_next(logits, 1.0, 0.8, gen)) for _ in range(300)}
+    assert drawn == {0, 1}  # 0.5 + 0.3 reaches 0.8: the tail is never drawn
+
+
+def test_mix_gives_each_source_its_share(tiny, calib_text):
+    model, tok = tiny
+    windows, prov = calibration_windows(tok, f"{calib_text}:1,self:3", 8, 16, 0, model=model)
+    assert windows.shape == (8, 16)
+    record = prov.to_dict()
+    assert [s["samples"] for s in record["sources"]] == [2, 6]
+    assert [s["weight"] for s in record["sources"]] == [0.25, 0.75]
+    assert record["sources"][1]["source"] == "self" and record["sources"][1]["tokens"] == 6 * 16
+    assert record["sources"][1]["recipe"]["top_p"] == SelfRecipe().top_p
+    json.dumps(record)  # the artifact's provenance stays JSON
+    # each part is exactly what that source alone gives with the same seed, in spec order
+    text_only, _ = calibration_windows(tok, str(calib_text), 2, 16, 0)
+    assert torch.equal(windows[:2], text_only)
+    assert torch.equal(windows[2:], generate_windows(model, tok, 6, 16, 0))
+
+
+def test_self_alone_records_its_recipe(tiny):
+    model, tok = tiny
+    windows, prov = calibration_windows(tok, "self", 4, 12, 7, model=model)
+    record = prov.to_dict()
+    assert record["source"] == "self" and record["tokens"] == 48 and record["seed"] == 7
+    assert record["sources"][0]["recipe"]["method"] == "self-generated"
+    assert torch.equal(windows, generate_windows(model, tok, 4, 12, 7))
+
+
+def test_plain_file_provenance_is_unchanged(tiny, calib_text):
+    _, tok = tiny
+    _, prov = calibration_windows(tok, str(calib_text), 2, 16, 0)
+    assert set(prov.to_dict()) == {"source", "samples", "seqlen", "seed", "tokens"}
+
+
+def test_spec_parsing(tmp_path):
+    assert parse_calib_spec("self") == [("self", 1.0)]
+    assert parse_calib_spec("hub:allenai/c4") == [("hub:allenai/c4", 1.0)]
+    assert parse_calib_spec("a.txt:0.5,self:0.5") == [("a.txt", 0.5), ("self", 0.5)]
+    assert parse_calib_spec("a.txt:1, self:3") == [("a.txt", 0.25), ("self", 0.75)]
+    odd = tmp_path / "x,y:1"
+    odd.write_text("text")
+    assert parse_calib_spec(str(odd)) == [(str(odd), 1.0)]
+    for bad in ("a.txt,self", "a.txt:0.5,self", "a.txt:0,self:1", "a.txt:-1,self:2", "self:1,self:1", ":1,self:1"):
+        with pytest.raises(DataError):
+            parse_calib_spec(bad)
+
+
+def test_self_needs_the_model_and_enough_samples(tiny, calib_text):
+    _, tok = tiny
+    with pytest.raises(DataError, match="needs the model"):
+        calibration_windows(tok, "self", 2, 8, 0)
+    model, _ = tiny
+    with pytest.raises(DataError, match="raise --samples"):
+        calibration_windows(tok, f"{calib_text}:0.9,self:0.1", 2, 8, 0, model=model)
