@@ -22,6 +22,7 @@ from ecoflap_cli.core.registry import Entry
 from ecoflap_cli.engine.blockwise import capture_inputs, module_device, run_block, to_device, trim_host_memory
 from ecoflap_cli.engine.offload import editable_weight
 from ecoflap_cli.engine.reconstruction import recording
+from ecoflap_cli.errors import PlanError
 from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs
 
 Progress = Callable[[str], None]
@@ -118,6 +119,7 @@ def prune_block(
     recon = RECONSTRUCTION.get(settings.reconstruct) if settings.reconstruct else None
     with recording(adapter, block, recon.name, inputs) if recon else nullcontext([]) as units:
         stats = _collect_statistics(block, inputs, settings.entry.needs, names)
+    check_finite(block, names, stats)
     for name in names:
         count = prune_counts[f"{name}.weight"]
         prune_linear(block.linears[name], count, stats.pop(name, None), settings, group)
@@ -134,6 +136,30 @@ def prune_block(
             zeros = int((weight == 0).sum())
         results.append(TensorResult(f"{name}.weight", block.tower, linear.weight.numel(), count, zeros))
     return results
+
+
+def check_finite(block: Block, names: Sequence[str], stats: dict[str, torch.Tensor]) -> None:
+    """Refuse, naming the block, NaN or infinite weights in its planned linears, or input statistics
+    that are not finite. The statistics are accumulated in float32 (``solvers.PRECISION``), so they
+    overflow only where the activations themselves did: a half-precision (float16) forward pass
+    whose hidden states exceed 65504, or NaN weights upstream. Pruning on them would pick its masks
+    from NaN and save the result as if nothing happened."""
+    for name in names:
+        with editable_weight(block.linears[name]) as weight:
+            if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+                raise PlanError(
+                    f"{block.name}: weight {name}.weight holds NaN or infinite values: it cannot be pruned "
+                    "(repair or re-export the model)"
+                )
+        stat = stats.get(name)
+        if stat is not None and not bool(torch.isfinite(stat).all()):
+            dtype = next(block.module.parameters()).dtype
+            hint = (
+                " (its activations overflow the float16 range: load the model with --dtype bfloat16 or float32)"
+                if dtype == torch.float16
+                else " (the activations reaching it are NaN or infinite)"
+            )
+            raise PlanError(f"{block.name}: the inputs of {name} are not finite in the calibration pass{hint}")
 
 
 @dataclass

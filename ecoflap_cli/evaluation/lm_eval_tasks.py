@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
@@ -28,17 +30,62 @@ TASKS_DIR = Path(__file__).resolve().parent / "lm_tasks"
 #: bootstrap resamples for the standard error of non-mean metrics (lm-eval's default, 100000,
 #: takes longer than a small task itself)
 BOOTSTRAP_ITERS = 1000
+#: the most few-shot examples a prompt may hold (far past any model's context; the prompts are
+#: also checked against the model's context before the run)
+MAX_FEWSHOT = 1000
+#: help text for ``--include-path`` (and docs/evaluation.md): task YAMLs are code
+INCLUDE_PATH_HELP = (
+    "Folder of your own lm-eval task YAMLs (repeatable). Task YAMLs can run Python (`!function`), like "
+    "--trust-remote-code: include only folders you trust."
+)
 
 
 @dataclass
 class LmEvalRequest:
-    """Which lm-eval tasks to run, and how."""
+    """Which lm-eval tasks to run, and how; checked when made (DataError with one line)."""
 
     tasks: list[str]
     num_fewshot: int | None = None
     limit: float | None = None  # documents per task (a count; below 1: a fraction)
     include_paths: list[Path] = field(default_factory=list)
     batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        check_request(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_request(request: LmEvalRequest) -> None:
+    """The request's values, before anything is loaded: task names are strings; ``num_fewshot``
+    a whole number in [0, :data:`MAX_FEWSHOT`]; ``limit`` a finite positive number (a count, or a
+    fraction below 1); ``batch_size`` a whole number of at least 1; include paths are paths."""
+    if isinstance(request.tasks, (str, bytes)) or not isinstance(request.tasks, (list, tuple)):
+        raise DataError(f"tasks must be a list of task names, got {type(request.tasks).__name__}")
+    if not all(isinstance(t, str) and t.strip() for t in request.tasks):
+        raise DataError("every lm-eval task name must be a non-empty string")
+    if request.num_fewshot is not None:
+        if not _is_int(request.num_fewshot):
+            raise DataError(f"--num-fewshot must be a whole number, got {request.num_fewshot!r}")
+        if not 0 <= request.num_fewshot <= MAX_FEWSHOT:
+            raise DataError(f"--num-fewshot must be between 0 and {MAX_FEWSHOT}, got {request.num_fewshot}")
+    if request.limit is not None:
+        numeric = isinstance(request.limit, (int, float)) and not isinstance(request.limit, bool)
+        if not numeric or not math.isfinite(request.limit) or request.limit <= 0:
+            raise DataError(
+                f"--limit must be a positive finite number (documents per task; below 1, a fraction), "
+                f"got {request.limit!r}"
+            )
+        if request.limit >= 1 and request.limit != int(request.limit):
+            raise DataError(f"--limit of 1 or more counts documents: a whole number, got {request.limit!r}")
+    if not _is_int(request.batch_size) or request.batch_size < 1:
+        raise DataError(f"--batch-size must be a whole number of at least 1, got {request.batch_size!r}")
+    if isinstance(request.include_paths, (str, bytes)) or not all(
+        isinstance(p, (str, os.PathLike)) for p in request.include_paths
+    ):
+        raise DataError("include_paths must be a list of folders")
 
 
 @dataclass
@@ -96,10 +143,7 @@ def prepare_lm_eval(request: LmEvalRequest) -> PreparedLmEval:
     lm_eval = _require_lm_eval()
     if not request.tasks:
         raise DataError("--tasks needs at least one task name")
-    if request.num_fewshot is not None and request.num_fewshot < 0:
-        raise DataError(f"--num-fewshot must be at least 0, got {request.num_fewshot}")
-    if request.limit is not None and request.limit <= 0:
-        raise DataError(f"--limit must be positive, got {request.limit:g}")
+    check_request(request)  # again: a request's fields may have been changed since it was made
     for folder in request.include_paths:
         if not Path(folder).is_dir():
             raise DataError(f"--include-path {folder} is not a folder of task YAML files")
@@ -178,6 +222,7 @@ def run_lm_eval(loaded: Any, prepared: PreparedLmEval, label: str) -> tuple[dict
             elif default is None:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+        truncated = check_task_prompts(task_dict["tasks"], loaded.tokenizer, lm.max_length, request.limit, label)
         random.seed(DEFAULT_RANDOM_SEED)
         np.random.seed(DEFAULT_OTHER_SEED)
         torch.manual_seed(DEFAULT_OTHER_SEED)
@@ -185,7 +230,66 @@ def run_lm_eval(loaded: Any, prepared: PreparedLmEval, label: str) -> tuple[dict
             lm=lm, task_dict=task_dict, limit=request.limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False
         )
     assert output is not None  # None only on other ranks of a distributed run
-    return _metrics(output), time.perf_counter() - start
+    metrics = _metrics(output)
+    for name, count in truncated.items():
+        if count and name in metrics:  # reported with the numbers they produced
+            metrics[name].update(n_truncated=count, context_tokens=int(lm.max_length))
+    return metrics, time.perf_counter() - start
+
+
+def _request_texts(instance: Any) -> tuple[str, str]:
+    """``(context, what the model reads after it)`` of one lm-eval request."""
+    args = instance.args
+    if instance.request_type in ("loglikelihood", "multiple_choice") and len(args) >= 2:
+        return str(args[0]), str(args[1])
+    return str(args[0]), ""
+
+
+def check_task_prompts(
+    tasks: dict[str, Any], tokenizer: Any, max_length: int, limit: float | None, label: str
+) -> dict[str, int]:
+    """Before any forward pass, build every task's requests as the evaluator will; returns, per
+    task, how many of its prompts are longer than the model's context (lm-eval reads their last
+    ``max_length`` tokens: reported as ``n_truncated`` beside the task's numbers).
+
+    Refused, with one DataError line naming the task: a few-shot prompt (``num_fewshot`` above 0)
+    past the model's context, whose examples lm-eval would cut from the left without a word; task
+    text the tokenizer mostly does not know (the check ``--text`` gets: more than 10 % unknown
+    tokens); a few-shot count the task's data cannot supply. Rolling-loglikelihood tasks
+    (perplexity) split long text into windows themselves and are checked for unknown tokens only."""
+    import torch
+    from lm_eval.evaluator_utils import get_sample_size
+
+    from ecoflap_cli.data.text import check_understood
+
+    truncated: dict[str, int] = {}
+    for name, task in tasks.items():
+        try:
+            task.build_all_requests(limit=get_sample_size(task, limit), rank=0, world_size=1)
+        except (ValueError, IndexError, KeyError, TypeError) as exc:
+            shots = task.get_config("num_fewshot")
+            raise DataError(f"lm-eval task {name}: cannot build its {shots}-shot prompts: {_line(exc)}") from None
+        seen: set[str] = set()
+        ids: list[int] = []
+        longest, shots, over = 0, task.get_config("num_fewshot") or 0, 0
+        for instance in task.instances:
+            context, continuation = _request_texts(instance)
+            if context + continuation in seen:
+                continue
+            seen.add(context + continuation)
+            tokens = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+            ids.extend(tokens)
+            if instance.request_type != "loglikelihood_rolling":
+                length = len(tokens) + 1  # and the BOS lm-eval may prepend
+                longest, over = max(longest, length), over + (length > max_length)
+        truncated[name] = over
+        if longest > max_length and shots:
+            raise DataError(
+                f"lm-eval task {name}: a {shots}-shot prompt takes {longest} tokens, more than the context of "
+                f"{label} ({max_length}): lm-eval would cut it silently; lower --num-fewshot"
+            )
+        check_understood(tokenizer, torch.tensor(ids, dtype=torch.long), f"the text of lm-eval task {name}")
+    return truncated
 
 
 def _metrics(output: dict[str, Any]) -> dict[str, dict[str, Any]]:

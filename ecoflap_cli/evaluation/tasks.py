@@ -298,6 +298,11 @@ def run_eval(
         artifacts.check_model_match(plan_doc, fingerprint(loaded.model), checkpoint, "the plan")
     _check_family(loaded, prepared, checkpoint)
     results: dict[str, Any] = {"checkpoint": checkpoint, **sparsity_rows(loaded, plan_doc)}
+    from ecoflap_cli.io.model_card import IDENTITY_KEY, checkpoint_identity
+
+    identity = checkpoint_identity(checkpoint)  # which weights these numbers belong to (model cards)
+    if identity is not None:
+        results[IDENTITY_KEY] = identity
     results["pruned_checkpoint"] = is_pruned_checkpoint(checkpoint)
     which = "the pruned model" if results["pruned_checkpoint"] else "the model"
     method = pruning_method(checkpoint)

@@ -20,7 +20,7 @@ from typing import Any
 from ecoflap_cli import __version__
 from ecoflap_cli.core.solvers import split_count
 from ecoflap_cli.errors import ArtifactError, PlanError
-from ecoflap_cli.io.atomic import write_atomic  # re-exported: callers use artifacts.write_atomic
+from ecoflap_cli.io.atomic import check_output_path, write_atomic  # write_atomic: re-exported
 from ecoflap_cli.models.base import Block
 
 SCORES_FORMAT = "ecoflap.scores"
@@ -38,16 +38,25 @@ def emit_json(doc: dict[str, Any], output: str, overwrite: bool = False) -> None
         sys.stdout.write(text)
         sys.stdout.flush()
         return
+    check_output_path(output, kind="results")  # never over a checkpoint's own file, whoever calls
     if Path(output).exists() and not overwrite:
         raise ArtifactError(f"{output} exists (pass --overwrite to replace it)")
     write_atomic(output, text.encode(), replace=overwrite)  # exclusive: a file made meanwhile stays
 
 
-def check_json_output(output: str, overwrite: bool = False) -> None:
+def check_json_output(
+    output: str, overwrite: bool = False, *, inputs: Sequence[str | os.PathLike[str]] = (), kind: str = "file"
+) -> None:
     """Refuse, before any work, a file output that exists (without ``overwrite``) or that cannot
-    be created: a file where a directory of its path should be, or a directory not writable."""
+    be created: a file where a directory of its path should be, or a directory not writable; and
+    what :func:`ecoflap_cli.io.atomic.check_output_path` refuses: an output that is or lies inside
+    one of ``inputs`` (the model directory, calibration and text files, scores, plan), that would
+    replace a file of a checkpoint directory, a dangling symlink, a name too long. ``kind`` is
+    ``file`` (scores, plan) or ``results`` (eval: may go into the checkpoint it measures as a new
+    ``.json`` file)."""
     if output == "-":
         return
+    check_output_path(output, inputs, kind=kind)
     path = Path(output)
     if path.exists() and not overwrite:
         raise ArtifactError(f"{output} exists (pass --overwrite to replace it)")

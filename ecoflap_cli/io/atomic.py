@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -177,21 +178,22 @@ def atomic_file(path: str | os.PathLike[str], replace: bool = True) -> Iterator[
     ``path`` that appeared meanwhile (another run) raises ArtifactError and is left as it is.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=_temp_name(target), suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        _fsync_file(tmp)
-        os.chmod(tmp, default_mode())
-        if replace or not _link_new(tmp, target):
-            os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.unlink(missing_ok=True)  # linked: the temporary name goes, the file stays under ``target``
-    _fsync_dir(target.parent)
+    with disk_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=_temp_name(target), suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            _fsync_file(tmp)
+            os.chmod(tmp, default_mode())
+            if replace or not _link_new(tmp, target):
+                os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.unlink(missing_ok=True)  # linked: the temporary name goes, the file stays under ``target``
+        _fsync_dir(target.parent)
 
 
 def _link_new(tmp: Path, target: Path) -> bool:
@@ -229,20 +231,21 @@ def atomic_dir(path: str | os.PathLike[str], replace: bool = True) -> Iterator[P
     untouched.  Files inside are not fsynced one by one.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_name(target), suffix=".tmp", dir=target.parent))
-    try:
-        yield tmp
-        publish_modes(tmp)
-        if replace:
-            _swap_in(tmp, target)
-        else:
-            _rename_new(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(target.parent)
+    with disk_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(target)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_name(target), suffix=".tmp", dir=target.parent))
+        try:
+            yield tmp
+            publish_modes(tmp)
+            if replace:
+                _swap_in(tmp, target)
+            else:
+                _rename_new(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(target.parent)
 
 
 def publish_modes(directory: Path) -> None:
@@ -367,3 +370,241 @@ def _read_holder(fd: int) -> str:
     except OSError:
         return ""
     return f" (pid {text})" if text else ""
+
+
+# --- disk full: one line, whatever library raised it -------------------------------------------
+
+#: errors that mean the file system cannot take what is written, and how they read
+DISK_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EFBIG: "the file is too large for the file system",
+}
+#: how Rust libraries (safetensors, tokenizers) quote the OS error inside their own exceptions
+_QUOTED_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+class DiskError(ArtifactError):
+    """Writing an output failed because its file system is full, over quota or read-only."""
+
+    exit_code = 4  # as an OSError reported by the CLI
+
+
+def disk_error_code(exc: BaseException) -> int | None:
+    """The errno of :data:`DISK_ERRNOS` behind ``exc`` or an exception it was raised from: an
+    OSError's own, or the ``(os error N)`` that safetensors' SafetensorError quotes; else None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = current.errno if isinstance(current, OSError) else None
+        if code is None:
+            match = _QUOTED_OS_ERROR.search(str(current))
+            code = int(match[1]) if match else None
+        if code in DISK_ERRNOS:
+            return code
+        current = current.__cause__ or current.__context__
+    return None
+
+
+@contextmanager
+def disk_errors(target: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a full, over-quota or read-only file system met inside the ``with`` (an OSError, or a
+    library's own exception quoting it) into one :class:`DiskError` line naming ``target``."""
+    try:
+        yield
+    except DiskError:
+        raise
+    except Exception as exc:
+        code = disk_error_code(exc)
+        if code is None:
+            raise
+        raise DiskError(
+            f"{DISK_ERRNOS[code]} while writing {target}: nothing was written (free some space, "
+            "or choose an output on another file system)"
+        ) from None
+
+
+# --- the one rule for every output ---------------------------------------------------------------
+
+#: bytes ecoflap adds to an output's name for its siblings: ``.NAME.ecoflap-PID@HOST.XXXXXXXX.tmp``
+#: (a 7-digit pid, the longest Linux gives, and a 48-character host)
+SIBLING_NAME_BYTES = len(".") + len(".ecoflap-") + 7 + 1 + 48 + 1 + 8 + len(".tmp")
+#: bytes a checkpoint directory adds below itself (its longest file name and a separator)
+_INNER_PATH_BYTES = 96
+OUTPUT_KINDS = ("file", "results", "dir")
+
+
+def _limit(path: Path, name: str, default: int) -> int:
+    try:
+        return int(os.pathconf(path, name))
+    except (OSError, ValueError):
+        return default
+
+
+def _existing_ancestor(path: Path) -> Path:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def _check_names(output: str, absolute: Path, kind: str) -> None:
+    """Every component fits NAME_MAX bytes (the output's own with the siblings ecoflap makes beside
+    it), and the path PATH_MAX (with the files a checkpoint holds, for a directory)."""
+    anchor = _existing_ancestor(absolute.parent)
+    name_max = _limit(anchor, "PC_NAME_MAX", 255)
+    path_max = _limit(anchor, "PC_PATH_MAX", 4096)
+    for part in absolute.parts[:-1]:
+        if len(os.fsencode(part)) > name_max:
+            raise ArtifactError(
+                f"output {output}: the name {part[:40]!r}... is longer than the file system allows "
+                f"({name_max} bytes): choose a shorter one"
+            )
+    own = len(os.fsencode(absolute.name))
+    if own + SIBLING_NAME_BYTES > name_max:
+        raise ArtifactError(
+            f"output {output}: its name takes {own} bytes; the file system allows {name_max}, and ecoflap "
+            f"needs {SIBLING_NAME_BYTES} more for the temporary it writes first: use at most "
+            f"{name_max - SIBLING_NAME_BYTES} bytes"
+        )
+    total = len(os.fsencode(str(absolute))) + SIBLING_NAME_BYTES + (_INNER_PATH_BYTES if kind == "dir" else 0)
+    if total >= path_max:
+        raise ArtifactError(
+            f"output {output}: the path is too long for the file system ({path_max} bytes with what "
+            "ecoflap writes beside and inside it): choose a shorter one"
+        )
+
+
+def _check_links(output: str, absolute: Path) -> None:
+    """Neither the output nor a directory on its way is a symlink to nothing (or a loop)."""
+    for entry in (absolute, *absolute.parents):
+        if entry.is_symlink() and not entry.exists():
+            what = "the output" if entry == absolute else f"{entry}, on its path,"
+            try:
+                to = f" (to {os.readlink(entry)})"
+            except OSError:
+                to = ""
+            raise ArtifactError(f"output {output}: {what} is a dangling symlink{to}: remove it or choose another")
+
+
+def _resolved(path: Path) -> Path | None:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+
+
+#: entries of an input directory looked at for symlinks (a checkpoint holds tens)
+_MAX_INPUT_ENTRIES = 10_000
+
+
+def _input_files(root: Path) -> list[Path]:
+    """What the symlinks inside input directory ``root`` resolve to (a hub cache snapshot's blobs)."""
+    targets = []
+    for count, entry in enumerate(root.rglob("*")):
+        if count >= _MAX_INPUT_ENTRIES:
+            break
+        if entry.is_symlink():
+            target = _resolved(entry)
+            if target is not None:
+                targets.append(target)
+    return targets
+
+
+def _check_inputs(output: str, out: Path, inputs: Sequence[str | os.PathLike[str]], kind: str) -> None:
+    for given in inputs:
+        text = os.fspath(given)
+        if text in ("", "-") or not Path(text).exists():
+            continue  # stdin, a hub id, or an input the command itself will report missing
+        root = _resolved(Path(text))
+        if root is None:
+            continue
+        if out == root:
+            raise ArtifactError(f"output {output} is the input {text}: choose another output")
+        if root in out.parents:
+            if kind == "results" and _results_beside(out, root):
+                continue
+            raise ArtifactError(f"output {output} lies inside the input {text}: choose a path outside it")
+        if kind == "dir" and out in root.parents:
+            raise ArtifactError(f"output {output} contains the input {text}: choose another output")
+        if root.is_dir():
+            for target in _input_files(root):
+                if out == target or target in out.parents:
+                    raise ArtifactError(
+                        f"output {output} is a file of the input {text} (a symlink in it points there): "
+                        "choose another output"
+                    )
+
+
+def _results_beside(out: Path, root: Path) -> bool:
+    """An eval results file may go into the checkpoint it measures: a new ``.json`` name that is
+    none of the checkpoint's own files, or an earlier results file it replaces."""
+    from ecoflap_cli.io.checkpoint import is_checkpoint_file
+    from ecoflap_cli.io.model_card import is_eval_results
+
+    if out.suffix != ".json" or out.parent != root or is_checkpoint_file(out.name):
+        return False
+    if not out.exists():
+        return True
+    try:
+        return is_eval_results(json.loads(out.read_bytes()))
+    except (OSError, ValueError):
+        return False
+
+
+def _check_checkpoint_files(output: str, out: Path) -> None:
+    """A file output never replaces a file a checkpoint directory is made of (its weights, config,
+    tokenizer, checksums, documents): the data loss of ``eval CKPT -o CKPT/model.safetensors``."""
+    from ecoflap_cli.io.checkpoint import is_checkpoint_dir, is_checkpoint_file
+
+    if is_checkpoint_file(out.name) and is_checkpoint_dir(out.parent):
+        raise ArtifactError(f"output {output} would replace a file of the checkpoint {out.parent}: choose another name")
+
+
+def check_output_path(
+    output: str | os.PathLike[str],
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    *,
+    kind: str = "file",
+) -> Path:
+    """The one rule for every output the tool writes, checked before any work; returns the path.
+
+    ``kind``: ``file`` (a JSON artifact: scores, plan), ``results`` (eval results, which may go
+    into the checkpoint they measure as a new ``.json`` file, never over one of its files) or
+    ``dir`` (a checkpoint directory). Refused with one ArtifactError line: an output that is, lies
+    inside (or, for a directory, contains) one of ``inputs`` or a file a symlink in one points to
+    (symlinks resolved; names that are no local path, such as hub ids, are skipped); a file output
+    that would replace a file of a checkpoint directory; a dangling symlink as the output or on its
+    path; a name longer than the file system allows (NAME_MAX bytes per component, counting the
+    temporary ecoflap writes beside it, and PATH_MAX). ``-`` (stdout) passes.
+    """
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"kind must be one of {OUTPUT_KINDS}, got {kind!r}")
+    text = os.fspath(output)
+    if text == "-":
+        return Path(text)
+    if not text or "\0" in text:
+        raise ArtifactError(f"output {text!r} is not a file name")
+    absolute = Path(os.path.abspath(text))
+    _check_links(text, absolute)
+    _check_names(text, absolute, kind)
+    out = _resolved(absolute)
+    if out is None:
+        raise ArtifactError(f"output {text}: its path is a symlink loop")
+    _check_inputs(text, out, inputs, kind)
+    if kind != "dir":
+        _check_checkpoint_files(text, out)
+    return Path(text)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks (the one helper for hashing a file)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -23,7 +23,7 @@ import torch
 from ecoflap_cli import __version__
 from ecoflap_cli.errors import ArtifactError, EcoflapError
 from ecoflap_cli.io import artifacts
-from ecoflap_cli.io.atomic import atomic_dir, clean_stale
+from ecoflap_cli.io.atomic import atomic_dir, check_output_path, clean_stale
 from ecoflap_cli.io.loading import LoadedModel
 from ecoflap_cli.io.model_card import write_card
 from ecoflap_cli.io.packed import (
@@ -34,6 +34,7 @@ from ecoflap_cli.io.packed import (
     file_inside,
     find_weights,
     is_weight_file,
+    link_inside,
     load_sharded,
     save_sharded,
 )
@@ -52,6 +53,61 @@ PACKED_LOAD_HINT = (
     "ecoflap_cli.api.load_pruned(DIR), or write a dense copy with `ecoflap convert DIR --to dense -o OUT`"
 )
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on a header
+#: files besides the weights that change what a checkpoint computes (its architecture, activation,
+#: rope, generation defaults, tokenization, image preprocessing): their sha256 is recorded with the
+#: weights' (checksums version 2), so an edited ``hidden_act`` or ``rope_theta`` fails verification
+MODEL_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "tokenizer.model",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "video_preprocessor_config.json",
+        "chat_template.json",
+        "chat_template.jinja",
+    }
+)
+CHECKSUMS_VERSION = 2
+#: ecoflap's own documents in a checkpoint (not hashed: validated when read)
+DOCUMENT_FILES = frozenset({REPORT_NAME, PLAN_NAME, "scores.json", "README.md"})
+
+
+def is_model_file(name: str) -> bool:
+    """A file whose content changes what the model computes: :data:`MODEL_FILES`, or remote code
+    (a top-level ``*.py`` that ``trust_remote_code`` would run)."""
+    return name in MODEL_FILES or name.endswith(".py")
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """A name a checkpoint directory's own files use: weights and shard indexes, model files,
+    checksums and ecoflap's documents (no output may replace one of them)."""
+    return (
+        is_weight_file(name)
+        or name.endswith(".safetensors")
+        or is_model_file(name)
+        or name in DOCUMENT_FILES
+        or name == CHECKSUMS_NAME
+    )
+
+
+def is_checkpoint_dir(directory: str | Path) -> bool:
+    """A directory that holds a model: weights, a config or recorded checksums."""
+    directory = Path(directory)
+    try:
+        names = [entry.name for entry in directory.iterdir()] if directory.is_dir() else []
+    except OSError:
+        return False
+    return any(is_weight_file(n) or n in ("config.json", CHECKSUMS_NAME) for n in names)
 
 
 def parse_size(size: str | int) -> int:
@@ -79,16 +135,22 @@ def _size_bytes(text: str) -> int:
     return int(number) if number.isdigit() else convert_file_size_to_int(text)
 
 
-def check_output_dir(out: str | Path, overwrite: bool, sources: Sequence[str | Path] = ()) -> Path:
+def check_output_dir(
+    out: str | Path, overwrite: bool, sources: Sequence[str | Path] = (), *, inputs: Sequence[str | Path] = ()
+) -> Path:
     """Refuse, before any work starts, an output directory that cannot or must not be written.
 
     Refused: an existing output (unless ``overwrite``) or one that is not a directory; the
     current directory or one above it; an output equal to, inside or containing one of
-    ``sources`` (the input model; names that are not local paths are skipped); a path under a
-    regular file; a parent directory that cannot be written. Temporaries of ``out`` left by
-    killed runs are removed (:func:`ecoflap_cli.io.atomic.clean_stale`).
+    ``sources`` (the input model; names that are not local paths are skipped) or of ``inputs``
+    (calibration files, plan, scores: every local file the run reads), symlinks resolved; a
+    dangling symlink; a name too long for the file system; a path under a regular file; a parent
+    directory that cannot be written (:func:`ecoflap_cli.io.atomic.check_output_path`).
+    Temporaries of ``out`` left by killed runs are removed
+    (:func:`ecoflap_cli.io.atomic.clean_stale`).
     """
     path = Path(out)
+    check_output_path(out, [*sources, *inputs], kind="dir")
     if path.exists() and not overwrite:
         raise ArtifactError(f"output {path} exists (pass --overwrite to replace it)")
     if path.exists() and not path.is_dir():
@@ -484,22 +546,45 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _checksummed_files(directory: Path) -> list[Path]:
+def _model_files(directory: Path) -> list[Path]:
+    """The :func:`is_model_file` files at the top of a checkpoint directory (links followed)."""
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError:
+        return []
+    return [e for e in entries if is_model_file(e.name) and e.is_file() and link_inside(directory, e)]
+
+
+def _checksummed_files(directory: Path, version: int = CHECKSUMS_VERSION) -> list[Path]:
     index, files = find_weights(directory)
-    return ([index] if index is not None else []) + files
+    weights = ([index] if index is not None else []) + files
+    return weights + (_model_files(directory) if version >= 2 else [])
 
 
 def write_checksums(directory: str | Path) -> Path:
-    """Record the sha256 of every weight file and shard index in ``CHECKSUMS_NAME``."""
+    """Record the sha256 of every weight file and shard index, and of every file that changes what
+    the model computes (config, generation config, tokenizer, processor: :func:`is_model_file`),
+    in ``CHECKSUMS_NAME``."""
     directory = Path(directory)
     files = {f.name: _sha256(f) for f in _checksummed_files(directory)}
-    doc = {"format": CHECKSUMS_FORMAT, "version": 1, "algorithm": "sha256", "files": dict(sorted(files.items()))}
+    doc = {
+        "format": CHECKSUMS_FORMAT,
+        "version": CHECKSUMS_VERSION,
+        "algorithm": "sha256",
+        "files": dict(sorted(files.items())),
+    }
     path = directory / CHECKSUMS_NAME
     artifacts.write_atomic(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
     return path
 
 
 def _recorded_checksums(directory: Path) -> dict[str, str] | None:
+    recorded = _read_checksums(directory)
+    return None if recorded is None else recorded[1]
+
+
+def _read_checksums(directory: Path) -> tuple[int, dict[str, str]] | None:
+    """``(version, files)`` of a checkpoint's checksums file, None when it has none."""
     path = directory / CHECKSUMS_NAME
     if not path.is_file():
         return None
@@ -513,7 +598,10 @@ def _recorded_checksums(directory: Path) -> dict[str, str] | None:
     )
     if not (valid and doc.get("format") == CHECKSUMS_FORMAT and doc.get("algorithm") == "sha256"):
         raise ArtifactError(f"{path} is not an ecoflap checksums file")
-    return files  # type: ignore[return-value]
+    version = doc.get("version")
+    if type(version) is not int or not 1 <= version <= CHECKSUMS_VERSION:
+        raise ArtifactError(f"{path}: unsupported checksums version {version!r}")
+    return version, files  # type: ignore[return-value]
 
 
 def verify_checksums(directory: str | Path) -> str | None:
@@ -524,22 +612,33 @@ def verify_checksums(directory: str | Path) -> str | None:
     file raises ArtifactError naming it.
     """
     directory = Path(directory)
-    recorded = _recorded_checksums(directory)
-    if recorded is None:
+    read = _read_checksums(directory)
+    if read is None:
         return f"{directory} records no checksums ({CHECKSUMS_NAME}): weights not verified"
+    version, recorded = read
     where = directory / CHECKSUMS_NAME
     for name, digest in sorted(recorded.items()):
         path = file_inside(directory, name, where)
         if not path.is_file():
             raise ArtifactError(f"{path}, listed in {CHECKSUMS_NAME}, is missing")
+        if _sha256(path) != digest and is_model_file(name):
+            raise ArtifactError(
+                f"{path} was edited or corrupted: its sha256 differs from the one recorded when the checkpoint was "
+                "written, and it changes what the model computes (--no-verify / verify=False skips this check)"
+            )
         if _sha256(path) != digest:
             raise ArtifactError(
                 f"{path} is corrupted: its sha256 differs from the one recorded when it was written "
                 "(eval, inspect and convert skip this check with --no-verify, load_pruned with verify=False)"
             )
-    unrecorded = sorted(f.name for f in _checksummed_files(directory) if f.name not in recorded)
+    unrecorded = sorted(f.name for f in _checksummed_files(directory, version) if f.name not in recorded)
     if unrecorded:
         raise ArtifactError(f"{directory / unrecorded[0]} has no recorded checksum in {CHECKSUMS_NAME}")
+    if version < 2:
+        return (
+            f"{directory} records checksums of its weights only (written by an older ecoflap): "
+            "config.json and the tokenizer not verified"
+        )
     return None
 
 
@@ -548,7 +647,10 @@ def check_integrity(directory: str | Path, verify: bool) -> str:
     a mismatch raises ArtifactError (see :func:`verify_checksums`)."""
     if not verify:
         return "skipped"
-    return "unrecorded" if verify_checksums(directory) else "verified"
+    note = verify_checksums(directory)
+    if note is None:
+        return "verified"
+    return "weights verified" if "weights only" in note else "unrecorded"
 
 
 def is_packed_checkpoint(directory: str | Path) -> bool:
@@ -590,8 +692,15 @@ def convert_checkpoint(
     overwrite: bool = False,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     verify: bool = True,
+    *,
+    inputs: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Rewrite a checkpoint's weights dense <-> packed (losslessly); copy every other file.
+
+    A symlink in the source is followed only where it stays inside the checkpoint (or, for a
+    Hugging Face cache snapshot, inside its repository's ``blobs/``); one that points elsewhere is
+    refused before anything is written, so nothing outside the checkpoint is ever copied.
+    ``inputs``: other local files of the run the output must stay clear of.
 
     Dense -> packed packs the tensors listed in the checkpoint's plan.json (else every 2-D float
     tensor where that is smaller), with N:M competing when the report records an N:M run. The
@@ -609,7 +718,8 @@ def convert_checkpoint(
     # complete. Inside the source (its temporary would be copied into itself) or containing it
     # (--overwrite would delete it) is refused, as for prune.
     in_place = Path(out).resolve() == source.resolve()
-    target = check_output_dir(out, overwrite, () if in_place else (source,))
+    target = check_output_dir(out, overwrite, () if in_place else (source,), inputs=inputs)
+    check_links_inside(source)
     shard_bytes = parse_size(max_shard_size)
     before = weight_bytes(source)
     state = load_sharded(source)
@@ -636,6 +746,28 @@ def convert_checkpoint(
         "bytes_before": before,
         "bytes_after": weight_bytes(target),
     }
+
+
+#: entries of a checkpoint directory looked at for symlinks before it is copied
+_MAX_TREE_ENTRIES = 100_000
+
+
+def check_links_inside(source: str | Path) -> None:
+    """Refuse a checkpoint directory holding a symlink (at any depth) that resolves outside it
+    (or outside its hub cache repository's ``blobs/``), or a symlink loop: one ArtifactError line."""
+    source = Path(source)
+    for count, entry in enumerate(source.rglob("*")):
+        if count >= _MAX_TREE_ENTRIES:
+            raise ArtifactError(f"{source} holds more than {_MAX_TREE_ENTRIES} entries: not a checkpoint directory")
+        if entry.is_symlink() and not (entry.exists() and link_inside(source, entry, nested=True)):
+            try:
+                to = os.readlink(entry)
+            except OSError:
+                to = "?"
+            raise ArtifactError(
+                f"{entry} is a symlink to {to}, outside the checkpoint {source} or to nothing: refused (nothing "
+                "outside a checkpoint is read or copied)"
+            )
 
 
 def weight_bytes(directory: str | Path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,13 @@ def load_model(source: str, opts: LoadOptions | None = None) -> LoadedModel:
     if path.suffix == ".gguf":
         return _load_gguf(path, opts)
     note = None
+    if not path.exists():
+        snapshot = packed_hub_snapshot(source, opts.revision, opts.cache_dir)
+        if snapshot is not None:  # a packed checkpoint on the hub: transformers cannot read it
+            from ecoflap_cli.io.checkpoint import verify_checksums
+
+            note = verify_checksums(snapshot) if opts.verify else None
+            return _load_packed(snapshot, source, opts, note)
     if path.is_dir():
         from ecoflap_cli.io.checkpoint import is_packed_checkpoint, verify_checksums, weight_files
         from ecoflap_cli.io.packed import check_readable
@@ -265,6 +273,7 @@ def load_model(source: str, opts: LoadOptions | None = None) -> LoadedModel:
     except (ValueError, OSError, RuntimeError, KeyError, SafetensorError) as exc:
         raise ModelError(f"cannot load model {source!r}: {_first_line(exc)}") from None
     check_loading_info(info, source)
+    check_finite_weights(model, source)
     if opts.device_map is None:
         model.to(resolve_device(opts.device))
     model.eval()
@@ -321,7 +330,8 @@ def _load_packed(path: Path, source: str, opts: LoadOptions, note: str | None) -
         verify=False,  # load_model has verified it
         **_placement(opts),
     )
-    return LoadedModel(model, _load_processor(source, opts.trust_remote_code), source, note=note)
+    check_finite_weights(model, source)
+    return LoadedModel(model, _load_processor(str(path), opts.trust_remote_code), source, note=note)
 
 
 def _load_processor(source: str, trust_remote_code: bool, hub: dict[str, Any] | None = None) -> Any:
@@ -371,6 +381,7 @@ def _load_gguf(path: Path, opts: LoadOptions) -> LoadedModel:
     if loaded.generation_config is not None:
         model.generation_config = loaded.generation_config
     del loaded
+    check_finite_weights(model, str(path))
     model.to(resolve_device(opts.device)).eval()
     return LoadedModel(model, tokenizer, str(path), gguf_file=path.name)
 
@@ -391,3 +402,69 @@ def fingerprint(model: nn.Module) -> str:
     for name, param in model.named_parameters():
         digest.update(f"{name}:{tuple(param.shape)};".encode())
     return digest.hexdigest()[:16]
+
+
+#: elements checked at a time for non-finite values (bounds the temporary mask to 16 MB)
+_FINITE_CHUNK = 1 << 24
+
+
+def first_non_finite(tensor: torch.Tensor) -> int | None:
+    """The flat index of the first NaN or infinity in a floating tensor, or None; checked in chunks."""
+    if not tensor.is_floating_point() or tensor.device.type == "meta" or tensor.numel() == 0:
+        return None
+    flat = tensor.detach().reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        bad = ~torch.isfinite(flat[start : start + _FINITE_CHUNK])
+        if bool(bad.any()):
+            return start + int(bad.nonzero()[0, 0])
+    return None
+
+
+def check_finite_weights(model: nn.Module, source: str) -> None:
+    """Refuse a model whose weights hold NaN or infinity: one ModelError line naming the first such
+    tensor and the value, before any statistics are gathered or a weight is pruned (their scores,
+    masks and the saved checkpoint would all be NaN). Weights offloaded to disk or CPU storage
+    (on the meta device) are not read here."""
+    for name, param in model.named_parameters():
+        index = first_non_finite(param)
+        if index is not None:
+            value = param.detach().reshape(-1)[index].item()
+            where = tuple(int(i) for i in torch.unravel_index(torch.tensor(index), param.shape))
+            raise ModelError(
+                f"{source}: weight {name} holds {value} at {list(where)}: NaN or infinite weights cannot be "
+                "scored, pruned or evaluated (repair or re-export the checkpoint)"
+            )
+
+
+_HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def packed_hub_snapshot(source: str, revision: str | None = None, cache_dir: str | None = None) -> Path | None:
+    """The local snapshot (downloaded, or found in the cache offline) of hub repository ``source``
+    when its config marks an ecoflap packed checkpoint; None for anything else (a dense hub model,
+    a name that is no repository, a hub that cannot be reached): those go to transformers."""
+    if not _HUB_REPO.match(source) or source.endswith((".gguf", ".json", ".safetensors")):
+        return None
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        config_path = hf_hub_download(source, "config.json", revision=revision, cache_dir=cache_dir)
+        config = json.loads(Path(config_path).read_bytes())
+        if not (isinstance(config, dict) and "ecoflap_packed" in config):
+            return None
+        return Path(snapshot_download(source, revision=revision, cache_dir=cache_dir))
+    except Exception:  # noqa: BLE001 - not a packed hub checkpoint we can reach: transformers reports it
+        return None
+
+
+def hub_snapshot(source: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """The local snapshot directory of hub repository ``source`` (from the cache when offline);
+    ModelError with one line when it is no repository name or cannot be found."""
+    if not _HUB_REPO.match(source):
+        raise ModelError(f"model path not found: {source}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, revision=revision, cache_dir=cache_dir))
+    except Exception as exc:  # noqa: BLE001 - offline without a cached copy, unknown repository, ...
+        raise ModelError(f"cannot find {source!r} locally or on the hub: {_first_line(exc)}") from None

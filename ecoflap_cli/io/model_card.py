@@ -10,6 +10,7 @@ quality. The base model's own card is never copied: nothing in it describes the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -36,12 +37,50 @@ def hub_id(source: str | None) -> str | None:
     return None if Path(source).exists() else source
 
 
+#: characters that make markdown out of plain text (and ``|``, which ends a table cell)
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]<>()#+!|~])")
+
+
+def _line(value: Any) -> str:
+    """One line: newlines, tabs and other control characters become single spaces."""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in str(value)).split())
+
+
+def _md(value: Any) -> str:
+    """A user string as plain markdown text on one line: markdown characters escaped."""
+    return _MARKDOWN.sub(r"\\\1", _line(value))
+
+
+def _code(value: Any) -> str:
+    """A user string as inline code on one line (no backtick can close it; ``|`` escaped, which
+    GitHub's tables need even inside code)."""
+    return "`" + _line(value).replace("`", "'").replace("|", "\\|") + "`"
+
+
+def display_source(value: Any, digest: str | None = None) -> str:
+    """How a card names a model or data source: a hub id (or ``hub:NAME``) as it is; a local path
+    by its base name only (never the absolute path of the machine that ran it), with its sha256
+    when known."""
+    text = _line(value)
+    if not text:
+        return "unknown"
+    if hub_id(text.removeprefix("hub:")) or (text.startswith("hub:") and "/" not in text[4:].strip("/")):
+        return text
+    if "/" in text or "\\" in text or text.startswith("~") or Path(text).exists():
+        text = text.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or "unknown"
+    return f"{text} (sha256 {digest})" if digest else text
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100.0 * value:.2f}%"
+    return "-" if _number(value) is None else f"{100.0 * value:.2f}%"
 
 
 def _settings(record: Mapping[str, Any] | None, skip: tuple[str, ...] = ("name",)) -> str:
-    items = [f"{k}={v}" for k, v in (record or {}).items() if k not in skip and v is not None]
+    items = [f"{_md(k)}={_md(v)}" for k, v in (record or {}).items() if k not in skip and v is not None]
     return ", ".join(items) if items else "defaults"
 
 
@@ -96,13 +135,15 @@ def _sparsity_section(report: Doc, plan: Doc | None) -> list[str]:
         "| tower | params | zeros | sparsity |",
         "|---|---:|---:|---:|",
     ]
-    lines += [f"| {r['tower']} | {r['params']} | {r['zeros']} | {_pct(r['sparsity'])} |" for r in tower_rows(report)]
+    lines += [
+        f"| {_md(r['tower'])} | {r['params']} | {r['zeros']} | {_pct(r['sparsity'])} |" for r in tower_rows(report)
+    ]
     rows = block_rows(report, plan)
     if rows:
         lines += ["", "Per block (zeros counted in the weights written; planned: the plan's sparsity):", ""]
         lines += ["| block | tower | params | zeros | sparsity | planned |", "|---|---|---:|---:|---:|---:|"]
         lines += [
-            f"| {r['name']} | {r['tower']} | {r['params']} | {r['zeros']} | {_pct(r['sparsity'])} | "
+            f"| {_md(r['name'])} | {_md(r['tower'])} | {r['params']} | {r['zeros']} | {_pct(r['sparsity'])} | "
             f"{_pct(r['planned'])} |"
             for r in rows
         ]
@@ -115,12 +156,12 @@ def _sparsity_section(report: Doc, plan: Doc | None) -> list[str]:
 def _calibration(record: Mapping[str, Any] | None) -> str:
     if not record:
         return "none (the solver reads no calibration data)"
-    parts = [f"`{record.get('source')}`"]
+    parts = [_code(display_source(record.get("source"), record.get("sha256")))]
     for key, label in (("samples", "samples"), ("seqlen", "tokens per sample"), ("tokens", "tokens in all")):
         if record.get(key) is not None:
-            parts.append(f"{record[key]} {label}")
+            parts.append(f"{_md(record[key])} {label}")
     if record.get("seed") is not None:
-        parts.append(f"seed {record['seed']}")
+        parts.append(f"seed {_md(record['seed'])}")
     return ", ".join(parts)
 
 
@@ -128,7 +169,7 @@ def _method_section(report: Doc, plan: Doc | None, scores: Doc | None) -> list[s
     allocator = dict((plan or {}).get("allocator") or {})
     score_method = (scores or {}).get("method") or (plan or {}).get("score_method") or {}
     solver = report.get("solver")
-    solver_line = f"{solver} ({_settings(report.get('solver_settings'), ())})"
+    solver_line = f"{_md(solver)} ({_settings(report.get('solver_settings'), ())})"
     if report.get("nm"):
         solver_line += f", {report['nm'][0]}:{report['nm'][1]} structured"
     if report.get("compare_groups"):
@@ -136,9 +177,9 @@ def _method_section(report: Doc, plan: Doc | None, scores: Doc | None) -> list[s
     lines = [
         "## How it was pruned",
         "",
-        f"- Scores (coarse stage): {score_method.get('name', 'unknown')} ({_settings(score_method)})",
-        f"- Allocator: {allocator.get('name', 'unknown')} ({_settings(allocator, ('name', 'chosen'))})"
-        + (f"; {allocator['chosen']}" if allocator.get("chosen") else ""),
+        f"- Scores (coarse stage): {_md(score_method.get('name', 'unknown'))} ({_settings(score_method)})",
+        f"- Allocator: {_md(allocator.get('name', 'unknown'))} ({_settings(allocator, ('name', 'chosen'))})"
+        + (f"; {_md(allocator['chosen'])}" if allocator.get("chosen") else ""),
         f"- Solver (fine stage): {solver_line}",
         f"- Calibration for the solver: {_calibration(report.get('calibration'))}",
     ]
@@ -146,7 +187,7 @@ def _method_section(report: Doc, plan: Doc | None, scores: Doc | None) -> list[s
         lines.append(f"- Calibration for the scores: {_calibration(scores['calibration'])}")
     versions = report.get("versions") or {}
     if versions:
-        lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+        lines.append("- Versions: " + ", ".join(f"{_md(k)} {_md(v)}" for k, v in versions.items()))
     lines.append(
         "- Documents: `ecoflap_report.json` (per tensor), `plan.json`"
         + (", `scores.json`" if scores is not None else "")
@@ -200,7 +241,10 @@ def _metric_rows(results: Doc) -> list[tuple[str, Any, Any]]:
     rows: list[tuple[str, Any, Any]] = []
     ppl = results.get("perplexity")
     if isinstance(ppl, dict) and "pruned" in ppl:
-        label = f"perplexity on `{ppl.get('text')}` ({ppl.get('windows')} x {ppl.get('seqlen')} tokens)"
+        label = (
+            f"perplexity on {_code(display_source(ppl.get('text'), ppl.get('text_sha256')))} "
+            f"({_md(ppl.get('windows'))} x {_md(ppl.get('seqlen'))} tokens)"
+        )
         rows.append((label, ppl.get("pruned"), ppl.get("dense")))
     lm_eval = results.get("lm_eval")
     lm_tasks = lm_eval.get("tasks") if isinstance(lm_eval, dict) else None
@@ -214,13 +258,15 @@ def _metric_rows(results: Doc) -> list[tuple[str, Any, Any]]:
             for metric, value in entry["pruned"].items():
                 numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
                 if numeric and metric != "time_s" and not metric.startswith("n_"):
-                    rows.append((f"{prefix}{task} {metric}", value, dense.get(metric)))
+                    rows.append((f"{prefix}{_md(task)} {_md(metric)}", value, dense.get(metric)))
     return rows
 
 
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _md(value)
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
@@ -234,8 +280,8 @@ def _quality_section(evaluations: list[tuple[str, Doc]], name: str) -> list[str]
     for file, results in evaluations:
         dense_model = results.get("dense_model")
         lines += [
-            f"Measured by `ecoflap eval` (`{file}`; achieved sparsity {_pct(results['summary'].get('achieved'))}"
-            + (f"; dense: `{dense_model}`" if dense_model else "")
+            f"Measured by `ecoflap eval` ({_code(file)}; achieved sparsity {_pct(results['summary'].get('achieved'))}"
+            + (f"; dense: {_code(display_source(dense_model))}" if dense_model else "")
             + "):",
             "",
             "| metric | pruned | dense |",
@@ -270,10 +316,11 @@ def render_card(
     if layout == "dense":
         front.append("library_name: transformers")
     front += ["tags:", *(f"- {t}" for t in TAGS), "---", ""]
-    title = f"# {Path(source).name if source else name}, pruned to {_pct(report.get('achieved_sparsity'))} sparsity"
+    shown = display_source(source) if source else _line(name)
+    title = f"# {_md(shown)}, pruned to {_pct(_number(report.get('achieved_sparsity')))} sparsity"
     intro = (
-        f"{('[`' + base + '`](https://huggingface.co/' + base + ')') if base else '`' + str(source) + '`'}"
-        f" ({model_info.get('class') or 'model'}) pruned with ecoflap {report.get('ecoflap_version', '')} "
+        f"{('[`' + base + '`](https://huggingface.co/' + base + ')') if base else _code(shown)}"
+        f" ({_md(model_info.get('class') or 'model')}) pruned with ecoflap {_md(report.get('ecoflap_version', ''))} "
         "(ECoFLaP: coarse-to-fine layer-wise pruning, Sung et al., ICLR 2024). "
         f"Weights: {layout} safetensors."
     )
@@ -299,8 +346,28 @@ def read_documents(directory: str | Path) -> dict[str, dict[str, Any]]:
     return docs
 
 
+#: the checkpoint's checksums file (``io.checkpoint.CHECKSUMS_NAME``): weights, config, tokenizer
+CHECKSUMS_FILE = "ecoflap_checksums.json"
+#: the key of an eval results document naming the checkpoint it measured (:func:`checkpoint_identity`)
+IDENTITY_KEY = "checkpoint_checksums"
+
+
+def checkpoint_identity(directory: str | Path) -> str | None:
+    """The sha256 of a checkpoint's checksums file, which records the sha256 of its weights,
+    config and tokenizer: equal identities, equal model. None for no local checkpoint with one."""
+    path = Path(directory) / CHECKSUMS_FILE
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    except OSError:
+        return None
+
+
 def evaluations_in(directory: str | Path) -> list[tuple[str, Doc]]:
-    """``(file name, results)`` of every ``ecoflap eval`` output in the directory, by name."""
+    """``(file name, results)`` of every ``ecoflap eval`` output in the directory, by name, that
+    measured this very checkpoint: its recorded :func:`checkpoint_identity` is the directory's
+    (results copied from another checkpoint, or made before its weights or config changed, are
+    left out of the card)."""
+    identity = checkpoint_identity(directory)
     found: list[tuple[str, Doc]] = []
     for path in sorted(Path(directory).glob("*.json")):
         if path.name in _DOCUMENTS or path.name.startswith("."):
@@ -309,7 +376,7 @@ def evaluations_in(directory: str | Path) -> list[tuple[str, Doc]]:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if is_eval_results(doc):
+        if is_eval_results(doc) and identity is not None and doc.get(IDENTITY_KEY) == identity:
             found.append((path.name, doc))
     return found
 

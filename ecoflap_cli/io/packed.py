@@ -745,16 +745,41 @@ def _load_any(path: Path, expected: Mapping[str, tuple[int, ...]] | None = None)
     return tensors
 
 
+def cache_repo_root(directory: str | os.PathLike[str]) -> Path | None:
+    """The repository folder (``models--org--name``) of a Hugging Face cache snapshot directory
+    (``models--org--name/snapshots/REV``), whose files are symlinks into ``../../blobs/``; else None."""
+    try:
+        real = Path(directory).resolve()
+    except (OSError, RuntimeError):
+        return None
+    repo = real.parent.parent
+    if real.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--", "spaces--")):
+        return repo
+    return None
+
+
+def link_inside(directory: str | os.PathLike[str], path: str | os.PathLike[str], *, nested: bool = False) -> bool:
+    """Whether ``path`` (symlinks resolved) lies in checkpoint ``directory``: in it (directly, or
+    at any depth with ``nested``), or, for a Hugging Face cache snapshot, in its repository's
+    ``blobs/`` folder, where the hub stores the files its snapshot links to."""
+    try:
+        target, real = Path(path).resolve(), Path(directory).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+    if target.parent == real or (nested and real in target.parents):
+        return True
+    repo = cache_repo_root(real)
+    return repo is not None and target.parent == repo / "blobs"
+
+
 def file_inside(directory: Path, name: str, where: Path) -> Path:
     """``directory / name`` for a weight file an index names; ArtifactError unless it is a plain
-    file name whose file (symlinks resolved) lies in ``directory`` itself."""
+    file name whose file (symlinks resolved) lies in ``directory`` itself, or in the ``blobs/``
+    of the Hugging Face cache repository whose snapshot ``directory`` is."""
     if not name or name in (".", "..") or Path(name).name != name or "\\" in name or "\0" in name:
         raise ArtifactError(f"{where}: shard {name!r} is not a file name in the checkpoint directory")
     path = directory / name
-    try:
-        inside = path.resolve().parent == directory.resolve()
-    except (OSError, RuntimeError):  # a symlink loop
-        inside = False
+    inside = link_inside(directory, path)
     if not inside:
         raise ArtifactError(f"{where}: shard {name!r} points outside the checkpoint directory")
     return path

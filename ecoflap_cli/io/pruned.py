@@ -24,6 +24,7 @@ from ecoflap_cli.io.loading import (
     _first_line,
     _model_class,
     check_loading_info,
+    hub_snapshot,
     quiet_transformers,
     resolve_device,
     resolve_dtype,
@@ -55,7 +56,9 @@ def load_pruned(
     verify: bool = True,
     **from_pretrained: Any,
 ) -> nn.Module:
-    """Load a pruned checkpoint directory, dense or packed, as the class its config records.
+    """Load a pruned checkpoint directory, dense or packed, as the class its config records; a hub
+    id loads from its snapshot (the Hugging Face cache, downloaded when online; ``revision`` and
+    ``cache_dir`` keywords select it).
 
     ``dtype`` None keeps the checkpoint's dtype (as ``dtype="auto"``); tied weights are tied as by
     ``from_pretrained``. Extra keywords (``device_map``, ``max_memory``, ...) go to
@@ -87,6 +90,10 @@ def load_pruned_checked(
     import transformers
 
     quiet_transformers()
+    if not Path(directory).exists():  # a hub id: its snapshot in the cache (downloaded when online)
+        directory = hub_snapshot(
+            str(directory), from_pretrained.pop("revision", None), from_pretrained.pop("cache_dir", None)
+        )
     directory = Path(directory)
     note = verify_checksums(directory) if verify and directory.is_dir() else None
     layout = checkpoint_layout(directory) if directory.is_dir() else None
