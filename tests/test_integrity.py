@@ -98,7 +98,8 @@ def test_checksums_are_recorded_for_every_weight_file(checkpoints, kind):
     index = PACKED_INDEX_FILE if kind == "packed" else INDEX_FILE
     files = [f.name for f in weight_files(directory)]
     assert len(files) > 1
-    assert recorded["algorithm"] == "sha256" and sorted(recorded["files"]) == sorted([*files, index])
+    model_files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert recorded["algorithm"] == "sha256" and sorted(recorded["files"]) == sorted([*files, index, *model_files])
     assert verify_checksums(directory) is None
     assert inspect_artifact(str(directory))["integrity"] == "verified"
 
@@ -229,9 +230,12 @@ def test_pruned_checkpoint_with_an_edited_config_is_refused(checkpoints, kind, t
     config = json.loads((work / "config.json").read_text())
     config["num_hidden_layers"] = 3
     (work / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ArtifactError, match="model.layers.3"):
+    with pytest.raises(ArtifactError, match="config.json was edited or corrupted"):  # checksums cover it
         load_pruned(work)
-    assert "does not match its config.json" in one_error_line(cli("eval", work, "--device", "cpu", ok=False))
+    with pytest.raises(ArtifactError, match="model.layers.3"):
+        load_pruned(work, verify=False)
+    line = one_error_line(cli("eval", work, "--device", "cpu", "--no-verify", ok=False))
+    assert "does not match its config.json" in line
 
 
 # --- packed checkpoints and loaders that cannot read them -------------------------------------

@@ -292,6 +292,7 @@ def zeroth_order_scores(
                     select(i)
                     total += _block_estimate(objective, block, batch, i, settings, base[i] if base else None)
                 scores[block.name] = total
+                check_finite_score(block.name, total, adapter)
                 trim_host_memory()
                 if settings.reuse_activations:
                     previous_out = capture_outputs(adapter, block, batches, before_each=select)
@@ -403,7 +404,24 @@ def first_order_scores(
         for p in model.parameters():
             p.requires_grad_(was_grad[id(p)])
             p.grad = None
+    for name, value in scores.items():
+        check_finite_score(name, value, adapter)
     return scores
+
+
+def check_finite_score(block: str, value: float, adapter: Adapter) -> None:
+    """Refuse, naming the block, a score that is NaN or infinite: the losses or gradients behind it
+    overflowed (a float16 forward pass past 65504) or met NaN weights. The score arithmetic itself
+    runs in float32; a NaN score would give the allocator nothing to rank."""
+    if math.isfinite(value):
+        return
+    dtype = next(adapter.model.parameters()).dtype
+    hint = (
+        "its activations overflow the float16 range: load the model with --dtype bfloat16 or float32"
+        if dtype == torch.float16
+        else "the loss is NaN or infinite on the calibration data"
+    )
+    raise PlanError(f"{block}: its score is {value} ({hint})")
 
 
 @contextmanager
@@ -438,6 +456,9 @@ def owl_outlier_ratios(
                     run_block(block, item)
             for h in handles:
                 h.remove()
+            for n, stat in stats.items():
+                if not bool(torch.isfinite(stat).all()):
+                    raise PlanError(f"{block.name}: the inputs of {n} are not finite in the calibration pass")
             outliers = total = 0
             for n, lin in block.linears.items():
                 metric = wanda_metric(lin.weight, stats[n])

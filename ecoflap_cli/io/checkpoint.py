@@ -221,9 +221,17 @@ def _human(nbytes: float) -> str:
 #: (its four parts and its entry in the packed index); generous, so the estimate errs high
 _HEADER_BYTES = 160
 _PACKED_HEADER_BYTES = 768
-#: what a checkpoint holds besides weights (config, tokenizer, documents) when the input is no local
-#: directory to measure
+#: what a checkpoint holds besides weights (config, tokenizer, documents) when the input is neither
+#: a local directory nor a hub model in the cache to measure
 _OTHER_FILES_BYTES = 32 * 10**6
+#: ecoflap's documents (report, plan, scores, card, checksums, shard index): a fixed part and a part
+#: per tensor (measured on the tiny LLaMA: about 700 bytes per pruned tensor in all; 1 KB allowed)
+_DOCUMENT_BYTES = 16 * 1024
+_DOCUMENT_BYTES_PER_TENSOR = 1024
+#: the margin docs/reliability.md states: the estimate is at least what is written, and at most
+#: this factor of it plus :data:`ESTIMATE_SLACK_BYTES` (for a local or cached input)
+ESTIMATE_MARGIN = 1.15
+ESTIMATE_SLACK_BYTES = 64 * 1024
 
 
 def estimate_checkpoint_bytes(
@@ -231,13 +239,18 @@ def estimate_checkpoint_bytes(
     prune_counts: Mapping[str, int] | None,
     packed: bool,
     source: str | Path | None = None,
+    *,
+    weights_only: bool = False,
 ) -> int:
     """Bytes the checkpoint of ``model`` will take: its weights, dense or packed, and the other files.
 
     Tensors are counted once (tied weights share storage). Packed, each tensor of ``prune_counts``
     (planned zeros per tensor name) takes the smaller of dense and the bitmask layout; headers
     are counted generously, so the estimate errs high. Files besides the weights are measured
-    in ``source`` when it is a local directory.
+    in ``source`` when it is a local directory or a hub model in the Hugging Face cache, and
+    ecoflap's documents are counted per tensor. ``weights_only``: the weights alone (what a resume
+    state stores of the finished blocks). Within :data:`ESTIMATE_MARGIN` of what is written (see
+    docs/reliability.md).
     """
     seen: set[tuple[int, int]] = set()
     total = 0
@@ -253,17 +266,37 @@ def estimate_checkpoint_bytes(
             bitmask = (tensor.numel() - zeros) * tensor.element_size() + rows * ((cols + 7) // 8) + rows * 8 + 16
             dense = min(dense, bitmask + _PACKED_HEADER_BYTES)
         total += dense + _HEADER_BYTES
-    return total + _other_files_bytes(source)
+    if weights_only:
+        return total
+    tensors = len(prune_counts) if prune_counts else len(seen)
+    documents = _DOCUMENT_BYTES + _DOCUMENT_BYTES_PER_TENSOR * tensors
+    return total + _other_files_bytes(source) + documents
+
+
+def _cached_snapshot(source: str) -> Path | None:
+    """The snapshot of hub model ``source`` in the default Hugging Face cache, without a download."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception:  # noqa: BLE001 - no hub id, not cached: the caller falls back
+        return None
 
 
 def _other_files_bytes(source: str | Path | None) -> int:
-    if source is None or not Path(source).is_dir():
+    """Bytes of the input's files besides weights (config, tokenizer, processor), which the
+    checkpoint copies; :data:`_OTHER_FILES_BYTES` when there is nothing to measure."""
+    if source is None:
+        return _OTHER_FILES_BYTES
+    directory = Path(source) if Path(source).is_dir() else _cached_snapshot(str(source))
+    if directory is None:
         return _OTHER_FILES_BYTES
     other = 0
-    for entry in Path(source).rglob("*"):
-        if entry.is_file() and not entry.name.endswith((".safetensors", ".bin", ".pt", ".gguf")):
+    for entry in directory.iterdir():  # the top level: what save_pretrained writes
+        weights = entry.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5"))
+        if entry.is_file() and not weights and not is_weight_file(entry.name):
             other += entry.stat().st_size
-    return other + 10**6  # plan, scores and report documents
+    return other
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -598,7 +631,7 @@ def _read_checksums(directory: Path) -> tuple[int, dict[str, str]] | None:
     )
     if not (valid and doc.get("format") == CHECKSUMS_FORMAT and doc.get("algorithm") == "sha256"):
         raise ArtifactError(f"{path} is not an ecoflap checksums file")
-    version = doc.get("version")
+    version = doc.get("version", 1)  # the first checksums files wrote no version
     if type(version) is not int or not 1 <= version <= CHECKSUMS_VERSION:
         raise ArtifactError(f"{path}: unsupported checksums version {version!r}")
     return version, files  # type: ignore[return-value]
@@ -735,8 +768,10 @@ def convert_checkpoint(
         write_weights(
             tmp, state, packed=to == "packed", max_shard_bytes=shard_bytes, sparse_names=sparse_names, n_m=n_m
         )  # type: ignore[arg-type]
-        write_card(tmp, to, target.name)  # the card names the layout and how to load it
         write_checksums(tmp)
+        if integrity == "verified":
+            _carry_evaluations(source, tmp)
+        write_card(tmp, to, target.name)  # the card names the layout and how to load it
     return {
         "integrity": integrity,
         "source": str(source),
@@ -746,6 +781,17 @@ def convert_checkpoint(
         "bytes_before": before,
         "bytes_after": weight_bytes(target),
     }
+
+
+def _carry_evaluations(source: Path, copy: Path) -> None:
+    """Eval results that measured ``source`` (their identity is its verified checksums) measured
+    the lossless copy too: they are re-addressed to the copy, so its card shows them."""
+    from ecoflap_cli.io.model_card import IDENTITY_KEY, checkpoint_identity, evaluations_in
+
+    new = checkpoint_identity(copy)
+    for name, results in evaluations_in(source):
+        if (copy / name).is_file() and new is not None:
+            artifacts.write_atomic(copy / name, (json.dumps({**results, IDENTITY_KEY: new}, indent=2) + "\n").encode())
 
 
 #: entries of a checkpoint directory looked at for symlinks before it is copied

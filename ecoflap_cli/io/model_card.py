@@ -38,7 +38,7 @@ def hub_id(source: str | None) -> str | None:
 
 
 #: characters that make markdown out of plain text (and ``|``, which ends a table cell)
-_MARKDOWN = re.compile(r"([\\`*_{}\[\]<>()#+!|~])")
+_MARKDOWN = re.compile(r"([\\`*\[\]<>|~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
 
 
 def _line(value: Any) -> str:
@@ -48,7 +48,7 @@ def _line(value: Any) -> str:
 
 def _md(value: Any) -> str:
     """A user string as plain markdown text on one line: markdown characters escaped."""
-    return _MARKDOWN.sub(r"\\\1", _line(value))
+    return _MARKDOWN.sub(lambda m: "\\" + m[0], _line(value))
 
 
 def _code(value: Any) -> str:
