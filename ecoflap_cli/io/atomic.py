@@ -389,6 +389,8 @@ class DiskError(ArtifactError):
     """Writing an output failed because its file system is full, over quota or read-only."""
 
     exit_code = 4  # as an OSError reported by the CLI
+    #: the errno behind it (one of :data:`DISK_ERRNOS`)
+    code: int = errno.ENOSPC
 
 
 def disk_error_code(exc: BaseException) -> int | None:
@@ -414,16 +416,17 @@ def disk_errors(target: str | os.PathLike[str]) -> Iterator[None]:
     library's own exception quoting it) into one :class:`DiskError` line naming ``target``."""
     try:
         yield
-    except DiskError:
-        raise
     except Exception as exc:
-        code = disk_error_code(exc)
+        code = exc.code if isinstance(exc, DiskError) else disk_error_code(exc)
         if code is None:
             raise
-        raise DiskError(
+        # the outermost writer names the output: not a file inside its temporary directory
+        error = DiskError(
             f"{DISK_ERRNOS[code]} while writing {target}: nothing was written (free some space, "
             "or choose an output on another file system)"
-        ) from None
+        )
+        error.code = code
+        raise error from None
 
 
 # --- the one rule for every output ---------------------------------------------------------------
@@ -443,9 +446,17 @@ def _limit(path: Path, name: str, default: int) -> int:
         return default
 
 
+def _exists(path: Path) -> bool:
+    """``path.exists()`` that reads a name too long, or any other OS refusal, as "does not exist"."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def _existing_ancestor(path: Path) -> Path:
     probe = path
-    while not probe.exists() and probe != probe.parent:
+    while not _exists(probe) and probe != probe.parent:
         probe = probe.parent
     return probe
 
@@ -480,7 +491,11 @@ def _check_names(output: str, absolute: Path, kind: str) -> None:
 def _check_links(output: str, absolute: Path) -> None:
     """Neither the output nor a directory on its way is a symlink to nothing (or a loop)."""
     for entry in (absolute, *absolute.parents):
-        if entry.is_symlink() and not entry.exists():
+        try:
+            dangling = entry.is_symlink() and not _exists(entry)
+        except OSError:  # a name too long: reported by _check_names
+            continue
+        if dangling:
             what = "the output" if entry == absolute else f"{entry}, on its path,"
             try:
                 to = f" (to {os.readlink(entry)})"
@@ -588,8 +603,8 @@ def check_output_path(
     if not text or "\0" in text:
         raise ArtifactError(f"output {text!r} is not a file name")
     absolute = Path(os.path.abspath(text))
-    _check_links(text, absolute)
     _check_names(text, absolute, kind)
+    _check_links(text, absolute)
     out = _resolved(absolute)
     if out is None:
         raise ArtifactError(f"output {text}: its path is a symlink loop")
