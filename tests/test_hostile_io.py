@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ecoflap_cli.errors import ArtifactError, DataError, EcoflapError, ModelError, PlanError
@@ -605,16 +605,24 @@ OUTPUT_CASES = {
 }
 
 
-@FUZZ
-@given(case=st.sampled_from(sorted(OUTPUT_CASES)), kind=st.sampled_from(["dense", "packed"]), via=st.booleans())
+@pytest.mark.parametrize("via", [False, True], ids=["check_output_path", "caller"])
+@pytest.mark.parametrize("kind", ["dense", "packed"])
+@pytest.mark.parametrize("case", sorted(OUTPUT_CASES))
 def test_the_output_rule(checkpoints, case, kind, via, tmp_path_factory):
+    """Every output shape, against a dense and a packed input, through the rule itself and through
+    the check its callers use (``check_output_dir`` / ``check_json_output``)."""
     tmp = tmp_path_factory.mktemp("rule")
     ckpt = copy_of(checkpoints[kind], tmp, "ckpt")
     out, check = _output_case(case, ckpt, tmp)
     before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
     inputs = [str(ckpt), str(tmp / "calib.txt")]
     if OUTPUT_CASES[case]:
-        check_output_path(out, inputs, kind=check)
+        if not via:
+            check_output_path(out, inputs, kind=check)
+        elif check == "dir":
+            check_output_dir(out, False, inputs=inputs)
+        else:
+            artifacts.check_json_output(str(out), False, inputs=inputs, kind=check)
         CASES["output rule: accepted"] += 1
         return
     with pytest.raises(ArtifactError) as caught:
@@ -753,6 +761,16 @@ def test_the_free_space_estimate_is_within_its_stated_margin(tiny_llama, packed,
     ),
     shots=st.one_of(st.none(), st.integers(-(10**12), 10**12), st.booleans(), st.floats(0, 3)),
 )
+@example(limit=None, shots=None)
+@example(limit=0.5, shots=0)
+@example(limit=10, shots=5)
+@example(limit=3.0, shots=1000)
+@example(limit=math.nan, shots=None)
+@example(limit=math.inf, shots=None)
+@example(limit=-1, shots=None)
+@example(limit=None, shots=10**9)
+@example(limit=None, shots=-1)
+@example(limit=2.5, shots=None)
 def test_lm_eval_requests_are_checked_when_made(limit, shots):
     from ecoflap_cli.evaluation.lm_eval_tasks import MAX_FEWSHOT, LmEvalRequest
 
