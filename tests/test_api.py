@@ -89,6 +89,11 @@ def test_oneshot_in_memory_equals_the_cli_bit_for_bit(packed, tiny_llama, calib_
         assert result.documents[name] == b
         for doc in (a, b):  # when it ran, not what it did
             doc.pop("created", None), doc.pop("timings", None)
+        # the request differs only in how the model was given (a path, or in memory) and the device
+        requests = [doc.pop("request", {}) for doc in (a, b)]
+        for request in requests:
+            request.pop("model", None), request.pop("device", None)
+        assert requests[0] == requests[1], name
         assert a == b, name
     cli_weights, api_weights = _weights(cli_out), _weights(api_out)
     assert cli_weights.keys() == api_weights.keys()
@@ -162,8 +167,8 @@ def test_importing_the_api_loads_no_torch():
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "True"
 
 
-def test_cli_commands_run_through_the_api(monkeypatch, tiny_llama, tmp_path):
-    """`ecoflap score/prune` call api.score/api.prune with the options they parsed."""
+def test_cli_commands_run_through_the_orchestrator(monkeypatch, tiny_llama, tmp_path):
+    """`ecoflap score/prune` hand the orchestrator the request they parsed."""
     seen = {}
 
     def fake(name):
@@ -173,11 +178,15 @@ def test_cli_commands_run_through_the_api(monkeypatch, tiny_llama, tmp_path):
 
         return record
 
-    monkeypatch.setattr(api, "score", fake("score"))
-    monkeypatch.setattr(api, "prune", fake("prune"))
+    from ecoflap_cli.stages import orchestrator
+
+    monkeypatch.setattr(orchestrator, "score", fake("score"))
+    monkeypatch.setattr(orchestrator, "prune", fake("prune"))
     runner = CliRunner()
     result = runner.invoke(app, shlex.split(f"score -m {tiny_llama} --method zeroth --eps 0.01 -o -"))
     assert result.exit_code == 2 and "stop here" in result.output
-    assert seen["score"][1]["settings"] == {"eps": 0.01} and seen["score"][1]["method"] == "zeroth"
+    request = seen["score"][0][0]
+    assert request.settings == {"eps": 0.01} and request.method == "zeroth"
     result = runner.invoke(app, shlex.split(f"prune -m {tiny_llama} -s 0.5 --nm 2:4 --allocator uniform -o x"))
-    assert result.exit_code == 2 and seen["prune"][1]["nm"] == "2:4" and seen["prune"][0][2] == 0.5
+    request = seen["prune"][0][0]
+    assert result.exit_code == 2 and request.nm == "2:4" and request.sparsity == 0.5

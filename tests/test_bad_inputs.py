@@ -698,6 +698,7 @@ def test_fault_while_saving_leaves_nothing(error, code, expect, base, tmp_path, 
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", _fail_writing(error))
     command = f"prune -m {base['llama']} --plan {base['plan']} --calib {base['calib']} --samples 2 --seqlen 16 -o out"
+    command += " --resume-interval 0"  # a checkpoint of the state after every block
     got, out, err, exception = run_cli(shlex.split(command), tmp_path, monkeypatch)
     assert_one_error_line(got, out, err, exception, expect)
     assert got == code
@@ -712,6 +713,7 @@ def test_ctrl_c_while_pruning_leaves_nothing(base, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pruning, "prune_block", interrupted)
     command = f"prune -m {base['llama']} --plan {base['plan']} --calib {base['calib']} --samples 2 --seqlen 16 -o out"
+    command += " --resume-interval 0"  # a checkpoint of the state after every block
     code, out, err, exception = run_cli(shlex.split(command), tmp_path, monkeypatch)
     assert_one_error_line(code, out, err, exception, "interrupted")
     assert code == 130 and left_behind(tmp_path) == set()
@@ -732,6 +734,7 @@ def test_ctrl_c_after_finished_blocks_keeps_them_and_says_so(base, tmp_path, mon
 
     monkeypatch.setattr(resume.ResumeState, "block_done", block_done)
     command = f"prune -m {base['llama']} --plan {base['plan']} --calib {base['calib']} --samples 2 --seqlen 16 -o out"
+    command += " --resume-interval 0"  # a checkpoint of the state after every block
     code, out, err, exception = run_cli(shlex.split(command), tmp_path, monkeypatch)
     assert_one_error_line(code, out, err, exception, "interrupted: nothing half-written was left behind")
     assert code == 130 and "nothing was written" not in err
@@ -743,14 +746,14 @@ def test_an_error_after_ctrl_c_is_reported_as_the_interrupt(base, tmp_path, monk
     """A library interrupted halfway through an import fails on its next use with another error (a
     real SIGINT during accelerate's import left numpy recursing in its __getattr__): after Ctrl-C
     that is still one `interrupted` line and exit code 130; without Ctrl-C the error is not hidden."""
-    from ecoflap_cli import api
-
     module = sys.modules["ecoflap_cli.cli.app"]
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(api, "allocate", broken)
+    from ecoflap_cli.stages import orchestrator
+
+    monkeypatch.setattr(orchestrator, "allocate", broken)
     command = ["allocate", str(base["scores"]), "-s", "0.5", "-o", "p.json"]
     code, out, err, exception = run_cli(command, tmp_path, monkeypatch)
     assert isinstance(exception, RecursionError)  # a bug, not an interrupt: shown as it is

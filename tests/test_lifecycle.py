@@ -30,8 +30,10 @@ from ecoflap_cli.io.resume import state_dir
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 ENV["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), ENV.get("PYTHONPATH", "")])
-LLAMA_ARGS = ["-s", "0.5", "--samples", "8", "--seqlen", "32", "--batch-size", "4"]
-CLIP_ARGS = ["-s", "0.5", "--samples", "8", "--batch-size", "4"]
+#: checkpoint the resume state after every block (the default waits minutes between checkpoints)
+EVERY_BLOCK = ["--resume-interval", "0"]
+LLAMA_ARGS = ["-s", "0.5", "--samples", "8", "--seqlen", "32", "--batch-size", "4", *EVERY_BLOCK]
+CLIP_ARGS = ["-s", "0.5", "--samples", "8", "--batch-size", "4", *EVERY_BLOCK]
 
 #: runs the CLI in a child process that SIGKILLs itself at a chosen moment:
 #: KILL_AFTER_BLOCKS=k after the k-th block is recorded, KILL_IN_BLOCK=k while the k-th block's
@@ -152,13 +154,13 @@ def test_resume_refuses_a_state_of_other_settings_and_keeps_it(tmp_path, tiny_ll
     assert ecoflap(args, tmp_path, {"KILL_AFTER_BLOCKS": "2"}).code == -9
     state = state_dir(tmp_path / "out")
     before = sorted(p.name for p in state.rglob("*"))
-    for change, named in ((["--seed", "1"], "calibration, seed"), (["--solver", "magnitude"], "solver settings")):
+    for change, named in ((["--seed", "1"], "calibration batches, seed"), (["--solver", "magnitude"], "solver")):
         refused = ecoflap([*args, "--resume", *change], tmp_path)
         assert refused.code != 0
         line = error_line(refused.stderr)
         assert "cannot resume" in line and named in line, line
     other_plan = ecoflap([*args[:-2], "-s", "0.6", *args[-2:], "--resume"], tmp_path)
-    assert "had another plan" in error_line(other_plan.stderr)
+    assert "had another sparsity" in error_line(other_plan.stderr)
     assert sorted(p.name for p in state.rglob("*")) == before and not (tmp_path / "out").exists()
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -36,13 +37,12 @@ from safetensors.torch import load_file, save_file
 from ecoflap_cli import __version__
 from ecoflap_cli.engine.pruning import ResumePoint, TensorResult
 from ecoflap_cli.errors import ArtifactError
-from ecoflap_cli.io.atomic import atomic_file, write_atomic
+from ecoflap_cli.io.atomic import atomic_file, sha256_file, write_atomic
 from ecoflap_cli.io.packed import load_packed, save_packed
 from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs
 
 STATE_FORMAT = "ecoflap.resume"
 STATE_VERSION = 1
-_SAMPLE_ELEMENTS = 4096  # values per tensor that the model fingerprint reads
 
 
 def state_dir(output: str | Path) -> Path:
@@ -57,15 +57,14 @@ def state_dir(output: str | Path) -> Path:
 def _tensor_digest(digest: Any, name: str, tensor: torch.Tensor) -> None:
     digest.update(f"{name}:{str(tensor.dtype)}:{tuple(tensor.shape)};".encode())
     if tensor.device.type != "meta" and tensor.numel():
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // _SAMPLE_ELEMENTS)
-        sample = flat[::step].to("cpu").contiguous()
-        digest.update(sample.view(torch.uint8).numpy().tobytes())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy())
 
 
 def weights_hash(model: torch.nn.Module) -> str:
-    """A hash of every parameter's name, dtype, shape and an evenly strided sample of its values:
-    a resume state is tied to these very weights, not just to the model's structure."""
+    """A hash of every parameter's name, dtype, shape and every byte of its values: a resume state
+    is tied to these very weights (a change anywhere in a tensor counts), not just to the
+    model's structure."""
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
         _tensor_digest(digest, name, param)
@@ -150,8 +149,12 @@ class ResumeState:
     is replaced.
     """
 
-    def __init__(self, output: str | Path) -> None:
+    def __init__(self, output: str | Path, interval: float = 0.0) -> None:
         self.path = state_dir(output)
+        #: seconds of work between checkpoints of the state (0: after every block)
+        self.interval = interval
+        self._pending: list[tuple[int, int, Block]] = []
+        self._last_flush = time.monotonic()
         self.enabled = True
         self.broken = False  # a file of the state failed its checksum: resuming it again cannot work
         self.note: str | None = None  # why the state stopped being written, if it did
@@ -171,6 +174,13 @@ class ResumeState:
             raise ArtifactError(f"resume state {path} is unreadable: run without --resume to start over") from None
         if not isinstance(doc, dict):
             raise ArtifactError(f"resume state {path} is not an ecoflap resume state")
+        seal = doc.pop("seal", None)
+        if seal != _seal_of(doc):
+            self.broken = True
+            raise ArtifactError(
+                f"resume state file {path} was changed after it was written (its seal does not match): "
+                "run without --resume to start over"
+            )
         return doc
 
     def describe(self) -> str:
@@ -202,6 +212,9 @@ class ResumeState:
                 f"had another {', '.join(differs)}; rerun with the same options, or without --resume to start over"
             )
         self._progress = self._read_json("progress.json")
+        if self._progress is not None and not isinstance(self._progress.get("sha256"), dict):
+            self.broken = True
+            raise ArtifactError(f"resume state {self.path} records no checksums: run without --resume to start over")
 
     # writing ---------------------------------------------------------------------------
     def start(self, identity: dict[str, str], documents: dict[str, dict[str, Any]]) -> None:
@@ -209,8 +222,10 @@ class ResumeState:
         self.discard()
         (self.path / "blocks").mkdir(parents=True)
         doc = {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": identity, "documents": documents}
-        write_atomic(self.path / "state.json", json.dumps(doc).encode())
+        write_atomic(self.path / "state.json", _sealed(doc))
         self._progress = None
+        self._pending = []
+        self._last_flush = time.monotonic()
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -240,14 +255,32 @@ class ResumeState:
         results: list[TensorResult],
         notes: list[dict[str, Any]],
     ) -> None:
-        """Record a finished block: its tensors, the next inputs, then (atomically) the progress."""
+        """A block is finished. The state is checkpointed when ``interval`` seconds of work have
+        passed since the last checkpoint (every block with interval 0): the finished blocks'
+        tensors, the next inputs, then (atomically) the progress. Finished blocks are never
+        touched again by the sequential pass, so writing them later writes the same bytes."""
         if not self.enabled:
             return
-        block_file = f"blocks/{tower}-{block}.safetensors"
-        save_packed(block_tensors(module), self.path / block_file)
+        self._pending.append((tower, block, module))
+        if self.interval > 0 and time.monotonic() - self._last_flush < self.interval:
+            return
+        self._flush(tower, block, module, next_inputs, results, notes)
+
+    def _flush(
+        self,
+        tower: int,
+        block: int,
+        module: Block,
+        next_inputs: list[BlockInputs] | None,
+        results: list[TensorResult],
+        notes: list[dict[str, Any]],
+    ) -> None:
         previous = self._progress or {"finished": [], "done": 0, "inputs": None, "seq": 0}
         digests = {k: v for k, v in (previous.get("sha256") or {}).items() if k != previous["inputs"]}
-        digests[block_file] = _sha256(self.path / block_file)
+        for t_index, b_index, finished in self._pending:
+            block_file = f"blocks/{t_index}-{b_index}.safetensors"
+            save_packed(block_tensors(finished), self.path / block_file)
+            digests[block_file] = sha256_file(self.path / block_file)
         seq = previous["seq"] + 1
         inputs_name, spec = None, None
         if next_inputs is not None:
@@ -262,13 +295,13 @@ class ResumeState:
             inputs_name = f"inputs-{seq}.safetensors"
             with atomic_file(self.path / inputs_name) as tmp:
                 save_file(tensors, tmp)
-            digests[inputs_name] = _sha256(self.path / inputs_name)
+            digests[inputs_name] = sha256_file(self.path / inputs_name)
         progress = {
             "tower": tower,
             "block": block,
             "name": module.name,
-            "done": previous["done"] + 1,
-            "finished": [*previous["finished"], [tower, block]],
+            "done": previous["done"] + len(self._pending),
+            "finished": [*previous["finished"], *([t, b] for t, b, _m in self._pending)],
             "inputs": inputs_name,
             "inputs_spec": spec,
             "results": [asdict(r) for r in results],
@@ -276,17 +309,19 @@ class ResumeState:
             "seq": seq,
             "sha256": digests,
         }
-        write_atomic(self.path / "progress.json", json.dumps(progress, default=str).encode())
+        write_atomic(self.path / "progress.json", _sealed(progress))
         if previous["inputs"] is not None:
             (self.path / previous["inputs"]).unlink(missing_ok=True)
         self._progress = progress
+        self._pending = []
+        self._last_flush = time.monotonic()
 
     def _checked(self, name: str) -> Path:
         """The state file ``name``, after checking it against the sha256 recorded when it was written
         (states written before checksums were recorded are read as they are)."""
         path = self.path / name
         expected = ((self._progress or {}).get("sha256") or {}).get(name)
-        if expected is not None and (not path.is_file() or _sha256(path) != expected):
+        if expected is not None and (not path.is_file() or sha256_file(path) != expected):
             self.broken = True
             raise ArtifactError(
                 f"resume state file {path} is missing or corrupted (its sha256 differs from the one recorded): "
@@ -295,12 +330,14 @@ class ResumeState:
         return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _seal_of(doc: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _sealed(doc: dict[str, Any]) -> bytes:
+    """``doc`` as JSON with a ``seal``: the sha256 of its canonical form, checked on every read, so
+    an edited state file is refused rather than resumed."""
+    return json.dumps({**doc, "seal": _seal_of(json.loads(json.dumps(doc, default=str)))}, default=str).encode()
 
 
 def block_tensors(block: Block) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import platform
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from ecoflap_cli.engine.estimates import check_activation_memory
 from ecoflap_cli.engine.pruning import (  # noqa: F401 - PruneSettings is part of the stage API
     Journal,
     PruneSettings,
+    TensorResult,
     prune_model,
 )
 from ecoflap_cli.errors import DataError, PlanError
@@ -254,6 +255,7 @@ def prune(
     notes: list[dict[str, Any]] = []
     results = prune_model(adapter, artifacts.prune_counts(plan), batches, settings, progress, notes, journal)
     elapsed = time.perf_counter() - start
+    results = recounted(adapter, results)
     total = sum(r.numel for r in results)
     return {
         "format": "ecoflap.report",
@@ -273,6 +275,19 @@ def prune(
         "versions": _versions(),
         "tensors": [asdict(r) for r in results],
     }
+
+
+def recounted(adapter: Adapter, results: list[TensorResult]) -> list[TensorResult]:
+    """The results with every count of zeros taken from the weights themselves (as they will be
+    written), not from what the pruning loop or a resume journal recorded."""
+    weights = {f"{name}.weight": lin.weight for b in adapter.blocks() for name, lin in b.linears.items()}
+    out = []
+    for result in results:
+        weight = weights.get(result.name)
+        if weight is not None and weight.device.type != "meta":
+            result = replace(result, zeros=int((weight == 0).sum()))
+        out.append(result)
+    return out
 
 
 def check_sizes(**sizes: int | None) -> None:

@@ -18,13 +18,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ecoflap_cli.engine.estimates import activation_bytes
 from ecoflap_cli.engine.offload import any_offloaded
-from ecoflap_cli.engine.pruning import PruneSettings
 from ecoflap_cli.errors import EcoflapError
 from ecoflap_cli.io import artifacts
 from ecoflap_cli.io.atomic import output_lock
@@ -39,11 +37,13 @@ Note = Callable[[str], None]
 class PruneOutput:
     """See the module docstring. With ``output`` None (a prune kept in memory) it does nothing."""
 
-    def __init__(self, output: str | os.PathLike[str] | None, resume: bool, note: Note | None = None) -> None:
+    def __init__(
+        self, output: str | os.PathLike[str] | None, resume: bool, note: Note | None = None, interval: float = 0.0
+    ) -> None:
         self.output = None if output is None else Path(output)
         self.resume = resume
         self.note = note or (lambda _text: None)
-        self.state = None if self.output is None else ResumeState(self.output)
+        self.state = None if self.output is None else ResumeState(self.output, interval)
         self.resumed = False
         self._began = False  # this run started a new state
         self._identity: dict[str, str] | None = None
@@ -91,14 +91,13 @@ class PruneOutput:
         batches: Sequence[Batch],
         plan: dict[str, Any] | None,
         request: dict[str, Any],
-        settings: PruneSettings,
-        calibration: Any,
     ) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
         """Fingerprint the run; with ``resume`` and a matching state, its ``(plan, scores)``.
 
-        ``request`` is what a one-shot run asks for (sparsity, allocator, scoring and their
-        settings); a given ``plan`` stands for itself. A state with another fingerprint raises
-        ArtifactError naming what differs. Offloaded models keep no state.
+        ``request`` is the request's identity (``Request.identity``: every field that changes the
+        weights, declared once in ``stages.requests``); a given ``plan`` stands for itself by its
+        content, the model by its weights, the calibration by its batches. A state with another
+        fingerprint raises ArtifactError naming what differs. Offloaded models keep no state.
         """
         if self.state is None:
             return None
@@ -108,17 +107,9 @@ class PruneOutput:
             self.state.enabled = False
             return None
         # the calibration file's content counts (through the batches), not its path
-        calib = {k: v for k, v in asdict(calibration).items() if k != "calib"}
-        tuning = {k: v for k, v in asdict(settings).items() if k != "store_device"}
-        self._identity = fingerprint(
-            {
-                "model": weights_hash(loaded.model),
-                "plan": artifacts.content_hash(plan) if plan is not None else request,
-                "solver settings": tuning,
-                "calibration": {**calib, "batches": batches_hash(batches)},
-                "seed": calib.get("seed"),
-            }
-        )
+        parts = {"model": weights_hash(loaded.model), "calibration batches": batches_hash(batches)}
+        parts["plan"] = artifacts.content_hash(plan) if plan is not None else None
+        self._identity = fingerprint({**parts, **request})
         if not self.resume:
             return None
         if not self.state.exists():

@@ -29,6 +29,7 @@ included).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -55,9 +56,11 @@ from ecoflap_cli.engine.memory import total_memory
 from ecoflap_cli.errors import EcoflapError, PlanError
 from ecoflap_cli.evaluation.measure import perplexity, sparsity_report, windows_for_eval
 from ecoflap_cli.io import artifacts
+from ecoflap_cli.io.atomic import sha256_file
 from ecoflap_cli.io.loading import LoadedModel, LoadOptions, load_model
 from ecoflap_cli.stages import driver
 from ecoflap_cli.stages.driver import CalibrationOptions, PruneSettings, calibration_batches, load_adapter
+from ecoflap_cli.stages.requests import SweepRequest
 
 Log = Callable[[str], None]
 #: llm-compressor's methods (the peer, run in its own venv): solvers and @keys with defaults
@@ -228,39 +231,10 @@ def _check_params(text: str, spec: MethodSpec, params: dict[str, Any]) -> None:
 # --- configuration --------------------------------------------------------------------------
 
 
-@dataclass
-class SweepConfig:
-    model: str
-    calib: str
-    text: str
-    methods: list[str]
-    sparsities: list[float]
-    output: str = "sweep"
-    samples: int = 128
-    seqlen: int | None = None
-    score_samples: int = 32
-    score_seqlen: int | None = None
-    batch_size: int = 8
-    seed: int = 0
-    eval_seqlen: int = 512
-    eval_windows: int | None = None
-    eval_batch_size: int = 4
-    repeats: int = 1
-    #: the extra timing passes (repeats > 1) cover only these methods / sparsities (None: all)
-    timing_methods: list[str] | None = None
-    timing_sparsities: list[float] | None = None
-    isolate: bool = False
-    llmc_python: str | None = None
-    llmc_batch_size: int | None = None  # default: batch_size (the same batches as ours)
-    dtype: str = "auto"
-    device: str = "auto"
-    threads: int | None = None
-    resume: bool = True
-    plot: bool = True
-    title: str | None = None
-    text_field: str = "text"
-    #: further texts every pruned model is also evaluated on (perplexity; same windows settings)
-    extra_texts: list[str] | None = None
+@dataclass(kw_only=True)
+class SweepConfig(SweepRequest):
+    """A sweep's settings (declared once, in ``stages.requests.SweepRequest``) and what follows
+    from them: the method specs, the checks, the cache fingerprints."""
 
     def specs(self) -> list[MethodSpec]:
         return [parse_method(m) for m in self.methods]
@@ -294,13 +268,7 @@ class SweepConfig:
     def fingerprint(self) -> dict[str, Any]:
         """What a cached run depends on (not: methods list, repeats, isolation, output)."""
 
-        def ident(path: str) -> str:
-            p = Path(path).expanduser()
-            if p.is_file():
-                st = p.stat()
-                return f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
-            return str(path)
-
+        ident = content_id
         return {
             "model": ident(self.model),
             "calib": ident(self.calib),
@@ -334,6 +302,29 @@ class SweepConfig:
     def from_dict(cls, data: dict[str, Any]) -> SweepConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def content_id(path: str) -> str:
+    """What a cached run depends on of an input: the sha256 of a file's bytes, of every file of a
+    model directory, or a hub id as it is (replaced weights under the same path are new content)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return "sha256:" + _file_digest(*_stamp(p))
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        return "dir:" + artifacts.content_hash({str(f.relative_to(p)): _file_digest(*_stamp(f)) for f in files})
+    return str(path)
+
+
+def _stamp(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, _size: int, _mtime_ns: int, _inode: int) -> str:
+    """A file's sha256, computed once per version of the file (size, mtime and inode) in a process."""
+    return sha256_file(path)
 
 
 def run_key(cfg: SweepConfig, method: str, sparsity: float) -> str:
