@@ -246,3 +246,23 @@ def test_every_cli_option_of_the_stages_comes_from_a_request_field():
         fields = set(cls.field_names())
         shortcuts = {f"{f.name}__{c.key}" for f, m, _h in cls.fields() for c in m.shortcuts}
         assert names - fields - shortcuts == {"recipe", "save_recipe"}, stage
+
+
+def test_the_headline_command_offline_is_one_line_naming_the_default_dataset(tmp_path, monkeypatch):
+    """`ecoflap prune --model BLIP2 --sparsity 0.6`, as written: no --calib, no -o. Offline it stops
+    with one line that names the default image-text set and --calib, and writes nothing."""
+    from conftest_vlm import save_model_dir
+
+    from ecoflap_cli.data import multimodal
+
+    model = save_model_dir("blip2-opt", tmp_path / "models" / "blip2-opt-tiny")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("ECOFLAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["prune", "--model", str(model), "--sparsity", "0.6"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code != 0 and len(errors) == 1, result.output
+    assert multimodal.DEFAULT_IMAGE_TEXT_DATASET in errors[0] and "--calib" in errors[0], errors[0]
+    assert "blip2-opt-tiny-ecoflap60" in result.output  # the output it would have written, named
+    assert not (tmp_path / "blip2-opt-tiny-ecoflap60").exists()

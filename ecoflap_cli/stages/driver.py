@@ -75,21 +75,23 @@ def calibration_batches(
         check_seqlen(loaded.model, opts.seqlen)
         seqlen = opts.seqlen or default_seqlen(loaded.model)
         windows, prov = calibration_windows(
-            loaded.tokenizer, opts.calib, opts.samples, seqlen, opts.seed, opts.text_field
+            loaded.tokenizer, opts.calib, opts.samples, seqlen, opts.seed, opts.text_field, model=loaded.model
         )
         return to_batches(windows, opts.batch_size), prov.to_dict()
     from ecoflap_cli.data import multimodal
 
-    if opts.calib is None:
-        raise DataError(f"{adapter.display_name} models need image-text calibration data: pass --calib FILE.jsonl")
-    records = multimodal.read_image_text_jsonl(opts.calib)
+    if opts.calib is None:  # the default image-text set from the hub, as language models get C4
+        records = multimodal.default_image_text_records(opts.samples, opts.seed)
+        source = f"hub:{multimodal.DEFAULT_IMAGE_TEXT_DATASET}"
+    else:
+        records, source = multimodal.read_image_text_jsonl(opts.calib), opts.calib
     if len(records) > opts.samples:  # a seeded sample, in file order (files are often sorted by image)
         chosen = sorted(random.Random(opts.seed).sample(range(len(records)), opts.samples))
         records = [records[i] for i in chosen]
     batches = multimodal.make_multimodal_batches(adapter, loaded.processor, records, opts.batch_size, opts.seqlen or 64)
     # tokens: text positions the model reads (image placeholders included, padding not)
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
-    prov = Provenance(opts.calib, len(records), opts.seqlen or 64, opts.seed, tokens)
+    prov = Provenance(source, len(records), opts.seqlen or 64, opts.seed, tokens)
     return batches, prov.to_dict()
 
 
