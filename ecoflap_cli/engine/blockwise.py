@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -64,6 +64,31 @@ def stop_at(module: nn.Module, record: Callable[[Any], None], *, inputs: bool = 
         pass
     finally:
         handle.remove()
+
+
+@contextmanager
+def input_statistics(
+    linears: Mapping[Any, nn.Linear],
+    empty: Callable[[int, torch.device], torch.Tensor],
+    update: Callable[[torch.Tensor, torch.Tensor], None],
+) -> Iterator[dict[Any, torch.Tensor]]:
+    """The one way statistics of linear inputs are gathered: inside the ``with`` block, every
+    forward pass through a linear of ``linears`` updates its statistic (``empty(in_features,
+    device)`` to start, ``update(statistic, input)`` per call); the hooks are removed on exit."""
+    stats: dict[Any, torch.Tensor] = {}
+    handles = []
+    for key, linear in linears.items():
+        acc = stats[key] = empty(linear.in_features, module_device(linear))
+
+        def hook(_m: nn.Module, args: tuple, _out: object, acc: torch.Tensor = acc) -> None:
+            update(acc, args[0].detach())
+
+        handles.append(linear.register_forward_hook(hook))
+    try:
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def to_device(obj: Any, device: torch.device | str | None) -> Any:

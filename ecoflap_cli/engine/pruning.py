@@ -19,7 +19,14 @@ from torch import nn
 from ecoflap_cli.core import solvers
 from ecoflap_cli.core.methods import RECONSTRUCTION, SOLVERS
 from ecoflap_cli.core.registry import Entry
-from ecoflap_cli.engine.blockwise import capture_inputs, module_device, run_block, to_device, trim_host_memory
+from ecoflap_cli.engine.blockwise import (
+    capture_inputs,
+    input_statistics,
+    module_device,
+    run_block,
+    to_device,
+    trim_host_memory,
+)
 from ecoflap_cli.engine.offload import editable_weight
 from ecoflap_cli.engine.reconstruction import recording
 from ecoflap_cli.errors import PlanError
@@ -71,23 +78,9 @@ def _collect_statistics(
     if statistic is None:
         return {}
     empty, update = solvers.STATISTICS[statistic]
-    stats: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in names:
-        linear = block.linears[name]
-        acc = stats[name] = empty(linear.in_features, module_device(linear))
-
-        def hook(_m: nn.Module, args: tuple, _out: object, acc: torch.Tensor = acc) -> None:
-            update(acc, args[0].detach())
-
-        handles.append(linear.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            for item in inputs:
-                run_block(block, item)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with input_statistics({name: block.linears[name] for name in names}, empty, update) as stats, torch.no_grad():
+        for item in inputs:
+            run_block(block, item)
     return stats
 
 

@@ -28,6 +28,7 @@ from ecoflap_cli.core.solvers import PRECISION, accumulate_col_sq, empty_col_sq,
 from ecoflap_cli.engine.blockwise import (
     capture_inputs,
     capture_outputs,
+    input_statistics,
     replaying,
     run_block,
     stop_at,
@@ -449,13 +450,9 @@ def owl_outlier_ratios(
         for block in blocks:
             if progress:
                 progress(f"outliers {block.name}")
-            stats = {n: empty_col_sq(lin.in_features) for n, lin in block.linears.items()}
-            handles = [lin.register_forward_hook(_col_sq_hook(stats[n])) for n, lin in block.linears.items()]
-            with torch.no_grad():
+            with input_statistics(block.linears, empty_col_sq, accumulate_col_sq) as stats, torch.no_grad():
                 for item in inputs:
                     run_block(block, item)
-            for h in handles:
-                h.remove()
             for n, stat in stats.items():
                 if not bool(torch.isfinite(stat).all()):
                     raise PlanError(f"{block.name}: the inputs of {n} are not finite in the calibration pass")
@@ -467,10 +464,3 @@ def owl_outlier_ratios(
             ratios[block.name] = outliers / max(total, 1)
             inputs = propagate(adapter, block, inputs, None)
     return ratios
-
-
-def _col_sq_hook(acc: torch.Tensor) -> Callable[..., None]:
-    def hook(_module: nn.Module, args: tuple, _output: Any) -> None:
-        accumulate_col_sq(acc, args[0].detach())
-
-    return hook

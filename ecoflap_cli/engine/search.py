@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from ecoflap_cli.core.solvers import accumulate_col_sq, empty_col_sq, wanda_metric
+from ecoflap_cli.engine.blockwise import input_statistics
 from ecoflap_cli.engine.offload import any_offloaded
 from ecoflap_cli.errors import PlanError
 from ecoflap_cli.models.base import Adapter, Batch, Block
@@ -161,25 +162,10 @@ class _Database:
 
     def __init__(self, adapter: Adapter, blocks: Sequence[Block], batches: Sequence[Batch]) -> None:
         self.blocks = blocks
-        stats = {
-            id(lin): empty_col_sq(lin.in_features, lin.weight.device) for b in blocks for lin in b.linears.values()
-        }
-        handles = []
-        for b in blocks:
-            for lin in b.linears.values():
-                acc = stats[id(lin)]
-
-                def hook(_m: torch.nn.Module, args: tuple, _out: Any, acc: torch.Tensor = acc) -> None:
-                    accumulate_col_sq(acc, args[0].detach())
-
-                handles.append(lin.register_forward_hook(hook))
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    adapter.forward(batch)
-        finally:
-            for h in handles:
-                h.remove()
+        linears = {id(lin): lin for b in blocks for lin in b.linears.values()}
+        with input_statistics(linears, empty_col_sq, accumulate_col_sq) as stats, torch.no_grad():
+            for batch in batches:
+                adapter.forward(batch)
         self.dense: dict[int, torch.Tensor] = {}
         self.ranks: dict[int, torch.Tensor] = {}
         for b in blocks:

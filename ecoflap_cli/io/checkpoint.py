@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ecoflap_cli import __version__
+from ecoflap_cli.core import units
 from ecoflap_cli.errors import ArtifactError, EcoflapError
 from ecoflap_cli.io import artifacts
 from ecoflap_cli.io.atomic import atomic_dir, check_output_path, clean_stale
@@ -111,28 +112,8 @@ def is_checkpoint_dir(directory: str | Path) -> bool:
 
 
 def parse_size(size: str | int) -> int:
-    """Bytes in a positive size such as ``5GB``, ``500MB``, ``2GiB``, ``4096`` or ``4096B``.
-
-    Units are case-insensitive (``kb`` is kilobytes); anything else, or a size that is not
-    positive, raises one EcoflapError.
-    """
-    try:
-        value = size if isinstance(size, int) else _size_bytes(size)
-    except (ValueError, OverflowError):
-        value = 0
-    if value <= 0:
-        raise EcoflapError(f"cannot read size {size!r}: use a positive number and a unit (5GB, 500MB, 2GiB)")
-    return value
-
-
-def _size_bytes(text: str) -> int:
-    """accelerate's reading of a size, plus bare byte counts (``4096``, ``4096B``), which it lacks;
-    upper-cased first because accelerate reads a lower-case ``b`` as bits."""
-    from accelerate.utils import convert_file_size_to_int
-
-    text = text.strip().upper()
-    number = text.removesuffix("B")
-    return int(number) if number.isdigit() else convert_file_size_to_int(text)
+    """Bytes in a shard size (``core.units.parse_size``)."""
+    return units.parse_size(size, "--max-shard-size")
 
 
 def check_output_dir(
@@ -150,7 +131,7 @@ def check_output_dir(
     (:func:`ecoflap_cli.io.atomic.clean_stale`).
     """
     path = Path(out)
-    check_output_path(out, [*sources, *inputs], kind="dir")
+    check_output_path(out, kind="dir")  # names and links first: a name too long cannot even be looked up
     if path.exists() and not overwrite:
         raise ArtifactError(f"output {path} exists (pass --overwrite to replace it)")
     if path.exists() and not path.is_dir():
@@ -161,6 +142,7 @@ def check_output_dir(
         raise ArtifactError(f"output {out} is the current directory or contains it: choose a new directory")
     for source in sources:
         _check_not_source(out, resolved, source)
+    check_output_path(out, [*sources, *inputs], kind="dir")
     _check_writable_parent(out, resolved)
     clean_stale(path)
     return path
@@ -268,9 +250,11 @@ def estimate_checkpoint_bytes(
         total += dense + _HEADER_BYTES
     if weights_only:
         return total
+    other = _other_files_bytes(source)
+    if other is None:  # nothing to measure: a guess that covers the documents too
+        return total + _OTHER_FILES_BYTES
     tensors = len(prune_counts) if prune_counts else len(seen)
-    documents = _DOCUMENT_BYTES + _DOCUMENT_BYTES_PER_TENSOR * tensors
-    return total + _other_files_bytes(source) + documents
+    return total + other + _DOCUMENT_BYTES + _DOCUMENT_BYTES_PER_TENSOR * tensors
 
 
 def _cached_snapshot(source: str) -> Path | None:
@@ -283,14 +267,14 @@ def _cached_snapshot(source: str) -> Path | None:
         return None
 
 
-def _other_files_bytes(source: str | Path | None) -> int:
+def _other_files_bytes(source: str | Path | None) -> int | None:
     """Bytes of the input's files besides weights (config, tokenizer, processor), which the
-    checkpoint copies; :data:`_OTHER_FILES_BYTES` when there is nothing to measure."""
+    checkpoint copies; None when there is nothing to measure."""
     if source is None:
-        return _OTHER_FILES_BYTES
+        return None
     directory = Path(source) if Path(source).is_dir() else _cached_snapshot(str(source))
     if directory is None:
-        return _OTHER_FILES_BYTES
+        return None
     other = 0
     for entry in directory.iterdir():  # the top level: what save_pretrained writes
         weights = entry.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5"))

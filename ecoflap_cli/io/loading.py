@@ -14,7 +14,8 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ecoflap_cli.errors import ArtifactError, MissingDependencyError, ModelError
+from ecoflap_cli.core.units import parse_size
+from ecoflap_cli.errors import ArtifactError, EcoflapError, MissingDependencyError, ModelError
 
 DTYPES = {
     "float32": torch.float32,
@@ -137,24 +138,10 @@ def check_device_name(device: Any) -> None:
 
 
 def _parse_size(text: str) -> int:
-    units = {
-        "": 1,
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }
-    value = text.strip().upper()
-    number = value.rstrip("KMGTIB")
     try:
-        return int(float(number) * units[value[len(number) :]])
-    except (ValueError, KeyError):
-        raise ModelError(f"--max-memory size {text!r} is not a size like 20GiB or 500MB") from None
+        return parse_size(text, "--max-memory")
+    except EcoflapError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def check_budget(source: str, config: Any, cls: Any, opts: LoadOptions) -> None:
