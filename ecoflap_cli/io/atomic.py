@@ -572,9 +572,12 @@ def _results_beside(out: Path, root: Path) -> bool:
 def _check_checkpoint_files(output: str, out: Path) -> None:
     """A file output never replaces a file a checkpoint directory is made of (its weights, config,
     tokenizer, checksums, documents): the data loss of ``eval CKPT -o CKPT/model.safetensors``."""
-    from ecoflap_cli.io.checkpoint import is_checkpoint_dir, is_checkpoint_file
+    from ecoflap_cli.io.checkpoint import DOCUMENT_FILES, is_checkpoint_dir, is_checkpoint_file
 
-    if is_checkpoint_file(out.name) and is_checkpoint_dir(out.parent):
+    # a new scores.json or plan.json beside a model is fine; its weights, config, tokenizer or
+    # checksums, or an existing document, are the checkpoint's
+    document = out.name in DOCUMENT_FILES
+    if is_checkpoint_file(out.name) and (not document or _exists(out)) and is_checkpoint_dir(out.parent):
         raise ArtifactError(f"output {output} would replace a file of the checkpoint {out.parent}: choose another name")
 
 
