@@ -319,6 +319,7 @@ def run_eval(
         say(f"perplexity of {which}")
         results["perplexity"] = {
             "text": str(text),
+            "text_sha256": _file_sha256(text),  # model cards name the file by base name and this
             "seqlen": seqlen,
             "windows": int(windows.shape[0]),
             "pruned": _perplexity_of(loaded, windows, batch_size, checkpoint),
@@ -381,3 +382,13 @@ def _public(settings: dict[str, Any]) -> dict[str, Any]:
     if "classes" in settings:
         out["n_classes"] = len(settings["classes"])
     return out
+
+
+def _file_sha256(path: Any) -> str | None:
+    """The sha256 of a local file's bytes (None for anything else)."""
+    from ecoflap_cli.io.atomic import sha256_file
+
+    try:
+        return sha256_file(path) if Path(path).is_file() else None
+    except OSError:
+        return None
