@@ -90,6 +90,23 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _cache_keyword(model: Any) -> str:
+    """The forward keyword that takes the KV cache: ``cache`` (transformers 5.2x), else the older
+    ``past_key_values``."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _device(model: Any) -> torch.device:
     for parameter in model.parameters():
         return parameter.device
@@ -115,6 +132,7 @@ def generate_windows(
     vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None
     generator = torch.Generator(device="cpu").manual_seed(seed)
     device = _device(model)
+    keyword = _cache_keyword(model)
     steps = seqlen - len(prefix)
     windows = []
     was_training = getattr(model, "training", False)
@@ -133,9 +151,8 @@ def generate_windows(
                     token = sample_next(logits, temperature_at(step, steps, recipe), recipe.top_p, generator)
                     produced.append(token.unsqueeze(1))
                     if step + 1 < steps:
-                        out = model(
-                            input_ids=token.unsqueeze(1).to(device), past_key_values=out.past_key_values, use_cache=True
-                        )
+                        cache = {keyword: _returned_cache(out)}
+                        out = model(input_ids=token.unsqueeze(1).to(device), use_cache=True, **cache)
                 windows.append(torch.cat(produced, dim=1))
                 del out
     finally:
