@@ -128,7 +128,7 @@ def test_stages_on_a_path_write_what_the_cli_writes(tiny_opt, calib_text, tmp_pa
         (lambda m: api.prune(m, sparsity=0.5, nm="2:4"), EcoflapError, "--nm needs a uniform plan"),
         (lambda m: api.prune(m, sparsity=0.5, nm="4:2"), EcoflapError, "0 < N < M"),
         (lambda m: api.prune(m, sparsity=0.5, allocator_settings={"lam": 2.0}), PlanError, "lam"),
-        (lambda m: api.prune(m, sparsity=0.5, output="-"), EcoflapError, "a checkpoint is a directory"),
+        (lambda m: api.prune(m, sparsity=0.5, output="-"), EcoflapError, "writes a checkpoint directory"),
         (lambda m: api.prune(m, sparsity=0.5, compare_groups={"lm": "col"}), EcoflapError, "row|matrix"),
         (lambda m: api.score(m, method="zeroth", settings={"metric": "x"}), PlanError, "applies to --method first"),
         (lambda m: api.score(m, method="zeroth", settings={"eps": -1.0}), PlanError, "eps"),

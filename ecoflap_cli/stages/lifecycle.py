@@ -145,7 +145,7 @@ class PruneOutput:
         needed = estimate_checkpoint_bytes(loaded.model, counts, packed, source)
         what = f"the {'packed' if packed else 'dense'} checkpoint"
         if self.state is not None and self.state.enabled and not self.resumed:
-            stored = estimate_checkpoint_bytes(loaded.model, counts, True, None)
+            stored = estimate_checkpoint_bytes(loaded.model, counts, True, None, weights_only=True)
             needed += state_bytes(stored, activation_bytes(loaded.model, tokens) if tokens else 0)
             what += " and the resume state"
         check_free_space(self.output, needed, what)

@@ -30,6 +30,7 @@ from typing import Any, ClassVar, TypeVar
 from ecoflap_cli.core.methods import ALLOCATORS, RECONSTRUCTION, SCORING, SOLVERS
 from ecoflap_cli.core.registry import Registry
 from ecoflap_cli.errors import EcoflapError, PlanError
+from ecoflap_cli.evaluation.lm_eval_tasks import INCLUDE_PATH_HELP
 
 RECIPE_FORMAT = "ecoflap.recipe"
 RECIPE_VERSION = 1
@@ -500,7 +501,7 @@ class PruneRequest(Calibration, Offload, Placement, Request):
         if (self.plan is None) == (self.sparsity is None):
             raise EcoflapError("give exactly one of --plan PLAN.json or --sparsity P")
         if self.output == "-":
-            raise EcoflapError("a checkpoint is a directory: -o - (stdout) cannot hold it; give -o DIR")
+            raise EcoflapError("prune writes a checkpoint directory, not a stream: give -o DIR instead of -o -")
         if self.reconstruct == "none" and self.reconstruct_settings:
             raise EcoflapError("reconstruction settings given without a reconstruction: add --reconstruct sublayer")
         for tower, group in self.compare_groups.items():
@@ -564,11 +565,7 @@ class EvalRequest(Placement, Request):
         None, "lm-eval: examples in each prompt (default: the task's own, else 0).", low=0, high=1000
     )
     limit: float | None = option(None, "lm-eval: documents per task (a count; below 1, a fraction).", low=0.0)
-    include_path: list[str] = option(
-        [],
-        "lm-eval: a folder of your own task YAML files (repeat). Task YAMLs can run Python (`!function`): "
-        "use only folders you trust, as with --trust-remote-code.",
-    )
+    include_path: list[str] = option([], "lm-eval: " + INCLUDE_PATH_HELP)
     compare: str | None = option(None, "Dense model to evaluate side by side.")
     plan: str | None = option(None, "Plan to check achieved sparsity against (default: the checkpoint's plan.json).")
     seqlen: int = option(512, "Tokens per perplexity window.", low=2)
