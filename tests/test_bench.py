@@ -19,6 +19,7 @@ SCRIPTS = (
     "cuda_check",
     "estimator_study",
     "hybrid_blip2",
+    "journal_cost",
     "llmc_env",
     "llmc_runner",
     "offload_memory",
@@ -669,3 +670,15 @@ def test_scoring_cost_quality_stage_on_a_tiny_model(
     sc.quality(out, [mode], 0.5, 4, 1)
     ppl = json.loads(out.read_text())["valid_ppl_ecoflap_wanda"]
     assert set(ppl) == {"uniform", mode} and all(v > 1 for v in ppl.values())
+
+
+def test_journal_cost_on_a_tiny_model(tiny_llama: Path, calib_text: Path, cache: Path) -> None:
+    """The three modes run, interleaved, and the table reports each one's median."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ecoflap_cli.bench.journal_cost", "--model", str(tiny_llama), "--calib",
+         str(calib_text), "--repeats", "1", "--samples", "2", "--seqlen", "16"],
+        capture_output=True, text=True, env=_env(cache), timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "median" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["off", "default", "every-block"], proc.stdout

@@ -18,14 +18,8 @@ from typer.testing import CliRunner
 
 from ecoflap_cli.cli.app import app
 from ecoflap_cli.errors import ArtifactError, EcoflapError
-from ecoflap_cli.io.checkpoint import (
-    checkpoint_layout,
-    convert_checkpoint,
-    is_packed_checkpoint,
-    parse_size,
-    weight_bytes,
-    weight_files,
-)
+from ecoflap_cli.io.checkpoint import convert_checkpoint, parse_size
+from ecoflap_cli.io.layout import checkpoint_layout, is_packed_checkpoint, weight_bytes, weight_files
 from ecoflap_cli.io.loading import LoadOptions, load_model
 from ecoflap_cli.io.packed import (
     INDEX_FILE,

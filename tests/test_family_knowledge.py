@@ -127,11 +127,11 @@ def test_every_family_answers_from_its_model_type() -> None:
 
 
 def test_loading_takes_the_class_from_the_adapter() -> None:
-    from ecoflap_cli.io.loading import _model_class
+    from ecoflap_cli.io.reading import auto_class_for
 
     for model_type, cls in REGISTRY.items():
-        assert _model_class(model_type).__name__ == cls.loader_class
-    assert _model_class("llama").__name__ == "AutoModelForCausalLM"
+        assert auto_class_for(model_type).__name__ == cls.loader_class
+    assert auto_class_for("llama").__name__ == "AutoModelForCausalLM"
 
 
 def test_register_takes_model_types_from_the_class_or_the_decorator() -> None:

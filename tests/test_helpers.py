@@ -23,8 +23,8 @@ from ecoflap_cli.engine import scoring
 from ecoflap_cli.engine.blockwise import StopForward, stop_at
 from ecoflap_cli.engine.memory import free_memory, memory_budget_check, total_memory
 from ecoflap_cli.errors import EcoflapError, ModelError, PlanError
+from ecoflap_cli.files import atomic_dir, atomic_file, write_atomic
 from ecoflap_cli.io import artifacts
-from ecoflap_cli.io.atomic import atomic_dir, atomic_file, write_atomic
 from ecoflap_cli.io.checkpoint import parse_size
 from ecoflap_cli.io.packed import INDEX_FILE, save_packed, save_sharded
 

@@ -28,21 +28,20 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ecoflap_cli.errors import ArtifactError, DataError, EcoflapError, ModelError, PlanError
+from ecoflap_cli.files import DiskError, disk_errors, write_atomic
 from ecoflap_cli.io import artifacts
-from ecoflap_cli.io.atomic import DiskError, check_output_path, disk_errors, write_atomic
 from ecoflap_cli.io.checkpoint import (
-    CHECKSUMS_NAME,
     ESTIMATE_MARGIN,
     ESTIMATE_SLACK_BYTES,
-    check_integrity,
     check_output_dir,
     convert_checkpoint,
     estimate_checkpoint_bytes,
     save_checkpoint,
-    verify_checksums,
 )
+from ecoflap_cli.io.layout import CHECKSUMS_NAME, check_integrity, verify_checksums
 from ecoflap_cli.io.loading import LoadOptions, load_model
 from ecoflap_cli.io.model_card import IDENTITY_KEY, checkpoint_identity, evaluations_in, render_card
+from ecoflap_cli.io.outputs import check_output_path
 from ecoflap_cli.io.packed import find_weights, save_packed
 
 os.environ["HF_HUB_OFFLINE"] = "1"

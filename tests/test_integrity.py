@@ -25,8 +25,9 @@ from ecoflap_cli.cli.app import app
 from ecoflap_cli.errors import ArtifactError, EcoflapError
 from ecoflap_cli.io import artifacts
 from ecoflap_cli.io import packed as packed_module
-from ecoflap_cli.io.checkpoint import CHECKSUMS_NAME, convert_checkpoint, verify_checksums, weight_files
+from ecoflap_cli.io.checkpoint import convert_checkpoint
 from ecoflap_cli.io.inspect import inspect_artifact
+from ecoflap_cli.io.layout import CHECKSUMS_NAME, verify_checksums, weight_files
 from ecoflap_cli.io.packed import (
     INDEX_FILE,
     INDEX_KEY,

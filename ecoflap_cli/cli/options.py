@@ -173,7 +173,7 @@ def request_command(cls: type[Request], run: Callable[[Any], None]) -> Callable[
         else:
             request = cls.create(**collect(cls, values, False, ctx))
         if save is not None:
-            from ecoflap_cli.io.atomic import write_atomic
+            from ecoflap_cli.files import write_atomic
 
             write_atomic(Path(save), recipe_text(request, str(save)).encode())
         run(request)

@@ -183,7 +183,7 @@ def _image_processor(processor: Any) -> Any:
     return image_processor
 
 
-def _pixel_values(processor: Any, images: Sequence[Any]) -> torch.Tensor:
+def pixel_tensor(processor: Any, images: Sequence[Any]) -> torch.Tensor:
     loaded = [load_image(image) for image in images]
     return _image_processor(processor)(images=loaded, return_tensors="pt")["pixel_values"]
 
@@ -240,7 +240,7 @@ class RecordTexts:
         return record_text(record, self.class_template)
 
 
-def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+def chunked(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
@@ -250,7 +250,7 @@ def _calibration_chunks(adapter: Adapter, records: Sequence[Record], batch_size:
     least = adapter.min_batch_pairs
     if len(records) < least:
         raise DataError(f"{adapter.display_name}'s loss needs at least {least} image-text pairs")
-    chunks = _chunks(list(records), batch_size)
+    chunks = chunked(list(records), batch_size)
     if len(chunks) > 1 and len(chunks[-1]) < least:
         last = chunks.pop()
         chunks[-1] = list(chunks[-1]) + list(last)
@@ -291,7 +291,7 @@ def make_multimodal_batches(
     texts = RecordTexts(caption_prompt, question_template)
     batches: list[Batch] = []
     for chunk in _calibration_chunks(adapter, records, batch_size):
-        batch: Batch = {"pixel_values": _pixel_values(processor, [r["image"] for r in chunk])}
+        batch: Batch = {"pixel_values": pixel_tensor(processor, [r["image"] for r in chunk])}
         batch.update(adapter.calibration_text(processor, chunk, max_text_len, texts))
         batches.append(batch)
     return batches

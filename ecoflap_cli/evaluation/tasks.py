@@ -39,7 +39,7 @@ def _plan_for(checkpoint: str, plan: str | None) -> dict[str, Any] | None:
 def pruning_method(checkpoint: str) -> dict[str, Any] | None:
     """How the checkpoint was pruned (solver, settings, reconstruction), from its report; None
     for a directory without one (or a model id)."""
-    from ecoflap_cli.io.checkpoint import REPORT_NAME, read_document
+    from ecoflap_cli.io.layout import REPORT_NAME, read_document
 
     report = read_document(checkpoint, REPORT_NAME) if Path(checkpoint).is_dir() else None
     if report is None:
@@ -357,7 +357,7 @@ def run_eval(
 def is_pruned_checkpoint(checkpoint: str) -> bool:
     """Whether ``checkpoint`` is a directory ecoflap pruned (it carries a report or a plan): what
     eval's tables call "pruned"; any other model is called "model"."""
-    from ecoflap_cli.io.checkpoint import REPORT_NAME
+    from ecoflap_cli.io.layout import REPORT_NAME
 
     path = Path(checkpoint)
     return path.is_dir() and ((path / REPORT_NAME).is_file() or (path / "plan.json").is_file())
@@ -386,7 +386,7 @@ def _public(settings: dict[str, Any]) -> dict[str, Any]:
 
 def _file_sha256(path: Any) -> str | None:
     """The sha256 of a local file's bytes (None for anything else)."""
-    from ecoflap_cli.io.atomic import sha256_file
+    from ecoflap_cli.files import sha256_file
 
     try:
         return sha256_file(path) if Path(path).is_file() else None

@@ -19,10 +19,10 @@ from ecoflap_cli.data.multimodal import (
     DEFAULT_QUESTION_TEMPLATE,
     Batch,
     Record,
-    _chunks,
-    _pixel_values,
+    chunked,
     fill_template,
     ground_truth_answers,
+    pixel_tensor,
     read_class_folders,
 )
 from ecoflap_cli.errors import DataError
@@ -55,8 +55,8 @@ def _features(output: Any) -> torch.Tensor:
 def _image_features(model: nn.Module, processor: Any, images: Sequence[Any], batch_size: int) -> torch.Tensor:
     device = _device(model)
     parts = []
-    for chunk in _chunks(list(images), batch_size):
-        pixels = _pixel_values(processor, chunk).to(device, _float_dtype(model))
+    for chunk in chunked(list(images), batch_size):
+        pixels = pixel_tensor(processor, chunk).to(device, _float_dtype(model))
         parts.append(_features(model.get_image_features(pixel_values=pixels)))
     return torch.cat(parts)
 
@@ -68,7 +68,7 @@ def _text_features(
     device = _device(model)
     adapter = get_adapter(model)
     parts = []
-    for chunk in _chunks(list(texts), batch_size):
+    for chunk in chunked(list(texts), batch_size):
         encoded = _to(adapter.text_inputs(processor, chunk, max_text_len), device)
         parts.append(_features(model.get_text_features(**encoded)))
     return torch.cat(parts)
@@ -165,7 +165,7 @@ def _generate(
     for start in range(0, len(images), batch_size):
         chunk_images = images[start : start + batch_size]
         chunk_prompts = list(prompts[start : start + batch_size])
-        batch = {"pixel_values": _pixel_values(processor, chunk_images)}
+        batch = {"pixel_values": pixel_tensor(processor, chunk_images)}
         batch.update(adapter.prompt_inputs(processor, [(p, None) for p in chunk_prompts], max_text_len, True))
         batch = _to(batch, device)
         batch["pixel_values"] = batch["pixel_values"].to(_float_dtype(model))

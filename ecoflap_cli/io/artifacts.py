@@ -20,7 +20,9 @@ from typing import Any
 from ecoflap_cli import __version__
 from ecoflap_cli.core.solvers import split_count
 from ecoflap_cli.errors import ArtifactError, PlanError
-from ecoflap_cli.io.atomic import check_output_path, write_atomic  # write_atomic: re-exported
+from ecoflap_cli.files import write_atomic
+from ecoflap_cli.io.layout import PLAN_NAME, read_document
+from ecoflap_cli.io.outputs import check_output_path
 from ecoflap_cli.models.base import Block
 
 SCORES_FORMAT = "ecoflap.scores"
@@ -49,7 +51,7 @@ def check_json_output(
 ) -> None:
     """Refuse, before any work, a file output that exists (without ``overwrite``) or that cannot
     be created: a file where a directory of its path should be, or a directory not writable; and
-    what :func:`ecoflap_cli.io.atomic.check_output_path` refuses: an output that is or lies inside
+    what :func:`ecoflap_cli.files.check_output_path` refuses: an output that is or lies inside
     one of ``inputs`` (the model directory, calibration and text files, scores, plan), that would
     replace a file of a checkpoint directory, a dangling symlink, a name too long. ``kind`` is
     ``file`` (scores, plan) or ``results`` (eval: may go into the checkpoint it measures as a new
@@ -390,3 +392,9 @@ def check_nm_plan(plan: dict[str, Any], nm: tuple[int, int]) -> None:
                     f"N:M {n}:{m} prunes exactly {(m - n) / m:.2f} of every tensor, but the plan gives "
                     f"{t['name']} sparsity {t['sparsity']:.3f}: use a uniform plan at {(m - n) / m:.2f}"
                 )
+
+
+def read_plan(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / PLAN_NAME
+    doc = read_document(directory, PLAN_NAME)
+    return None if doc is None else validate_plan(doc, str(path))

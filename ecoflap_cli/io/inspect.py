@@ -20,12 +20,12 @@ from safetensors import SafetensorError, safe_open
 
 from ecoflap_cli.errors import ArtifactError, MissingDependencyError
 from ecoflap_cli.io import artifacts
-from ecoflap_cli.io.checkpoint import (
+from ecoflap_cli.io.artifacts import read_plan
+from ecoflap_cli.io.layout import (
     REPORT_NAME,
     check_integrity,
     checkpoint_layout,
     read_document,
-    read_plan,
     weight_bytes,
     weight_files,
 )
@@ -33,10 +33,10 @@ from ecoflap_cli.io.packed import (
     FORMAT_NAME,
     FORMAT_VERSION,
     PART_SEPARATOR,
-    _kept,
-    _nm_tables,
-    _parse_index,
     bitmask_row_counts,
+    kept_indices,
+    nm_tables,
+    parse_index,
 )
 
 SUMMARY_FORMAT = "ecoflap.inspect"
@@ -246,7 +246,7 @@ def _weight_counts(directory: Path, wanted: set[str] | None) -> tuple[dict[str, 
         try:
             with safe_open(str(path), framework="pt") as fh:
                 metadata = fh.metadata() or {}
-                index = _parse_index(metadata, path) if metadata.get("format") == FORMAT_NAME else {}
+                index = parse_index(metadata, path) if metadata.get("format") == FORMAT_NAME else {}
                 for name, entry in index.items():
                     layouts[str(entry.get("layout"))] = layouts.get(str(entry.get("layout")), 0) + 1
                     if wanted is None or name in wanted:
@@ -256,7 +256,7 @@ def _weight_counts(directory: Path, wanted: set[str] | None) -> tuple[dict[str, 
                         continue
                     if (key in wanted) if wanted is not None else _is_2d_float(fh, key):
                         t = fh.get_tensor(key)
-                        counts[key] = (t.numel(), t.numel() - int(_kept(t).sum()))
+                        counts[key] = (t.numel(), t.numel() - int(kept_indices(t).sum()))
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
             detail = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise ArtifactError(f"cannot read safetensors file {path}: {detail}") from None
@@ -284,7 +284,7 @@ def _packed_count(fh: Any, name: str, entry: dict[str, Any], path: Path) -> tupl
         t = fh.get_tensor(name)
     else:
         raise ArtifactError(f"{path}: {name}: unknown packed layout {layout!r}")
-    return t.numel(), t.numel() - int(_kept(t).sum())
+    return t.numel(), t.numel() - int(kept_indices(t).sum())
 
 
 def _part(fh: Any, name: str, part: str, path: Path) -> str:
@@ -315,13 +315,13 @@ def _nm_kept(fh: Any, name: str, rows: int, cols: int, path: Path) -> int:
     n, m = (int(v) for v in nm.tolist())
     if not (1 <= n <= m <= 16) or cols % m:
         raise ArtifactError(f"{path}: {name}: N:M {n}:{m} does not fit shape [{rows}, {cols}]")
-    width = _nm_tables(n, m)[2]
+    width = nm_tables(n, m)[2]
     for part, want in (("values", [rows, cols // m * n]), ("indices", [rows, (cols // m * width + 7) // 8])):
         got = fh.get_slice(_part(fh, name, part, path)).get_shape()
         if list(got) != want:
             raise ArtifactError(f"{path}: {name}: N:M {part} have shape {got}, expected {want}")
     values = fh.get_tensor(_part(fh, name, "values", path))
-    return int(_kept(values).sum())
+    return int(kept_indices(values).sum())
 
 
 def _is_2d_float(fh: Any, key: str) -> bool:

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ecoflap_cli.io.atomic import write_atomic
+from ecoflap_cli.files import write_atomic
+from ecoflap_cli.io.layout import is_eval_results
 
 CARD_NAME = "README.md"
 REPORT_NAME = "ecoflap_report.json"
@@ -232,11 +233,6 @@ def _loading_section(layout: str, model_info: Mapping[str, Any], name: str) -> l
 # --- quality ----------------------------------------------------------------------------------
 
 
-def is_eval_results(doc: Any) -> bool:
-    """Whether a JSON document is ``ecoflap eval`` output (sparsity rows and a summary)."""
-    return isinstance(doc, dict) and "checkpoint" in doc and isinstance(doc.get("summary"), dict) and "blocks" in doc
-
-
 def _metric_rows(results: Doc) -> list[tuple[str, Any, Any]]:
     rows: list[tuple[str, Any, Any]] = []
     ppl = results.get("perplexity")
@@ -346,7 +342,7 @@ def read_documents(directory: str | Path) -> dict[str, dict[str, Any]]:
     return docs
 
 
-#: the checkpoint's checksums file (``io.checkpoint.CHECKSUMS_NAME``): weights, config, tokenizer
+#: the checkpoint's checksums file (``io.layout.CHECKSUMS_NAME``): weights, config, tokenizer
 CHECKSUMS_FILE = "ecoflap_checksums.json"
 #: the key of an eval results document naming the checkpoint it measured (:func:`checkpoint_identity`)
 IDENTITY_KEY = "checkpoint_checksums"
@@ -402,7 +398,7 @@ def refresh_after_eval(checkpoint: str, output: str) -> Path | None:
     directory = Path(checkpoint)
     if not directory.is_dir() or Path(output).resolve().parent != directory.resolve():
         return None
-    from ecoflap_cli.io.checkpoint import checkpoint_layout
+    from ecoflap_cli.io.layout import checkpoint_layout
 
     layout = checkpoint_layout(directory)
     return None if layout is None else write_card(directory, layout)

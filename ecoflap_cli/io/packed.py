@@ -50,7 +50,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ecoflap_cli.errors import ArtifactError
-from ecoflap_cli.io.atomic import atomic_file, write_atomic
+from ecoflap_cli.files import atomic_file, write_atomic
 
 FORMAT_NAME = "ecoflap.packed"
 FORMAT_VERSION = "1"
@@ -97,7 +97,7 @@ def _bits_view(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == int_dtype else t.view(int_dtype)
 
 
-def _kept(t: torch.Tensor) -> torch.Tensor:
+def kept_indices(t: torch.Tensor) -> torch.Tensor:
     """Boolean mask of entries whose bit pattern is not all zeros (keeps -0.0 and NaN)."""
     return _bits_view(t) != 0
 
@@ -227,7 +227,7 @@ def _check_nm(n: int, m: int) -> None:
 
 
 @functools.cache
-def _nm_tables(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def nm_tables(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Lookup tables of an N:M layout.
 
     Returns ``(rank_of_code, combos, width)``: ``rank_of_code[c]`` is the colex rank of the
@@ -255,7 +255,7 @@ def _nm_ranks(bits: torch.Tensor, n: int, m: int) -> torch.Tensor:
     code_dtype = torch.uint8 if m <= 8 else torch.int32
     weights = torch.tensor([1 << j for j in range(m)], dtype=code_dtype)
     codes = ((bits != 0).to(code_dtype) * weights).sum(-1, dtype=code_dtype)
-    return _nm_tables(n, m)[0][codes.to(torch.int64)]
+    return nm_tables(n, m)[0][codes.to(torch.int64)]
 
 
 def nm_fits(t: torch.Tensor, n: int, m: int) -> bool:
@@ -279,7 +279,7 @@ def pack_nm(t: torch.Tensor, n: int, m: int) -> Parts:
     if cols % m:
         raise ValueError(f"{cols} columns are not a multiple of m={m}")
     groups = cols // m
-    _, combos, width = _nm_tables(n, m)
+    _, combos, width = nm_tables(n, m)
     bits = _bits_view(t).reshape(rows, groups, m)
     ranks = _nm_ranks(bits, n, m)
     if bool((ranks < 0).any()):
@@ -314,7 +314,7 @@ def unpack_nm(parts: Mapping[str, torch.Tensor], name: str = "tensor") -> torch.
     if cols % m:
         raise ArtifactError(f"{name}: {cols} columns are not a multiple of m={m}")
     groups = cols // m
-    _, combos, width = _nm_tables(n, m)
+    _, combos, width = nm_tables(n, m)
     values, indices = parts["values"], parts["indices"]
     if tuple(values.shape) != (rows, groups * n):
         raise ArtifactError(f"{name}: N:M values have shape {tuple(values.shape)}, expected {(rows, groups * n)}")
@@ -345,11 +345,11 @@ def _estimate(t: torch.Tensor, layout: str, n_m: tuple[int, int] | None) -> int:
     rows, cols = t.shape
     size = t.element_size()
     if layout == "bitmask":
-        nnz = int(_kept(t).sum())
+        nnz = int(kept_indices(t).sum())
         return nnz * size + rows * ((cols + 7) // 8) + rows * 8 + 16
     assert n_m is not None
     n, m = n_m
-    width = _nm_tables(n, m)[2]
+    width = nm_tables(n, m)[2]
     groups = cols // m
     return rows * groups * n * size + rows * ((groups * width + 7) // 8) + 32
 
@@ -407,7 +407,7 @@ def _encode_one(name: str, t: torch.Tensor, n_m: tuple[int, int] | None) -> tupl
     layout, parts = choose_layout(t, n_m)
     entry: dict = {"layout": layout, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
     if t.dim() == 2 and t.element_size() in _INT_VIEW and t.numel():
-        entry["sparsity"] = round(1.0 - int(_kept(t).sum()) / t.numel(), 6)
+        entry["sparsity"] = round(1.0 - int(kept_indices(t).sum()) / t.numel(), 6)
     if parts is None:
         return {name: t}, entry
     if layout == "nm":
@@ -526,7 +526,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
-def _parse_index(metadata: Mapping[str, str], path: Path) -> dict[str, dict]:
+def parse_index(metadata: Mapping[str, str], path: Path) -> dict[str, dict]:
     if metadata.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{path} is not an ecoflap packed checkpoint (format={metadata.get('format')!r})")
     version = metadata.get("format_version")
@@ -604,7 +604,7 @@ def _decode(
     path: Path,
     expected: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    index = _parse_index(metadata, path)
+    index = parse_index(metadata, path)
     dense, parts = _split_parts(tensors)
     clash = sorted(dense.keys() & parts.keys())
     if clash:

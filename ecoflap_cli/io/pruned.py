@@ -19,17 +19,17 @@ import torch
 from torch import nn
 
 from ecoflap_cli.errors import ArtifactError, ModelError
-from ecoflap_cli.io.checkpoint import checkpoint_layout, clear_packed_marker, verify_checksums, weight_files
-from ecoflap_cli.io.loading import (
-    _first_line,
-    _model_class,
+from ecoflap_cli.io.layout import checkpoint_layout, clear_packed_marker, verify_checksums, weight_files
+from ecoflap_cli.io.packed import check_readable, load_sharded
+from ecoflap_cli.io.reading import (
+    auto_class_for,
     check_loading_info,
+    first_line,
     hub_snapshot,
     quiet_transformers,
     resolve_device,
     resolve_dtype,
 )
-from ecoflap_cli.io.packed import check_readable, load_sharded
 
 __all__ = ["load_pruned", "model_class"]
 
@@ -37,7 +37,7 @@ __all__ = ["load_pruned", "model_class"]
 def model_class(config: Any) -> type:
     """The transformers class for a config: by ``model_type`` as ``ecoflap`` loads it, resolved
     to the concrete class (``LlamaForCausalLM``, ...) when that is an Auto class."""
-    cls = _model_class(getattr(config, "model_type", None))
+    cls = auto_class_for(getattr(config, "model_type", None))
     mapping = getattr(cls, "_model_mapping", None)  # only Auto* classes have one
     if mapping is None:
         return cls
@@ -102,7 +102,7 @@ def load_pruned_checked(
     try:
         config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
-        raise ModelError(f"cannot read the config of {directory}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot read the config of {directory}: {first_line(exc)}") from None
     clear_packed_marker(config)
     cls = model_class(config)
     dtype_arg = "auto" if dtype is None else dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
@@ -118,7 +118,7 @@ def load_pruned_checked(
     try:
         model, info = cls.from_pretrained(source, **kwargs)
     except (ValueError, OSError, RuntimeError, KeyError) as exc:
-        raise ModelError(f"cannot load {directory}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot load {directory}: {first_line(exc)}") from None
     check_loading_info(info, str(directory))
     model.tie_weights()
     if "device_map" not in from_pretrained:

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from ecoflap_cli import __version__
 from ecoflap_cli.engine.pruning import ResumePoint, TensorResult
 from ecoflap_cli.errors import ArtifactError
-from ecoflap_cli.io.atomic import atomic_file, sha256_file, write_atomic
+from ecoflap_cli.files import atomic_file, sha256_file, write_atomic
 from ecoflap_cli.io.packed import load_packed, save_packed
 from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs
 

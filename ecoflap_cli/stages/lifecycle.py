@@ -24,8 +24,8 @@ from typing import Any
 from ecoflap_cli.engine.estimates import activation_bytes
 from ecoflap_cli.engine.offload import any_offloaded
 from ecoflap_cli.errors import EcoflapError
+from ecoflap_cli.files import output_lock
 from ecoflap_cli.io import artifacts
-from ecoflap_cli.io.atomic import output_lock
 from ecoflap_cli.io.checkpoint import check_free_space, estimate_checkpoint_bytes
 from ecoflap_cli.io.loading import LoadedModel
 from ecoflap_cli.io.resume import ResumeState, batches_hash, fingerprint, state_bytes, weights_hash

@@ -129,7 +129,7 @@ def _inputs(request: Any, *names: str) -> list[str]:
 
 
 def check_json_output(output: str | None, overwrite: bool, inputs: list[str], kind: str = "file") -> None:
-    """The one output rule (``io.atomic.check_output_path``) for a JSON artifact, before any work."""
+    """The one output rule (``files.check_output_path``) for a JSON artifact, before any work."""
     if output is None:
         return
     from ecoflap_cli.io.artifacts import check_json_output as check

@@ -55,8 +55,8 @@ from ecoflap_cli.data.text import read_text, tokenize_documents
 from ecoflap_cli.engine.memory import total_memory
 from ecoflap_cli.errors import EcoflapError, PlanError
 from ecoflap_cli.evaluation.measure import perplexity, sparsity_report, windows_for_eval
+from ecoflap_cli.files import sha256_file
 from ecoflap_cli.io import artifacts
-from ecoflap_cli.io.atomic import sha256_file
 from ecoflap_cli.io.loading import LoadedModel, LoadOptions, load_model
 from ecoflap_cli.stages import driver
 from ecoflap_cli.stages.driver import CalibrationOptions, PruneSettings, calibration_batches, load_adapter
