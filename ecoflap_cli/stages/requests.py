@@ -340,6 +340,26 @@ def _scoring_shortcuts() -> tuple[Shortcut, ...]:
 _METHODS = "docs/methods.md describes each method and its settings."
 
 
+def _allocator_option() -> Any:
+    return option(
+        "auto",
+        "Allocator; auto: ecoflap (the paper's rule), owl for OWL scores, search for search levels "
+        "(the plan records which and why). " + _METHODS,
+        registry=ALLOCATORS,
+        extra=("auto",),
+    )
+
+
+def _allocator_settings_option() -> Any:
+    return option(
+        {},
+        "Any allocator setting as NAME=VALUE (repeat); see docs/methods.md.",
+        flags=("--param", "-p"),
+        assign="NAME=VALUE",
+        shortcuts=_allocator_shortcuts(),
+    )
+
+
 # --- the stages -------------------------------------------------------------------------------
 
 
@@ -382,22 +402,12 @@ class AllocateRequest(Request):
     stage: ClassVar[str] = "allocate"
 
     scores: str = option(REQUIRED, "Scores JSON from `ecoflap score`, or - for stdin.", argument=True, identity=False)
-    sparsity: float = option(REQUIRED, "Target global sparsity in [0, 1).", flags=("--sparsity", "-s"), low=0.0)
+    sparsity: float = option(
+        REQUIRED, "Target global sparsity in [0, 1).", flags=("--sparsity", "-s"), low=0.0, high=1.0, high_open=True
+    )
     output: str | None = option("plan.json", "Plan JSON path, or - for stdout.", flags=("--output", "-o"), **_OUT)
-    allocator: str = option(
-        "auto",
-        "Allocator; auto: ecoflap (the paper's rule), owl for OWL scores, search for search levels "
-        "(the plan records which and why). " + _METHODS,
-        registry=ALLOCATORS,
-        extra=("auto",),
-    )
-    settings: dict[str, Any] = option(
-        {},
-        "Any allocator setting as NAME=VALUE (repeat); see docs/methods.md.",
-        flags=("--param", "-p"),
-        assign="NAME=VALUE",
-        shortcuts=_allocator_shortcuts(),
-    )
+    allocator: str = _allocator_option()
+    settings: dict[str, Any] = _allocator_settings_option()
     per_tower: bool = option(False, "Hold each tower at the target instead of one joint budget.")
     show: bool = option(True, "Print the plan table on stderr.", **_OUT)
     overwrite: bool = _OVERWRITE
@@ -429,20 +439,8 @@ class PruneRequest(Calibration, Offload, Placement, Request):
         high=1.0,
         high_open=True,
     )
-    allocator: str = option(
-        "auto",
-        "Allocator; auto: ecoflap (the paper's rule), owl for OWL scores, search for search levels "
-        "(the plan records which and why). " + _METHODS,
-        registry=ALLOCATORS,
-        extra=("auto",),
-    )
-    allocator_settings: dict[str, Any] = option(
-        {},
-        "Any allocator setting as NAME=VALUE (repeat); see docs/methods.md.",
-        flags=("--param", "-p"),
-        assign="NAME=VALUE",
-        shortcuts=_allocator_shortcuts(),
-    )
+    allocator: str = _allocator_option()
+    allocator_settings: dict[str, Any] = _allocator_settings_option()
     score_method: str | None = option(
         None, "One-shot scoring (default: the allocator's, auto for most).", registry=SCORING, extra=("auto",)
     )
@@ -607,7 +605,7 @@ def _method_help() -> str:
 
 
 @dataclass(kw_only=True)
-class SweepRequest(Request):
+class SweepRequest(Calibration, Request):
     """``ecoflap sweep``: prune and evaluate many methods x sparsities (``stages.sweep.SweepConfig``
     adds the runner's logic); the data sizes default to ``prune``'s and ``eval``'s."""
 
@@ -622,12 +620,8 @@ class SweepRequest(Request):
     output: str = option(
         "sweep", "Directory for sweep.md, sweep.json, sweep.png and the run cache.", flags=("--output", "-o")
     )
-    samples: int = option(_default(PruneRequest, "samples"), "Pruning calibration samples.", low=1)
-    seqlen: int | None = option(None, "Tokens per calibration sample (default: context length, at most 2048).", low=2)
     score_samples: int = option(_default(PruneRequest, "score_samples"), "Scoring calibration samples.", low=1)
     score_seqlen: int | None = option(None, "Tokens per scoring sample (default: --seqlen).", low=2)
-    batch_size: int = option(_default(PruneRequest, "batch_size"), "Samples per forward pass.", low=1)
-    seed: int = option(0, "Seed for sampling calibration windows and perturbations.", low=0)
     eval_seqlen: int = option(_default(EvalRequest, "seqlen"), "Tokens per perplexity window.", low=2)
     eval_windows: int | None = option(None, "Evaluate at most this many windows.", low=1)
     eval_batch_size: int = option(_default(EvalRequest, "batch_size"), "Windows per forward pass.", low=1, cli=False)
@@ -653,7 +647,6 @@ class SweepRequest(Request):
     )  # fmt: skip
     plot: bool = option(True, "Write sweep.png (needs matplotlib).")
     title: str | None = option(None, "The title of sweep.md.", cli=False)
-    text_field: str = option("text", "Field holding the text in .jsonl records.")
     #: further texts every pruned model is also evaluated on (perplexity; same windows settings)
     extra_texts: list[str] | None = option(
         None,
