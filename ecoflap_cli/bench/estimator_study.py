@@ -56,15 +56,18 @@ def exact_gradients(adapter, batch) -> dict[str, dict[str, torch.Tensor]]:
             lin.weight.requires_grad_(True)
     model.zero_grad(set_to_none=True)
     adapter.loss(batch).backward()
-    grads = {
-        name: {t: lin.weight.grad.detach().to(PRECISION).cpu().clone() for t, lin in m.items()}
-        for name, m in weights.items()
-    }
+    grads = {name: {t: _weight_grad(lin) for t, lin in m.items()} for name, m in weights.items()}
     for m in weights.values():
         for lin in m.values():
             lin.weight.grad = None
             lin.weight.requires_grad_(False)
     return grads
+
+
+def _weight_grad(lin: torch.nn.Linear) -> torch.Tensor:
+    grad = lin.weight.grad
+    assert grad is not None, "every block linear takes part in the loss"
+    return grad.detach().to(PRECISION).cpu().clone()
 
 
 def study(adapter, batch, directions: int, eps: float) -> dict[str, Any]:

@@ -37,18 +37,21 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ecoflap_cli.data.assets import cache_dir
 
+if TYPE_CHECKING:
+    from transformers import BaseImageProcessor
+
 #: Tiny random towers (ASSETS.md "Tiny model configs"), with 64-pixel images: 64 patches.
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              image_size=64, patch_size=8, initializer_range=0.2)  # fmt: skip
-QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               vocab_size=64, max_position_embeddings=64, cross_attention_frequency=1,
-               initializer_range=0.2)  # fmt: skip
+VISION: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=64, patch_size=8, initializer_range=0.2)  # fmt: skip
+QFORMER: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               vocab_size=64, max_position_embeddings=64, cross_attention_frequency=1,
+                               initializer_range=0.2)  # fmt: skip
 NUM_QUERY_TOKENS = 8
 #: SmolLM2's unused special token that becomes the image placeholder, and its new name
 PLACEHOLDER, IMAGE_TOKEN = "<empty_output>", "<image>"
@@ -97,6 +100,7 @@ def image_tokenizer(tokenizer: Any) -> Any:
 
 
 def image_processor(size: int) -> Any:
+    cls: type[BaseImageProcessor]  # the PIL variant where transformers has one
     try:
         from transformers import BlipImageProcessorPil as cls
     except ImportError:  # pragma: no cover - older transformers

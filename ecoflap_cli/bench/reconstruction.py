@@ -124,10 +124,11 @@ def target(cfg: Any, runner: Any, names: list[str], pooled: dict[str, list[float
     for sparsity in [p for p in cfg.sparsities if p >= 0.6]:
         for index, text in enumerate(texts):
             values = [ppl(mine, sparsity, index), *(ppl(r, sparsity, index) for r in rivals.values())]
-            if any(v is None for v in values):
+            known = [v for v in values if v is not None]
+            if len(known) < len(values):
                 verdict = "not run"
             else:
-                worse = [k for k, v in zip(rivals, values[1:]) if values[0] >= v]
+                worse = [k for k, v in zip(rivals, known[1:]) if known[0] >= v]
                 verdict = "**yes**" if not worse else "no: " + ", ".join(worse) + " lower"
             lines.append(f"| {sparsity:g} | {text} | " + " | ".join(_fmt(v) for v in values) + f" | {verdict} |")
     ours, ref = _median(pooled.get(mine)), _median(pooled.get(REFERENCE))

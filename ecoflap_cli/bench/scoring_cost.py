@@ -22,6 +22,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,7 @@ def run(out: Path, repeats: int, samples: int, seqlen: int, ref_blocks: int, zer
         for name, fn in MODES.items():
             if r >= zeroth_repeats and name.startswith("zeroth"):
                 continue  # the expensive modes run fewer times; cheap ones give the unit's median
-            result, t, m = measure(lambda fn=fn: fn(adapter, batches, 0))
+            result, t, m = measure(partial(fn, adapter, batches, 0))
             timings.setdefault(name, []).append(t)
             memory.setdefault(name, []).append(m)
             scores[name] = result
@@ -269,7 +270,7 @@ def batch_sizes(out: Path, repeats: int, samples: int, seqlen: int, sizes: list[
     for r in range(repeats):
         for size in sizes:
             batches = to_batches(windows, size)
-            _, t, _ = measure(lambda b=batches: zeroth_order_scores(adapter, b, ZerothOrderSettings(seed=0)))
+            _, t, _ = measure(partial(zeroth_order_scores, adapter, batches, ZerothOrderSettings(seed=0)))
             runs.setdefault(str(size), []).append(t)
             print(f"repeat {r}: batch {size}: {t:.1f}s", flush=True)
     base = str(sizes[0])
@@ -356,9 +357,9 @@ def quality(out: Path, modes: list[str], sparsity: float, calib_samples: int, ev
 def memory_child(mode: str, seqlen: int) -> None:
     """In a fresh process: load, run one mode on one batch of 8 x seqlen, print peak RSS growth."""
     _, adapter, batches = smollm2_batches("valid", 8, seqlen)
-    fns = {
+    fns: dict[str, Callable[[], Any]] = {
         "plain forward": lambda: plain_forward(adapter, batches),
-        **{k: (lambda fn=fn: fn(adapter, batches, 0)) for k, fn in MODES.items()},
+        **{k: partial(fn, adapter, batches, 0) for k, fn in MODES.items()},
     }
     fns["reference (per tensor, no reuse)"] = lambda: zeroth_order_scores(
         SubsetAdapter(adapter, {adapter.blocks()[0].name}),

@@ -168,7 +168,8 @@ def smollm2_checkpoint() -> Path:
     loaded = load_model(str(assets.smollm2()))
     tmp = target.with_name(target.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
-    loaded.model.save_pretrained(tmp)
+    model: Any = loaded.model  # a transformers model (save_pretrained)
+    model.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
     tmp.rename(target)
     return target

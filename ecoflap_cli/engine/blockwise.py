@@ -70,11 +70,12 @@ def stop_at(module: nn.Module, record: Callable[[Any], None], *, inputs: bool = 
 def input_statistics(
     linears: Mapping[Any, nn.Linear],
     empty: Callable[[int, torch.device], torch.Tensor],
-    update: Callable[[torch.Tensor, torch.Tensor], None],
+    update: Callable[[torch.Tensor, torch.Tensor], object],
 ) -> Iterator[dict[Any, torch.Tensor]]:
     """The one way statistics of linear inputs are gathered: inside the ``with`` block, every
     forward pass through a linear of ``linears`` updates its statistic (``empty(in_features,
-    device)`` to start, ``update(statistic, input)`` per call); the hooks are removed on exit."""
+    device)`` to start, ``update(statistic, input)`` per call, in place; its return value is
+    ignored); the hooks are removed on exit."""
     stats: dict[Any, torch.Tensor] = {}
     handles = []
     for key, linear in linears.items():

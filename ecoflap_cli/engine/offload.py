@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from ecoflap_cli.engine.memory import memory_budget_check  # noqa: F401  (re-exported; lives in memory.py)
@@ -22,12 +23,18 @@ def is_offloaded(module: nn.Module) -> bool:
     return bool(getattr(hook, "offload", False))
 
 
+def _hf_hook(module: nn.Module) -> Any:
+    """accelerate's hook, attached at run time (torch's stubs type module attributes as Tensor | Module)."""
+    hook: Any = module._hf_hook
+    return hook
+
+
 def any_offloaded(model: nn.Module) -> bool:
     return any(is_offloaded(m) for m in model.modules())
 
 
 @contextmanager
-def editable_weight(linear: nn.Linear) -> Iterator[nn.Parameter]:
+def editable_weight(linear: nn.Linear) -> Iterator[torch.Tensor]:
     """The linear's weight, materialised; changes made inside persist after the block."""
     if not is_offloaded(linear):
         yield linear.weight
@@ -47,22 +54,22 @@ def materialized(module: nn.Module) -> Iterator[None]:
     on exit. A no-op for a module that is not offloaded."""
     hooked = [m for m in module.modules() if is_offloaded(m)]
     for m in hooked:
-        m._hf_hook.pre_forward(m)
-        m._hf_hook.offload = False
+        _hf_hook(m).pre_forward(m)
+        _hf_hook(m).offload = False
     try:
         yield
     finally:
         for m in hooked:
             for name, _ in m.named_parameters(recurse=False):
                 _write_back(m, name)
-            m._hf_hook.offload = True
-            m._hf_hook.post_forward(m, None)
+            _hf_hook(m).offload = True
+            _hf_hook(m).post_forward(m, None)
 
 
 def _write_back(module: nn.Module, name: str = "weight") -> None:
     from accelerate.utils import offload_weight
 
-    weights_map = module._hf_hook.weights_map  # PrefixedDataset over the offloaded weights
+    weights_map = _hf_hook(module).weights_map  # PrefixedDataset over the offloaded weights
     key = f"{weights_map.prefix}{name}"
     dataset = weights_map.dataset
     value = getattr(module, name).detach().to("cpu")

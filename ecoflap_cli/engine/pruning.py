@@ -9,7 +9,7 @@ and re-run the pruned block to produce the next block's inputs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ from ecoflap_cli.engine.blockwise import (
     trim_host_memory,
 )
 from ecoflap_cli.engine.offload import editable_weight
-from ecoflap_cli.engine.reconstruction import recording
+from ecoflap_cli.engine.reconstruction import Unit, recording
 from ecoflap_cli.errors import PlanError
 from ecoflap_cli.models.base import Adapter, Batch, Block, BlockInputs
 
@@ -110,7 +110,10 @@ def prune_block(
     names = [n for n in block.linears if f"{n}.weight" in prune_counts]
     group = settings.compare_groups.get(block.tower) or adapter.default_compare_group(block)
     recon = RECONSTRUCTION.get(settings.reconstruct) if settings.reconstruct else None
-    with recording(adapter, block, recon.name, inputs) if recon else nullcontext([]) as units:
+    recorded: AbstractContextManager[list[Unit]] = (
+        recording(adapter, block, recon.name, inputs) if recon else nullcontext([])
+    )
+    with recorded as units:
         stats = _collect_statistics(block, inputs, settings.entry.needs, names)
     check_finite(block, names, stats)
     for name in names:

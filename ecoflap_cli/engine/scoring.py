@@ -63,7 +63,7 @@ class ZerothOrderSettings:
     head: str = "auto"
 
 
-def seeded_direction(shape: torch.Size, key: tuple[int, ...], kind: str) -> torch.Tensor:
+def seeded_direction(shape: torch.Size, key: tuple[int | str, ...], kind: str) -> torch.Tensor:
     """A perturbation direction (``gaussian`` or ``rademacher``, fp32, on the CPU) seeded by ``key``:
     the same key always gives the same tensor.  Another kind raises PlanError."""
     gen = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
@@ -108,7 +108,7 @@ def block_linears(block: Block) -> dict[str, nn.Linear]:
     return {f"{path}.weight": lin for path, lin in block.linears.items()}
 
 
-def _block_weights(block: Block) -> dict[str, nn.Parameter]:
+def _block_weights(block: Block) -> dict[str, torch.Tensor]:
     return {f"{path}.weight": lin.weight for path, lin in block.linears.items()}
 
 
@@ -187,7 +187,9 @@ def _head_gradient_whole(adapter: Adapter, batch: Batch, final: Block) -> torch.
         handle.remove()
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-    return box[0].grad.detach()
+    grad = box[0].grad
+    assert grad is not None, "the loss is differentiated through the last block's output"
+    return grad.detach()
 
 
 class _Objective:
@@ -379,6 +381,7 @@ def first_order_scores(
 
     def reduce(param: torch.Tensor) -> None:
         name = owner[id(param)]
+        assert param.grad is not None, "called after the gradient is accumulated"
         grad = param.grad.detach().to(PRECISION)
         if metric == "taylor":
             scores[name] += float((grad * param.detach().to(PRECISION)).abs().sum())

@@ -54,10 +54,11 @@ def _features(output: Any) -> torch.Tensor:
 @torch.no_grad()
 def _image_features(model: nn.Module, processor: Any, images: Sequence[Any], batch_size: int) -> torch.Tensor:
     device = _device(model)
+    encode: Any = model.get_image_features  # a transformers dual encoder's method
     parts = []
     for chunk in chunked(list(images), batch_size):
         pixels = pixel_tensor(processor, chunk).to(device, _float_dtype(model))
-        parts.append(_features(model.get_image_features(pixel_values=pixels)))
+        parts.append(_features(encode(pixel_values=pixels)))
     return torch.cat(parts)
 
 
@@ -67,10 +68,11 @@ def _text_features(
 ) -> torch.Tensor:
     device = _device(model)
     adapter = get_adapter(model)
+    encode: Any = model.get_text_features  # a transformers dual encoder's method
     parts = []
     for chunk in chunked(list(texts), batch_size):
         encoded = _to(adapter.text_inputs(processor, chunk, max_text_len), device)
-        parts.append(_features(model.get_text_features(**encoded)))
+        parts.append(_features(encode(**encoded)))
     return torch.cat(parts)
 
 
@@ -170,7 +172,8 @@ def _generate(
         batch = _to(batch, device)
         batch["pixel_values"] = batch["pixel_values"].to(_float_dtype(model))
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, **generate_kwargs}
-        output = model.generate(**batch, **kwargs)
+        generate: Any = model.generate  # transformers' GenerationMixin
+        output = generate(**batch, **kwargs)
         input_ids = batch["input_ids"]
         width = input_ids.shape[1]
         # decoder-only LMs return the prompt followed by the new tokens

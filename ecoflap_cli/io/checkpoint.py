@@ -248,16 +248,17 @@ def save_checkpoint(
     """
     target = check_output_dir(out, overwrite)
     shard_bytes = parse_size(max_shard_size)
+    model: Any = loaded.model  # a transformers model (save_pretrained)
     with atomic_dir(target, replace=overwrite) as tmp:
         from ecoflap_cli.engine.offload import any_offloaded
 
         if packed:
             with captured_weights() as state:
-                loaded.model.save_pretrained(tmp, max_shard_size=shard_bytes)
-        elif any_offloaded(loaded.model):
-            save_offloaded(loaded.model, tmp, shard_bytes)
+                model.save_pretrained(tmp, max_shard_size=shard_bytes)
+        elif any_offloaded(model):
+            save_offloaded(model, tmp, shard_bytes)
         else:
-            loaded.model.save_pretrained(tmp, max_shard_size=shard_bytes)
+            model.save_pretrained(tmp, max_shard_size=shard_bytes)
         if loaded.processor is not None:
             loaded.processor.save_pretrained(tmp)
         if packed:
@@ -289,7 +290,9 @@ def captured_weights() -> Iterator[dict[str, torch.Tensor]]:
     caught: dict[str, torch.Tensor] = {}
     original = modeling_utils.safe_save_file
 
-    def keep(tensors: dict[str, torch.Tensor], filename: str, metadata: Any = None) -> None:
+    def keep(
+        tensors: dict[str, torch.Tensor], filename: str | os.PathLike[Any], metadata: dict[str, str] | None = None
+    ) -> None:
         caught.update(tensors)
 
     ordered: dict[str, torch.Tensor] = {}
@@ -306,7 +309,7 @@ def _tensor_for_saving(model: torch.nn.Module, name: str) -> torch.Tensor:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     hook = getattr(module, "_hf_hook", None)
-    if getattr(hook, "offload", False) and attr in hook.weights_map:
+    if hook is not None and getattr(hook, "offload", False) and attr in hook.weights_map:
         return hook.weights_map[attr].detach().to("cpu")
     return getattr(module, attr).detach().to("cpu")
 
@@ -356,9 +359,10 @@ def save_offloaded(model: torch.nn.Module, directory: Path, max_shard_bytes: int
     holds one tensor at a time. Tied weights are stored once, under their first name, as
     ``save_pretrained`` does.
     """
-    model.config.save_pretrained(directory)
-    if getattr(model, "generation_config", None) is not None and model.can_generate():
-        model.generation_config.save_pretrained(directory)
+    pretrained: Any = model  # a transformers model: config, generation_config, can_generate
+    pretrained.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None and pretrained.can_generate():
+        pretrained.generation_config.save_pretrained(directory)
     specs: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, value in model.state_dict(keep_vars=True).items():

@@ -271,8 +271,7 @@ def _packed_count(fh: Any, name: str, entry: dict[str, Any], path: Path) -> tupl
     and that of the group codes checked against the recorded shape; dense entries are read whole.
     """
     shape = entry.get("shape")
-    valid = isinstance(shape, list) and len(shape) == 2
-    if not (valid and all(type(v) is int and v >= 0 for v in shape)):
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int and v >= 0 for v in shape)):
         raise ArtifactError(f"{path}: {name}: malformed shape {shape!r} in the packed index")
     rows, cols = shape
     layout = entry.get("layout")

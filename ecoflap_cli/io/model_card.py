@@ -77,7 +77,8 @@ def _number(value: Any) -> float | None:
 
 
 def _pct(value: float | None) -> str:
-    return "-" if _number(value) is None else f"{100.0 * value:.2f}%"
+    number = _number(value)
+    return "-" if number is None else f"{100.0 * number:.2f}%"
 
 
 def _settings(record: Mapping[str, Any] | None, skip: tuple[str, ...] = ("name",)) -> str:

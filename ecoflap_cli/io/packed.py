@@ -717,7 +717,7 @@ def save_sharded(
     weight_map: dict[str, str] = {}
     for file_name, members in zip(names, shards):
         tensors = {k: v for i in members for k, v in encoded[i][1].items()}
-        index = {encoded[i][0]: encoded[i][2] for i in members if encoded[i][2] is not None}
+        index = {name: entry for name, _, entry in (encoded[i] for i in members) if entry is not None}
         meta = _packed_metadata(index, user) if packed else {**user, "format": "pt"}
         _write_safetensors(directory / file_name, tensors, meta)
         weight_map.update({encoded[i][0]: file_name for i in members})
@@ -808,7 +808,7 @@ def find_weights(directory: str | os.PathLike[str]) -> tuple[Path | None, list[P
     Packed names are looked for first; a directory holding both packed and dense weights is refused.
     """
     directory = Path(directory)
-    found = []
+    found: list[tuple[Path | None, list[Path]]] = []
     for index_name, single in ((PACKED_INDEX_FILE, PACKED_SINGLE_FILE), (INDEX_FILE, SINGLE_FILE)):
         index = directory / index_name
         if index.is_file():

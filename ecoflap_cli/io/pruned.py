@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -31,10 +31,13 @@ from ecoflap_cli.io.reading import (
     resolve_dtype,
 )
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 __all__ = ["load_pruned", "model_class"]
 
 
-def model_class(config: Any) -> type:
+def model_class(config: Any) -> type[PreTrainedModel]:
     """The transformers class for a config: by ``model_type`` as ``ecoflap`` loads it, resolved
     to the concrete class (``LlamaForCausalLM``, ...) when that is an Auto class."""
     cls = auto_class_for(getattr(config, "model_type", None))
@@ -116,13 +119,15 @@ def load_pruned_checked(
         source = str(directory)
         check_readable(weight_files(directory))
     try:
-        model, info = cls.from_pretrained(source, **kwargs)
+        # transformers annotates from_pretrained as returning the model, also with output_loading_info
+        model, info = cast("tuple[PreTrainedModel, dict[str, Any]]", cls.from_pretrained(source, **kwargs))
     except (ValueError, OSError, RuntimeError, KeyError) as exc:
         raise ModelError(f"cannot load {directory}: {first_line(exc)}") from None
     check_loading_info(info, str(directory))
     model.tie_weights()
     if "device_map" not in from_pretrained:
-        model.to(resolve_device(str(device)))
+        # transformers decorates PreTrainedModel.to with functools.wraps(nn.Module.to): typed unbound
+        model.to(resolve_device(str(device)))  # type: ignore[arg-type]
     return model.eval(), note
 
 

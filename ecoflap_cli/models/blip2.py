@@ -84,7 +84,7 @@ class Blip2Adapter(Adapter):
     data_kind = "image-text"
     eval_tasks = ("vqa", "captioning")
     #: batch keys the model's forward accepts (anything else in a batch is ignored)
-    input_keys = ("pixel_values", "input_ids", "attention_mask", "decoder_input_ids",
+    input_keys: tuple[str, ...] = ("pixel_values", "input_ids", "attention_mask", "decoder_input_ids",
                   "decoder_attention_mask")  # fmt: skip
 
     def __init__(self, model: nn.Module, include_qformer: bool = False) -> None:
@@ -97,7 +97,7 @@ class Blip2Adapter(Adapter):
     # --- structure ---------------------------------------------------------------------
     @property
     def language_model(self) -> nn.Module:
-        return self.model.language_model
+        return self.model.get_submodule("language_model")
 
     @property
     def seq2seq(self) -> bool:
@@ -109,9 +109,9 @@ class Blip2Adapter(Adapter):
 
     def tower_paths(self) -> dict[str, str]:
         model = self.model
-        paths = {"vision": join("vision_model", largest_block_list(model.vision_model))}
+        paths = {"vision": join("vision_model", largest_block_list(model.get_submodule("vision_model")))}
         if self.include_qformer:
-            paths["qformer"] = join("qformer", largest_block_list(model.qformer))
+            paths["qformer"] = join("qformer", largest_block_list(model.get_submodule("qformer")))
         if self.seq2seq:
             paths.update(t5_tower_paths(model, self.language_model, prefix="language"))
         else:
@@ -124,7 +124,7 @@ class Blip2Adapter(Adapter):
         return "matrix" if block.tower == "vision" else "row"
 
     def uncovered_hint(self, tensor_names: list[str]) -> str:
-        qformer = module_path(self.model, self.model.qformer)
+        qformer = module_path(self.model, self.model.get_submodule("qformer"))
         inside = any(name.startswith(qformer + ".") for name in tensor_names)
         return " (pass --include-qformer)" if inside and not self.include_qformer else ""
 
@@ -151,7 +151,7 @@ class Blip2Adapter(Adapter):
         if self.seq2seq and "decoder_input_ids" not in inputs:
             # what T5 does with labels when no decoder inputs are given
             lm = self.language_model
-            shift = getattr(lm, "prepare_decoder_input_ids_from_labels", None) or lm._shift_right
+            shift: Any = getattr(lm, "prepare_decoder_input_ids_from_labels", None) or lm._shift_right
             inputs["decoder_input_ids"] = shift(batch["labels"])
         return to_model_device(self.model, inputs)
 
@@ -191,7 +191,7 @@ class Blip2Adapter(Adapter):
         ``[image]*Q prompt [eos]``, labels ``target [eos]`` (padding -100), and
         ``decoder_attention_mask``.
         """
-        config = self.model.config
+        config: Any = self.model.config
         tokenizer = tokenizer_of(processor)
         image = [image_token_id(config)] * int(config.num_query_tokens)
         pad_value = pad_id(tokenizer, config)

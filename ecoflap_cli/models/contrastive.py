@@ -38,8 +38,8 @@ class DualEncoderAdapter(Adapter):
 
     def tower_paths(self) -> dict[str, str]:
         return {
-            "vision": join("vision_model", largest_block_list(self.model.vision_model)),
-            "text": join("text_model", largest_block_list(self.model.text_model)),
+            "vision": join("vision_model", largest_block_list(self.model.get_submodule("vision_model"))),
+            "text": join("text_model", largest_block_list(self.model.get_submodule("text_model"))),
         }
 
     def default_compare_group(self, block: Block) -> str:

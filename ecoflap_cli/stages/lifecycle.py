@@ -107,7 +107,10 @@ class PruneOutput:
             self.state.enabled = False
             return None
         # the calibration file's content counts (through the batches), not its path
-        parts = {"model": weights_hash(loaded.model), "calibration batches": batches_hash(batches)}
+        parts: dict[str, str | None] = {
+            "model": weights_hash(loaded.model),
+            "calibration batches": batches_hash(batches),
+        }
         parts["plan"] = artifacts.content_hash(plan) if plan is not None else None
         self._identity = fingerprint({**parts, **request})
         if not self.resume:
