@@ -10,8 +10,10 @@ zero-shot top-1 (class-balanced images, ``ecoflap eval --images``), image->text 
 retrieval R@1/R@5 on the captioned images (``--retrieval``), the sparsity each tower received,
 and the prune stage's time (the checkpoint report's ``timings.prune_s``).
 
-Every step runs the ``ecoflap`` command in a subprocess, as a user would: ``score`` (once per
-scoring method and calibration seed), ``allocate``, ``prune --plan``, ``eval``. Calibration:
+Every step calls the library as a user would, through ``ecoflap_cli.api`` in this process
+(``--cli``: the ``ecoflap`` command in a subprocess per step): ``score`` (once per scoring
+method and calibration seed), ``allocate``, ``prune`` to the plan, ``evaluate`` (the pruned
+model in memory; ``--cli`` writes and evaluates the checkpoint). Calibration:
 ``data/calib.jsonl`` (training pairs only; 128 for the solver, 32 for scoring, both seeded).
 
 Settings are chosen on the valid split at one sparsity (``--select-at``, default 0.7): the
@@ -79,8 +81,8 @@ def slug(text: str) -> str:
 
 
 class Study:
-    def __init__(self, root: Path, out: Path, log: Log = _log, cached_only: bool = False) -> None:
-        self.root, self.out, self.log, self.cached_only = root, out, log, cached_only
+    def __init__(self, root: Path, out: Path, log: Log = _log, cached_only: bool = False, cli: bool = False) -> None:
+        self.root, self.out, self.log, self.cached_only, self.cli = root, out, log, cached_only, cli
         self.model = root / "model"
         self.data = root / "data"
         self.calib = self.data / "calib.jsonl"
@@ -91,8 +93,14 @@ class Study:
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
-            ecoflap("score", "-m", str(self.model), "--calib", str(self.calib), "--method", method,
-                    "--seed", str(seed), "--device", "cpu", "-o", str(path), "--overwrite")  # fmt: skip
+            if self.cli:
+                ecoflap("score", "-m", str(self.model), "--calib", str(self.calib), "--method", method,
+                        "--seed", str(seed), "--device", "cpu", "-o", str(path), "--overwrite")  # fmt: skip
+            else:
+                from ecoflap_cli import api
+
+                api.score(str(self.model), calib=str(self.calib), method=method, seed=seed, device="cpu",
+                          output=str(path), overwrite=True)  # fmt: skip
             seconds = time.perf_counter() - started
             path.with_suffix(".seconds").write_text(f"{seconds:.2f}\n")
             self.log(f"scores {method} seed {seed}: {seconds:.1f}s")
@@ -117,17 +125,31 @@ class Study:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         plan, ckpt = folder / "plan.json", folder / "ckpt"
-        allocate = ["allocate", str(self.scores(row.scoring, seed)), "-s", str(sparsity), "--allocator",
-                    row.allocator, "--no-show", "-o", str(plan)]  # fmt: skip
-        for key, value in sorted(params.items()):
-            allocate += ["-p", f"{key}={value}"]
-        if row.per_tower:
-            allocate.append("--per-tower")
-        ecoflap(*allocate)
-        ecoflap("prune", "-m", str(self.model), "--plan", str(plan), "--calib", str(self.calib), "--solver",
-                row.solver, "--seed", str(seed), "--device", "cpu", "-o", str(ckpt))  # fmt: skip
-        report = json.loads((ckpt / "ecoflap_report.json").read_text())
-        evaluated = tiny_clip.eval_split(ckpt, self.data, split)
+        scores = self.scores(row.scoring, seed)
+        if self.cli:
+            allocate = ["allocate", str(scores), "-s", str(sparsity), "--allocator", row.allocator, "--no-show",
+                        "-o", str(plan)]  # fmt: skip
+            for key, value in sorted(params.items()):
+                allocate += ["-p", f"{key}={value}"]
+            if row.per_tower:
+                allocate.append("--per-tower")
+            ecoflap(*allocate)
+            ecoflap("prune", "-m", str(self.model), "--plan", str(plan), "--calib", str(self.calib), "--solver",
+                    row.solver, "--seed", str(seed), "--device", "cpu", "-o", str(ckpt))  # fmt: skip
+            report = json.loads((ckpt / "ecoflap_report.json").read_text())
+            evaluated = tiny_clip.eval_split(ckpt, self.data, split)
+        else:  # the same stages through the Python API, in this process (no process start per step)
+            from ecoflap_cli import api
+
+            api.allocate(str(scores), sparsity, allocator=row.allocator, settings=dict(params),
+                         per_tower=row.per_tower, show=False, output=str(plan), overwrite=True)  # fmt: skip
+            pruned = api.prune(str(self.model), plan=str(plan), calib=str(self.calib), solver=row.solver, seed=seed,
+                               device="cpu")  # fmt: skip
+            report = pruned.report
+            data = self.data
+            results = api.evaluate(pruned.model, processor=pruned.processor, images=str(data / split),
+                                   retrieval=str(data / f"{split}_captions.jsonl"))  # fmt: skip
+            evaluated = {"tasks": results["tasks"], "blocks": results.get("blocks")}
         result = {"row": row.name, "sparsity": sparsity, "split": split, "seed": seed, "params": params,
                   "prune_s": report.get("timings", {}).get("prune_s"),
                   "score_s": self.score_seconds(row.scoring, seed) if row.allocator in SCORED else None,
@@ -209,6 +231,49 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+#: (row, baseline) pairs compared seed by seed (the same calibration sample for both)
+PAIRS = (
+    ("ECoFLaP 1st-order, joint", "ECoFLaP 1st-order, per tower"),
+    ("ECoFLaP 0th-order, joint", "ECoFLaP 0th-order, per tower"),
+    ("ECoFLaP 1st-order, joint", "uniform Wanda"),
+    ("ECoFLaP 0th-order, joint", "uniform Wanda"),
+    ("ECoFLaP 1st-order, per tower", "uniform Wanda"),
+    ("OWL", "uniform Wanda"),
+    ("depth", "uniform Wanda"),
+)
+
+
+def paired(a: dict[str, Any], b: dict[str, Any], key: str) -> tuple[float, float | None, int]:
+    """Mean and standard error over seeds of a - b (seed by seed)."""
+    return _paired_values(a[key], b[key])
+
+
+def paired_differences(table: dict[str, Any]) -> list[str]:
+    lines = ["## Paired differences (row minus baseline, same calibration seeds)", "",
+             "Zero-shot top-1 and mean R@5 (the mean of i2t and t2i R@5), in points; mean ± standard error over "
+             "seeds.", "",
+             "| row | baseline | sparsity | top-1 | mean R@5 | seeds |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for row, base in PAIRS:
+        for sparsity, cells in table.items():
+            if row not in cells or base not in cells:
+                continue
+            a, b = cells[row], cells[base]
+            r5 = {name: {"values": [(x + y) / 2 for x, y in zip(c["i2t_r5"]["values"], c["t2i_r5"]["values"])]}
+                  for name, c in ((row, a), (base, b))}  # fmt: skip
+            top, top_se, n = paired(a, b, "top1")
+            rec, rec_se, _ = _paired_values(r5[row], r5[base])
+            show = lambda m, se: f"{m:+.1f}" + ("" if se is None else f" ± {se:.1f}")  # noqa: E731
+            lines.append(f"| {row} | {base} | {sparsity} | {show(top, top_se)} | {show(rec, rec_se)} | {n} |")
+    lines.append("")
+    return lines
+
+
+def _paired_values(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float | None, int]:
+    diffs = [x - y for x, y in zip(a["values"], b["values"])]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return statistics.fmean(diffs), se, len(diffs)
+
+
 def write_report(study: Study, dense: dict[str, Any], chosen: dict[str, Any], table: dict[str, Any]) -> Path:
     lines = ["# CLIP study (generated by `python -m ecoflap_cli.bench.clip_study`)", ""]
     d = metrics_of(dense["test"])
@@ -239,6 +304,7 @@ def write_report(study: Study, dense: dict[str, Any], chosen: dict[str, Any], ta
                          f"{show('t2i_r5')} | {towers.get('vision', 0):.3f} | {towers.get('text', 0):.3f} | "
                          f"{cell['prune_s']:.2f} | {score_s} | {cell['seeds']} |")  # fmt: skip
         lines.append("")
+    lines += paired_differences(table)
     path = study.out / "study.md"
     path.write_text("\n".join(lines))
     return path
@@ -252,17 +318,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--select-at", type=float, default=0.7, help="Sparsity for the valid-split choices.")
     parser.add_argument("--seeds", type=int, default=3, help="Calibration seeds for the --seeds-rows rows.")
     parser.add_argument("--seeds-at", type=float, action="append", help="Sparsities with extra seeds (0.7, 0.8).")
-    parser.add_argument("--seeds-rows", action="append", help="Rows with extra seeds (default: the close ones).")
+    parser.add_argument(
+        "--seeds-rows",
+        action="append",
+        help="Rows with extra seeds (repeat; 'all': every row; default: ECoFLaP and uniform Wanda).",
+    )
     parser.add_argument("--report-only", action="store_true", help="Only tabulate the cached runs.")
+    parser.add_argument("--cli", action="store_true", help="Run each stage as an `ecoflap` subprocess (slower).")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1).")
     args = parser.parse_args(argv)
     root = args.root or tiny_clip.build()
-    study = Study(root, args.out or cache_dir() / "bench" / "clip-study", cached_only=args.report_only)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    study = Study(root, args.out or cache_dir() / "bench" / "clip-study", cached_only=args.report_only, cli=args.cli)
     manifest = json.loads((root / "manifest.json").read_text())
     dense = manifest.get("dense") or tiny_clip.dense_numbers(root)
     chosen = select(study, args.select_at)
     (study.out / "chosen.json").write_text(json.dumps(chosen, indent=1) + "\n")
     sparsities = args.sparsity or list(SPARSITIES)
     seeds_at = args.seeds_at or [0.7, 0.8]
+    if args.seeds_rows == ["all"]:
+        args.seeds_rows = [row.name for row in rows()]
     seeds_rows = args.seeds_rows or ["uniform Wanda", "ECoFLaP 1st-order, joint", "ECoFLaP 1st-order, per tower",
                                      "ECoFLaP 0th-order, joint", "ECoFLaP 0th-order, per tower"]  # fmt: skip
 
