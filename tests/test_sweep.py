@@ -6,6 +6,7 @@ The real SmolLM2 benchmark (python -m ecoflap_cli.bench.quality) is not part of 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from ecoflap_cli.bench.sweep_report import run as bench_sweep
+from ecoflap_cli.bench.sweep_report import write_outputs
 from ecoflap_cli.engine import score_methods as pipeline
 from ecoflap_cli.errors import PlanError
 from ecoflap_cli.stages import sweep
@@ -117,7 +120,7 @@ def test_parse_method_forms():
 def test_sweep_runs_writes_tables_and_reuses_stages(tiny_llama, calib_text, eval_text, tmp_path, counted):
     out = tmp_path / "sweep"
     cfg = _config(tiny_llama, calib_text, eval_text, out)
-    summary = run_sweep(cfg)
+    summary = bench_sweep(cfg)  # the library's sweep plus the benchmark's tables and plot
 
     runs = summary["runs"]
     assert len(runs) == len(METHODS) * 2
@@ -197,14 +200,14 @@ def test_plot_skipped_without_matplotlib(tiny_llama, calib_text, eval_text, tmp_
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     messages: list[str] = []
     out = tmp_path / "sweep"
-    run_sweep(_config(tiny_llama, calib_text, eval_text, out, ["uniform:magnitude"], [0.5]), messages.append)
+    bench_sweep(_config(tiny_llama, calib_text, eval_text, out, ["uniform:magnitude"], [0.5]), messages.append)
     assert (out / "sweep.md").is_file() and not (out / "sweep.png").exists()
     assert any("plot skipped" in m and "matplotlib" in m for m in messages)
 
 
 def test_isolated_sweep_records_per_method_memory(tiny_llama, calib_text, eval_text, tmp_path):
     out = tmp_path / "sweep"
-    summary = run_sweep(
+    summary = bench_sweep(
         _config(
             tiny_llama, calib_text, eval_text, out, ["uniform:magnitude", "ecoflap-zeroth:wanda"], [0.5], isolate=True
         )
@@ -215,7 +218,14 @@ def test_isolated_sweep_records_per_method_memory(tiny_llama, calib_text, eval_t
 
 def test_peer_methods_need_llmc_python(tiny_llama, calib_text, eval_text, tmp_path):
     with pytest.raises(PlanError, match="llmc-python"):
+        bench_sweep(_config(tiny_llama, calib_text, eval_text, tmp_path / "s", ["llmc:wanda"], [0.5]))
+
+
+def test_the_library_sweep_leaves_other_tools_to_the_benchmarks(tiny_llama, calib_text, eval_text, tmp_path):
+    """`ecoflap sweep` runs ecoflap's methods; llm-compressor's are a benchmark's comparison."""
+    with pytest.raises(PlanError, match="from the benchmarks"):
         run_sweep(_config(tiny_llama, calib_text, eval_text, tmp_path / "s", ["llmc:wanda"], [0.5]))
+    assert not (tmp_path / "s").exists()
 
 
 def test_cli_sweep(tiny_llama, calib_text, eval_text, tmp_path):
@@ -253,11 +263,13 @@ def test_cli_sweep(tiny_llama, calib_text, eval_text, tmp_path):
         "2",
         "-o",
         str(out),
-        "--no-plot",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
-    assert "ecoflap-zeroth:wanda" in (out / "sweep.md").read_text()
+    summary = json.loads((out / "sweep.json").read_text())
+    assert {r["method"] for r in summary["runs"]} == {"uniform:wanda", "ecoflap-zeroth:wanda"}
+    assert "ecoflap-zeroth:wanda" in proc.stderr and "dense" in proc.stderr  # the table, on stderr
+    assert proc.stdout == "" and not (out / "sweep.md").exists()
     bad = subprocess.run(
         cmd[:6]
         + ["--method", "nope:wanda", "-s", "0.5", "--calib", str(calib_text), "--text", str(eval_text), "-o", str(out)],
@@ -297,5 +309,6 @@ def test_sweep_new_allocators_and_extra_text(tiny_llama, calib_text, eval_text, 
         assert abs(r["achieved_sparsity"] - 0.6) < 0.01 and r["plan_matches"]
         assert r["ppl_extra"]["other"] > 1 and r["ppl_extra"]["other"] != r["ppl"]
     assert len(set(by["rank-first:wanda@lam=0.15,metric=gradnorm"]["block_sparsity"])) > 1
+    write_outputs(summary, tmp_path / "s", plot=False)
     table = (tmp_path / "s" / "sweep.md").read_text()
     assert "## Perplexity on `" in table and "other.txt" in table

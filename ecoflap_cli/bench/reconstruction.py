@@ -261,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                     args.model_path, args.samples, args.seqlen)  # fmt: skip
         return 0
 
+    from ecoflap_cli.bench.sweep_report import runner as sweep_runner
     from ecoflap_cli.core.registry import parse_assignments
-    from ecoflap_cli.stages.sweep import SweepRunner, parse_method
+    from ecoflap_cli.stages.sweep import parse_method
 
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     output = cfg.output
     cfg.timing_methods = None  # every method is re-timed: the ratios compare them all
-    runner = SweepRunner(cfg, log)
+    runner = sweep_runner(cfg, log)
     specs = [parse_method(m) for m in run_methods]
     for repeat in range(0 if args.report_only else max(args.repeats, 1)):
         runner.run_pass(specs, repeat)

@@ -311,7 +311,8 @@ def convert(
 
 
 def run_sweep(request: SweepRequest) -> None:
-    """Prune and evaluate many methods x sparsities; writes a markdown/JSON table and a plot."""
+    """Prune and evaluate many methods x sparsities; writes sweep.json and prints the table."""
+    from ecoflap_cli.cli.render import render_sweep
     from ecoflap_cli.stages.sweep import SweepConfig, run_sweep
 
     if not request.methods or not request.sparsities:
@@ -322,9 +323,10 @@ def run_sweep(request: SweepRequest) -> None:
     cfg = SweepConfig(**request.values())
     log = lambda message: console.print(f"[dim]{escape(message)}[/]", highlight=False)  # noqa: E731
     summary = run_sweep(cfg, log)
+    render_sweep(console, summary)
     failed = [f"{r['method']}@{r['sparsity']:g}" for r in summary["runs"] if "error" in r]
     console.print(
-        f"{len(summary['runs']) - len(failed)} runs -> {cfg.output}/sweep.md"
+        f"{len(summary['runs']) - len(failed)} runs -> {cfg.output}/sweep.json"
         + (f"; failed: {', '.join(failed)}" if failed else ""),
         highlight=False,
         markup=False,

@@ -302,3 +302,30 @@ def _with_stderr(metrics: dict[str, Any] | None, key: str) -> str:
     stderr = metrics.get(f"{metric}_stderr" + (f" {rest}" if rest else ""))
     text = _number(metrics[key])
     return text if stderr is None or stderr != stderr else f"{text} ± {_number(stderr)}"
+
+
+def render_sweep(console: Console, summary: dict[str, Any]) -> None:
+    """One row per (method, sparsity): perplexity, achieved sparsity and prune time (median)."""
+    extra = sorted({k for r in summary["runs"] for k in (r.get("ppl_extra") or {})})
+    table = Table(title="ecoflap sweep", title_justify="left")
+    for column in ("method", "sparsity", "achieved", "ppl", *(f"ppl {e}" for e in extra), "prune s"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    dense = summary.get("dense") or {}
+    if dense.get("ppl") is not None:
+        extras = [_number(v) for v in (dense.get("ppl_extra") or {}).values()]
+        table.add_row("dense", "0", "0", _number(dense["ppl"]), *extras, "-")
+    for run in summary["runs"]:
+        times = run.get("times") or {}
+        if "error" in run:
+            table.add_row(escape(run["method"]), f"{run['sparsity']:g}", "-", escape(f"error: {run['error']}"))
+            continue
+        extras = [_number((run.get("ppl_extra") or {}).get(e, float("nan"))) for e in extra]
+        table.add_row(
+            escape(run["method"]),
+            f"{run['sparsity']:g}",
+            _fmt_fraction(run.get("achieved_sparsity")),
+            _number(run["ppl"]),
+            *extras,
+            _number(times.get("prune_median_s") or float("nan")),
+        )
+    console.print(table)

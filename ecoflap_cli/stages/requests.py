@@ -598,7 +598,7 @@ def _method_help() -> str:
 
     return (
         "ALLOCATOR[-SCORING]:SOLVER[+RECONSTRUCTION][@k=v,..], e.g. uniform:wanda, ecoflap-zeroth:sparsegpt, "
-        f"owl:wanda@m=5,lam=0.08, mix:wanda+sublayer, llmc:wanda (repeat). Allocators: {names(ALLOCATORS)}; "
+        f"owl:wanda@m=5,lam=0.08, mix:wanda+sublayer (repeat). Allocators: {names(ALLOCATORS)}; "
         f"scoring: {names(SCORING)}; solvers: {names(SOLVERS)}; reconstruction: {names(RECONSTRUCTION)}; "
         "@keys: any of their settings (docs/methods.md)."
     )
@@ -618,7 +618,7 @@ class SweepRequest(Calibration, Request):
     sparsities: list[float] = option([], "Target sparsity (repeat).", flags=("--sparsity", "-s"), low=0.0, high=1.0,
                                      high_open=True)  # fmt: skip
     output: str = option(
-        "sweep", "Directory for sweep.md, sweep.json, sweep.png and the run cache.", flags=("--output", "-o")
+        "sweep", "Directory for sweep.json and the run cache.", flags=("--output", "-o")
     )
     score_samples: int = option(_default(PruneRequest, "score_samples"), "Scoring calibration samples.", low=1)
     score_seqlen: int | None = option(None, "Tokens per scoring sample (default: --seqlen).", low=2)
@@ -629,13 +629,15 @@ class SweepRequest(Calibration, Request):
     #: the extra timing passes (repeats > 1) cover only these methods / sparsities (None: all)
     timing_methods: list[str] | None = option(None, "Methods the extra timing passes cover.", cli=False)
     timing_sparsities: list[float] | None = option(None, "Sparsities the extra timing passes cover.", cli=False)
+    # the benchmarks' comparisons (bench.sweep_report): process isolation, llm-compressor, tables and plot
     isolate: bool = option(
-        False, "Run each method in its own subprocess (per-method peak memory).", flags=("--isolate",)
+        False, "Run each method in its own subprocess (per-method peak memory).", flags=("--isolate",), cli=False
     )
     llmc_python: str | None = option(
         None,
         "Python of a venv with llmcompressor, for llmc:* methods (`python -m ecoflap_cli.bench.llmc_env` makes "
         "one and prints it).",
+        cli=False,
     )
     llmc_batch_size: int | None = option(None, "llm-compressor's batch size (default: --batch-size).", cli=False)
     dtype: str = option("auto", "Weights dtype: auto, float32, float16, bfloat16.")
@@ -645,7 +647,7 @@ class SweepRequest(Calibration, Request):
         True, "Reuse the cached runs and scores in the output directory (--fresh: ignore them).",
         flags=("--resume/--fresh",),
     )  # fmt: skip
-    plot: bool = option(True, "Write sweep.png (needs matplotlib).")
+    plot: bool = option(True, "Write sweep.png (needs matplotlib).", cli=False)
     title: str | None = option(None, "The title of sweep.md.", cli=False)
     #: further texts every pruned model is also evaluated on (perplexity; same windows settings)
     extra_texts: list[str] | None = option(

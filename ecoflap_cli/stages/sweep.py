@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import platform
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -252,11 +249,6 @@ class SweepConfig(SweepRequest):
                 raise PlanError(f"--sparsity must be in [0, 1), got {p}")
         if self.repeats < 1:
             raise PlanError("--repeats must be at least 1")
-        if any(s.peer for s in specs) and not self.llmc_python:
-            raise PlanError(
-                "llmc:* methods need llm-compressor's Python: pass --llmc-python PATH "
-                "(`python -m ecoflap_cli.bench.llmc_env` creates one and prints its path)"
-            )
         for path, what in (
             (self.calib, "--calib"),
             (self.text, "--text"),
@@ -331,7 +323,7 @@ def run_key(cfg: SweepConfig, method: str, sparsity: float) -> str:
     return artifacts.content_hash({"cfg": cfg.fingerprint(), "method": method, "sparsity": round(sparsity, 6)})
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
 
 
@@ -358,8 +350,12 @@ def peak_rss_mib() -> float:
 class SweepRunner:
     """Runs (method, sparsity) pairs against one loaded model, reusing every stage it can."""
 
-    def __init__(self, cfg: SweepConfig, log: Log | None = None) -> None:
+    def __init__(self, cfg: SweepConfig, log: Log | None = None, peer: Any = None) -> None:
         self.cfg = cfg
+        #: runs the methods of another tool (``llmc:*``): an object with ``run(runner, spec,
+        #: sparsity)`` and ``retime(runner, spec, sparsity, record)``; the benchmarks provide one
+        #: (``bench.sweep_report.LlmcPeer``), the library none
+        self.peer = peer
         self.log = log or (lambda message: None)
         self.out = Path(cfg.output)
         self.counters: Counter[str] = Counter()  # how often each reusable stage was computed
@@ -372,8 +368,6 @@ class SweepRunner:
         self._windows: dict[str, torch.Tensor] = {}  # text path -> evaluation windows
         self._scores: dict[str, tuple[dict[str, Any], float]] = {}
         self._structure: dict[str, Any] | None = None
-        self._peer_model: Path | None = None
-        self._peer_windows: Path | None = None
         self._last_cpu_s = 0.0
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -402,6 +396,10 @@ class SweepRunner:
             self.loaded.model.load_state_dict(self._dense)
             self.counters["restore"] += 1
             self._dirty = False
+
+    def mark_dirty(self) -> None:
+        """The model's weights were changed: restore them before the next run."""
+        self._dirty = True
 
     def prune_data(self) -> tuple[list[Any], dict[str, Any]]:
         if self._prune_data is None:
@@ -467,7 +465,7 @@ class SweepRunner:
         if key in self._scores:
             doc, seconds = self._scores[key]
             return doc, seconds, True
-        path = self.out / "scores" / f"{_safe(key)}-{artifacts.content_hash(self.cfg.score_fingerprint())}.json"
+        path = self.out / "scores" / f"{safe_name(key)}-{artifacts.content_hash(self.cfg.score_fingerprint())}.json"
         if self.cfg.resume and path.is_file():
             cached = json.loads(path.read_text())
             self._scores[key] = (cached["doc"], cached["seconds"])
@@ -507,7 +505,7 @@ class SweepRunner:
         }
         if self.cfg.extra_texts:
             record["ppl_extra"] = self.extra_perplexities()
-        return self._save("dense", 0.0, record)
+        return self.save("dense", 0.0, record)
 
     def run(self, spec: MethodSpec, sparsity: float) -> dict[str, Any]:
         """Score (once per scoring method), allocate, prune, evaluate one (method, sparsity)."""
@@ -515,8 +513,10 @@ class SweepRunner:
         if cached is not None:
             return cached
         if spec.peer:
-            return self._run_peer(spec, sparsity)
-        record: dict[str, Any] = self._record(spec, sparsity)
+            if self.peer is None:
+                raise PlanError(f"{spec.name} is another tool's method: run it from the benchmarks")
+            return dict(self.peer.run(self, spec, sparsity))
+        record: dict[str, Any] = self.record_of(spec, sparsity)
         try:
             scores_doc, score_s, reused = self.scores(spec, sparsity)
             start = time.perf_counter()
@@ -549,20 +549,15 @@ class SweepRunner:
         except EcoflapError as exc:
             record["error"] = str(exc)
         record["peak_rss_mib"] = peak_rss_mib()
-        return self._save(spec.name, sparsity, record)
+        return self.save(spec.name, sparsity, record)
 
     def retime(self, spec: MethodSpec, sparsity: float, record: dict[str, Any]) -> dict[str, Any]:
         """One more measurement of the prune stage alone (for medians over repeats)."""
         if "error" in record:
             return record
         if spec.peer:
-            result = self._call_peer(spec, sparsity, time_only=True)
-            entry = result["runs"][0]
-            if "error" in entry:
-                record.setdefault("retime_errors", []).append(entry["error"])
-            else:
-                record["times"]["prune_s"].extend(entry["oneshot_s"])
-                record["times"].setdefault("prune_cpu_s", []).extend(entry.get("oneshot_cpu_s", []))
+            if self.peer is not None:
+                self.peer.retime(self, spec, sparsity, record)
         else:
             scores_doc, _, _ = self.scores(spec, sparsity)
             plan = self.plan(spec, sparsity, scores_doc)
@@ -570,7 +565,7 @@ class SweepRunner:
             record["times"].setdefault("prune_cpu_s", []).append(self._last_cpu_s)
         if not spec.peer:  # a peer record keeps the runner's own peak
             record["peak_rss_mib"] = max(record.get("peak_rss_mib") or 0.0, peak_rss_mib())
-        return self._save(spec.name, sparsity, record)
+        return self.save(spec.name, sparsity, record)
 
     def _prune(self, spec: MethodSpec, plan: dict[str, Any]) -> float:
         self.restore()
@@ -582,13 +577,13 @@ class SweepRunner:
             seed=self.cfg.seed,
         )
         batches, prov = self.prune_data() if settings.needs_data else ([], None)
-        self._dirty = True
+        self.mark_dirty()
         start, cpu = time.perf_counter(), time.process_time()
         driver.prune(self.loaded, self.adapter, plan, batches, prov, settings)
         self._last_cpu_s = round(time.process_time() - cpu, 3)
         return time.perf_counter() - start
 
-    def _record(self, spec: MethodSpec, sparsity: float) -> dict[str, Any]:
+    def record_of(self, spec: MethodSpec, sparsity: float) -> dict[str, Any]:
         return {
             "method": spec.name,
             "library": "llm-compressor" if spec.peer else "ecoflap",
@@ -602,128 +597,9 @@ class SweepRunner:
             "threads": torch.get_num_threads(),
         }
 
-    # -- the peer --
-    def _peer_inputs(self) -> tuple[Path, Path]:
-        if self._peer_model is None or self._peer_windows is None:
-            root = self.out / "peer"
-            model_dir = root / f"model-{artifacts.content_hash(self.cfg.fingerprint())}"
-            windows_file = root / f"calib-windows-{artifacts.content_hash(self.cfg.fingerprint())}.pt"
-            batches, _ = self.prune_data()
-            windows = torch.cat([b["input_ids"] for b in batches])
-            if not windows_file.is_file():
-                tmp = windows_file.with_suffix(f".{os.getpid()}.part")
-                tmp.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(windows, tmp)
-                tmp.replace(windows_file)
-            if not (model_dir / "config.json").is_file():
-                self.restore()
-                self.log(f"exporting the dense model for llm-compressor -> {model_dir}")
-                tmp_dir = model_dir.with_name(f"{model_dir.name}.{os.getpid()}.part")
-                self.loaded.model.save_pretrained(tmp_dir)
-                if self.loaded.tokenizer is not None:
-                    self.loaded.tokenizer.save_pretrained(tmp_dir)
-                try:
-                    tmp_dir.replace(model_dir)
-                except OSError:  # another sweep process exported it first
-                    shutil.rmtree(tmp_dir, ignore_errors=True)
-            self._peer_model, self._peer_windows = model_dir, windows_file
-        return self._peer_model, self._peer_windows
-
-    def _call_peer(self, spec: MethodSpec, sparsity: float, time_only: bool = False) -> dict[str, Any]:
-        model_dir, windows_file = self._peer_inputs()
-        runner = Path(__file__).parents[1] / "bench" / "llmc_runner.py"
-        work = self.out / "peer" / _safe(spec.name)
-        result_file = work / f"result-{sparsity:g}.json"
-        cmd = [
-            str(self.cfg.llmc_python),
-            str(runner),
-            "--model",
-            str(model_dir),
-            "--windows",
-            str(windows_file),
-            "--modifier",
-            spec.solver,
-            "--sparsity",
-            f"{sparsity}",
-            "--out",
-            str(work),
-            "--result",
-            str(result_file),
-            "--batch-size",
-            str(self.cfg.llmc_batch_size or self.cfg.batch_size),
-            "--threads",
-            str(torch.get_num_threads()),
-        ]
-        if spec.allocator == "llmc-owl":
-            cmd += ["--owl-m", str(int(spec.param["m"])), "--owl-lmbda", str(spec.param["lam"])]
-        if time_only:
-            cmd += ["--time-only"]
-        work.mkdir(parents=True, exist_ok=True)
-        self.log(f"llm-compressor: {spec.name} at {sparsity}{' (timing)' if time_only else ''}")
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        (work / f"log-{sparsity:g}.txt").write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + proc.stderr[-200000:])
-        if not result_file.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            return {"runs": [{"error": f"runner exited {proc.returncode}: {tail[0][:300]}"}], "wall_s": wall}
-        result = json.loads(result_file.read_text())
-        result["wall_s"] = round(wall, 3)
-        return result
-
-    def _run_peer(self, spec: MethodSpec, sparsity: float) -> dict[str, Any]:
-        record = self._record(spec, sparsity)
-        result = self._call_peer(spec, sparsity)
-        entry = result["runs"][0]
-        record.update(
-            peer={k: v for k, v in result.items() if k != "runs"},
-            peer_settings=entry.get("settings"),
-            peer_peak_rss_mib=entry.get("peak_rss_mib"),
-        )
-        if "error" in entry:
-            record["error"] = entry["error"]
-            record["peak_rss_mib"] = entry.get("peak_rss_mib")
-            return self._save(spec.name, sparsity, record)
-        from safetensors.torch import load_file
-
-        self.restore()
-        state = load_file(entry["weights"])
-        self._dirty = True
-        missing, unexpected = self.loaded.model.load_state_dict(state, strict=False)
-        if unexpected:
-            raise EcoflapError(f"llm-compressor returned weights this model does not have: {unexpected[:3]}")
-        Path(entry["weights"]).unlink(missing_ok=True)
-        windows = self.eval_windows()
-        start = time.perf_counter()
-        ppl = perplexity(self.loaded.model, windows, self.cfg.eval_batch_size)
-        eval_s = time.perf_counter() - start
-        rows = sparsity_report(self.adapter)
-        zeros, total = sum(r.zeros for r in rows), sum(r.numel for r in rows)
-        block_of = {t: b.name for b in self.adapter.blocks() for t in b.tensor_names()}
-        blocks: dict[str, tuple[int, int]] = {}
-        for r in rows:
-            z, n = blocks.get(block_of[r.name], (0, 0))
-            blocks[block_of[r.name]] = (z + r.zeros, n + r.numel)
-        record.update(
-            ppl=ppl,
-            achieved_sparsity=zeros / total,
-            block_sparsity=[round(z / n, 5) for z, n in blocks.values()],
-            times={
-                "score_s": 0.0,
-                "score_reused": True,
-                "allocate_s": 0.0,
-                "prune_s": list(entry["oneshot_s"]),
-                "prune_cpu_s": list(entry.get("oneshot_cpu_s", [])),
-                "eval_s": round(eval_s, 3),
-            },
-            # the runner's own process: what llm-compressor used
-            peak_rss_mib=entry.get("peak_rss_mib"),
-        )
-        return self._save(spec.name, sparsity, record)
-
     # -- the run cache --
     def _path(self, method: str, sparsity: float) -> Path:
-        return self.out / "runs" / f"{_safe(method)}-{sparsity:g}-{run_key(self.cfg, method, sparsity)}.json"
+        return self.out / "runs" / f"{safe_name(method)}-{sparsity:g}-{run_key(self.cfg, method, sparsity)}.json"
 
     def _cached(self, method: str, sparsity: float) -> dict[str, Any] | None:
         path = self._path(method, sparsity)
@@ -738,7 +614,7 @@ class SweepRunner:
         path = self._path(method, sparsity)
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def _save(self, method: str, sparsity: float, record: dict[str, Any]) -> dict[str, Any]:
+    def save(self, method: str, sparsity: float, record: dict[str, Any]) -> dict[str, Any]:
         record["key"] = run_key(self.cfg, method, sparsity)
         artifacts.write_atomic(self._path(method, sparsity), json.dumps(record, indent=1).encode())
         return record
@@ -807,70 +683,33 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def run_sweep(cfg: SweepConfig, log: Log | None = None) -> dict[str, Any]:
-    """Run every (method, sparsity), write OUT/sweep.json, OUT/sweep.md (and OUT/sweep.png)."""
+def run_sweep(cfg: SweepConfig, log: Log | None = None, peer: Any = None) -> dict[str, Any]:
+    """Run every (method, sparsity) in this process and write OUT/sweep.json; returns the summary.
+    (The benchmarks add process isolation, other tools' methods and the markdown tables and plot:
+    ``bench.sweep_report``.)"""
     cfg.check()
     log = log or (lambda message: None)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     specs = cfg.specs()
+    if peer is None and any(s.peer for s in specs):
+        raise PlanError(
+            "llmc:* methods compare ecoflap with llm-compressor: run them from the benchmarks "
+            "(python -m ecoflap_cli.bench.quality; docs/benchmarks.md)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     load_before = machine_info().get("load_average")
-    if cfg.isolate:
-        _run_isolated(cfg, specs, log)
-        runner = SweepRunner(cfg, log)
-    else:
-        runner = SweepRunner(cfg, log)
-        for repeat in range(cfg.repeats):
-            runner.run_pass(specs, repeat)
+    runner = SweepRunner(cfg, log, peer)
+    for repeat in range(cfg.repeats):
+        runner.run_pass(specs, repeat)
     summary = collect(cfg, runner, specs)
     summary["machine"] = machine_info()
     summary["machine"]["load_average_at_start"] = load_before
     summary["wall_s"] = round(time.time() - started, 1)
     summary["counters"] = dict(runner.counters)
-    write_outputs(summary, out, cfg.plot, log)
+    artifacts.write_atomic(out / "sweep.json", (json.dumps(summary, indent=2) + "\n").encode())
+    log(f"results -> {out / 'sweep.json'}")
     return summary
-
-
-def report(cfg: SweepConfig, log: Log | None = None) -> dict[str, Any]:
-    """Write the tables and plot from the runs cached so far, running nothing (partial results)."""
-    runner = SweepRunner(cfg, log)
-    summary = collect(cfg, runner, cfg.specs())
-    summary["machine"] = machine_info()
-    summary["partial"] = any("error" in r for r in summary["runs"])
-    write_outputs(summary, Path(cfg.output), cfg.plot, log)
-    return summary
-
-
-def _run_isolated(cfg: SweepConfig, specs: Sequence[MethodSpec], log: Log) -> None:
-    """Every method (all sparsities) in its own subprocess, so its peak RSS is its own."""
-    out = Path(cfg.output)
-    config_file = out / "sweep-config.json"
-    artifacts.write_atomic(config_file, json.dumps(cfg.to_dict(), indent=2).encode())
-    names = ["dense"] + [s.name for s in specs]
-    timed = None if cfg.timing_methods is None else {parse_method(m).name for m in cfg.timing_methods}
-    for repeat in range(cfg.repeats):
-        for name in names:
-            if repeat > 0 and (name == "dense" or (timed is not None and name not in timed)):
-                continue
-            log(f"worker: {name} (pass {repeat + 1}/{cfg.repeats})")
-            cmd = [sys.executable, "-m", "ecoflap_cli.stages.sweep", "--worker", str(config_file), name, str(repeat)]
-            proc = subprocess.run(
-                cmd, stderr=None if os.environ.get("ECOFLAP_SWEEP_VERBOSE") else subprocess.PIPE, text=True
-            )
-            if proc.returncode != 0:
-                tail = (proc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
-                log(f"worker {name} failed (exit {proc.returncode}): {tail[0][:300]}")
-
-
-def worker_main(config_file: str, method: str, repeat: int) -> int:
-    cfg = SweepConfig.from_dict(json.loads(Path(config_file).read_text()))
-    runner = SweepRunner(cfg, lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True))
-    if method == "dense":
-        runner.dense()
-    else:
-        runner.run_pass([parse_method(method)], repeat, include_dense=False)
-    return 0
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -893,34 +732,6 @@ def collect(cfg: SweepConfig, runner: SweepRunner, specs: Sequence[MethodSpec]) 
             if times.get("prune_cpu_s"):
                 times["prune_cpu_median_s"] = _median(times["prune_cpu_s"])
             runs.append(record)
-    by = {(r["method"], r["sparsity"]): r for r in runs}
-    ratios = []
-    for solver in PEER_SOLVERS:
-        for p in cfg.sparsities:
-            ours, peer = by.get((f"uniform:{solver}", p)), by.get((f"llmc:{solver}", p))
-            if not ours or not peer:
-                continue
-            a = ours.get("times", {}).get("prune_median_s")
-            b = peer.get("times", {}).get("prune_median_s")
-            ca = ours.get("times", {}).get("prune_cpu_median_s")
-            cb = peer.get("times", {}).get("prune_cpu_median_s")
-            ratios.append(
-                {
-                    "solver": solver,
-                    "sparsity": p,
-                    "ours_s": a,
-                    "peer_s": b,
-                    "ours_cpu_s": ca,
-                    "peer_cpu_s": cb,
-                    "cpu_ratio": round(ca / cb, 3) if ca and cb else None,
-                    "threads": [ours.get("threads"), peer.get("threads")],
-                    "ours_n": ours.get("times", {}).get("prune_n"),
-                    "peer_n": peer.get("times", {}).get("prune_n"),
-                    "ratio": round(a / b, 3) if a and b else None,
-                    "ours_ppl": ours.get("ppl"),
-                    "peer_ppl": peer.get("ppl"),
-                }
-            )
     return {
         "format": "ecoflap.sweep",
         "version": 1,
@@ -928,165 +739,4 @@ def collect(cfg: SweepConfig, runner: SweepRunner, specs: Sequence[MethodSpec]) 
         "config": cfg.to_dict(),
         "dense": dense,
         "runs": runs,
-        "ratios": ratios,
     }
-
-
-# --- outputs --------------------------------------------------------------------------------
-
-
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
-        return f"{value:,.{digits}f}"
-    return str(value)
-
-
-def render_markdown(summary: dict[str, Any]) -> str:
-    cfg = summary["config"]
-    sparsities = cfg["sparsities"]
-    runs = summary["runs"]
-    by = {(r["method"], r["sparsity"]): r for r in runs}
-    methods = list(dict.fromkeys(r["method"] for r in runs))
-    lines = [f"# {cfg.get('title') or 'ecoflap sweep'}", ""]
-    lines.append(
-        f"Model `{cfg['model']}`; calibration `{cfg['calib']}` ({cfg['samples']} x "
-        f"{cfg['seqlen'] or 'context'} tokens for pruning, {cfg['score_samples']} x "
-        f"{cfg['score_seqlen'] or cfg['seqlen'] or 'context'} for scoring); perplexity on `{cfg['text']}` "
-        f"({summary['dense'].get('windows', '') if summary.get('dense') else ''}"
-        f"{cfg['eval_windows'] or 'all'} x {cfg['eval_seqlen']} tokens)."
-    )
-    lines.append("")
-    dense = summary.get("dense") or {}
-    lines += [
-        "## Perplexity (lower is better)",
-        "",
-        "| method | " + " | ".join(f"{p:g}" for p in sparsities) + " |",
-        "|---|" + "---:|" * len(sparsities),
-    ]
-    if dense.get("ppl") is not None:
-        lines.append(f"| dense | {_fmt(dense['ppl'])} |" + " |" * (len(sparsities) - 1))
-    for m in methods:
-        cells = []
-        for p in sparsities:
-            r = by.get((m, p), {})
-            cells.append(_fmt(r.get("ppl")) if r.get("ppl") is not None else ("error" if r.get("error") else "-"))
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    for name, path in zip([Path(t).stem for t in cfg.get("extra_texts") or []], cfg.get("extra_texts") or []):
-        lines += [
-            "",
-            f"## Perplexity on `{path}` (same pruned models)",
-            "",
-            "| method | " + " | ".join(f"{p:g}" for p in sparsities) + " |",
-            "|---|" + "---:|" * len(sparsities),
-        ]
-        if (dense.get("ppl_extra") or {}).get(name) is not None:
-            lines.append(f"| dense | {_fmt(dense['ppl_extra'][name])} |" + " |" * (len(sparsities) - 1))
-        for m in methods:
-            cells = [_fmt((by.get((m, p), {}).get("ppl_extra") or {}).get(name)) for p in sparsities]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Every run",
-        "",
-        "| method | sparsity | achieved | perplexity | score s | allocate s | prune s (median, n) | eval s "
-        "| peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in runs:
-        t = r.get("times", {})
-        score = "-" if not t.get("score_s") else f"{t['score_s']:.1f}" + (" (reused)" if t.get("score_reused") else "")
-        prune = "-" if t.get("prune_median_s") is None else f"{t['prune_median_s']:.1f} ({t['prune_n']})"
-        ppl = _fmt(r.get("ppl")) if r.get("ppl") is not None else f"error: {str(r.get('error', ''))[:80]}"
-        lines.append(
-            f"| {r['method']} | {r['sparsity']:g} | {_fmt(r.get('achieved_sparsity'), 4)} | {ppl} | {score} | "
-            f"{_fmt(t.get('allocate_s'), 3)} | {prune} | {_fmt(t.get('eval_s'), 1)} | "
-            f"{_fmt(r.get('peak_rss_mib'), 0)} |"
-        )
-    if summary.get("ratios"):
-        lines += [
-            "",
-            "## Prune time, ecoflap / llm-compressor (same calibration windows)",
-            "",
-            "| solver | sparsity | ecoflap wall s (n) | llm-compressor wall s (n) | wall ratio | "
-            "ecoflap CPU s | llm-compressor CPU s | CPU ratio | ecoflap ppl | llm-compressor ppl |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for q in summary["ratios"]:
-            lines.append(
-                f"| {q['solver']} | {q['sparsity']:g} | {_fmt(q['ours_s'], 1)} ({q['ours_n']}) | "
-                f"{_fmt(q['peer_s'], 1)} ({q['peer_n']}) | {_fmt(q['ratio'], 2)} | "
-                f"{_fmt(q.get('ours_cpu_s'), 1)} | {_fmt(q.get('peer_cpu_s'), 1)} | "
-                f"{_fmt(q.get('cpu_ratio'), 2)} | {_fmt(q['ours_ppl'])} | {_fmt(q['peer_ppl'])} |"
-            )
-    machine = summary.get("machine", {})
-    lines += [
-        "",
-        f"Machine: {machine.get('cpu', '?')}, {machine.get('cpus', '?')} CPUs, "
-        f"{machine.get('memory_gib', '?')} GiB, torch {machine.get('torch', '?')} with "
-        f"{machine.get('torch_threads', '?')} threads. Times are medians over n runs. Peak RSS is the "
-        + (
-            "method's own process (isolated)."
-            if cfg.get("isolate")
-            else "process high-water mark so far (one process: it only grows; use --isolate for per-method peaks)."
-        ),
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_plot(summary: dict[str, Any], path: Path) -> bool:
-    """Perplexity (log scale) against sparsity, one line per method; False if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    runs = [r for r in summary["runs"] if r.get("ppl") is not None]
-    methods = list(dict.fromkeys(r["method"] for r in runs))
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for m in methods:
-        pts = sorted((r["sparsity"], r["ppl"]) for r in runs if r["method"] == m)
-        style = "--" if m.startswith("llmc") else "-"
-        ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", label=m)
-    dense = (summary.get("dense") or {}).get("ppl")
-    if dense:
-        ax.axhline(dense, color="grey", linestyle=":", label=f"dense ({dense:.1f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(summary["config"].get("title") or "ecoflap sweep")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def write_outputs(summary: dict[str, Any], out: Path, plot: bool = True, log: Log | None = None) -> None:
-    log = log or (lambda message: None)
-    artifacts.write_atomic(out / "sweep.json", (json.dumps(summary, indent=2) + "\n").encode())
-    artifacts.write_atomic(out / "sweep.md", render_markdown(summary).encode())
-    log(f"tables -> {out / 'sweep.md'}, {out / 'sweep.json'}")
-    if plot:
-        if write_plot(summary, out / "sweep.png"):
-            log(f"plot -> {out / 'sweep.png'}")
-        else:
-            log("plot skipped: matplotlib is not installed (pip install 'ecoflap[plot]')")
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
-        sys.exit(worker_main(sys.argv[2], sys.argv[3], int(sys.argv[4])))
-    print(
-        "usage: python -m ecoflap_cli.stages.sweep --worker CONFIG METHOD PASS (internal; use `ecoflap sweep`)",
-        file=sys.stderr,
-    )
-    sys.exit(2)
