@@ -281,3 +281,23 @@ def test_recipe_round_trip_on_the_quick_start_model(tmp_path):
     assert again.exit_code == 0, again.output
     reference = _weight_bytes(tmp_path / "a")
     assert reference and _weight_bytes(tmp_path / "b") == reference
+
+
+def test_the_report_counts_zeros_from_the_weights_not_from_the_loop(monkeypatch, tiny_llama, calib_text, tmp_path):
+    """After a resume the loop's results come from the journal; whatever they say, the report's
+    counts are taken from the weights that are written."""
+    from ecoflap_cli.engine import pruning
+    from ecoflap_cli.stages import driver
+
+    real = pruning.prune_model
+
+    def lying(*args, **kwargs):
+        results = real(*args, **kwargs)
+        return [dataclasses.replace(r, zeros=0) for r in results]  # as a stale journal would say
+
+    monkeypatch.setattr(driver, "prune_model", lying)
+    result = api.prune(tiny_llama, sparsity=0.5, calib=calib_text, samples=4, seqlen=32, score_samples=4)
+    assert result.report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    weights = dict(result.model.named_parameters())
+    for tensor in result.report["tensors"]:
+        assert tensor["zeros"] == int((weights[tensor["name"]] == 0).sum())
