@@ -219,10 +219,10 @@ def tables(models: list[str]) -> str:
                     mark = " (default)" if method == default else ""
                     lines.append(f"| {name}{mark} | " + " | ".join(cells) + " |")
                 for name in [m for m in PEER_METHODS if m.startswith("llmc")] if stage == "test" else []:
-                    cells = [_ppl(runner, name, p, extra) for p in sparsities]
-                    if any(v is not None for v in cells):  # llm-compressor, where the peer stage ran
+                    values = [_ppl(runner, name, p, extra) for p in sparsities]
+                    if any(v is not None for v in values):  # llm-compressor, where the peer stage ran
                         lines.append(
-                            f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |"
+                            f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |"
                         )
     if default is not None:
         lines += verdicts(models, default)
@@ -261,6 +261,7 @@ def tables(models: list[str]) -> str:
         pick = choose(scores, others, dear)
         if pick is not None and pick in scores.get(held, {}):
             best = choose(scores, [held], dear)
+            assert best is not None  # pick itself qualifies on the held-out model
             lines.append(
                 f"Leave-one-model-out: chosen on {', '.join(MODELS[m][0] for m in others)} alone: {pick}; "
                 f"on {MODELS[held][0]} it scores {scores[held][pick]:+.3f} (the best there, {best}: "

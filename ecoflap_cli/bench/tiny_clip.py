@@ -278,9 +278,9 @@ def write_data(splits: dict[str, dict[str, list[dict[str, Any]]]], data: Path, l
     calib = []
     for name, items in splits["train"].items():
         for item in items:
-            rel = str(Path(item["image"]).relative_to(data))
+            image = str(Path(item["image"]).relative_to(data))
             text = item["caption"] if name == CAPTIONED else TEMPLATE.format(class_phrase(name))
-            calib.append({"image": rel, "caption": text})
+            calib.append({"image": image, "caption": text})
     rng.shuffle(calib)
     with open(data / "calib.jsonl", "w", encoding="utf-8") as out:
         for rec in calib:
@@ -416,7 +416,7 @@ def train(
     for epoch in range(recipe.epochs):
         model.train()
         start, losses = time.perf_counter(), []
-        order = torch.randperm(len(examples), generator=generator).tolist()
+        order: list[int] = torch.randperm(len(examples), generator=generator).tolist()
         for step in range(steps_per_epoch):
             idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
             texts = [training_texts(*examples[i], rng) for i in idx]

@@ -192,7 +192,7 @@ def target_answer(record: Record) -> str:
     """The answer to train on: "answer", else the most frequent of "answers" (first on ties)."""
     if isinstance(record.get("answer"), str):
         return record["answer"]
-    answers = record["answers"]
+    answers: list[str] = record["answers"]
     counts = Counter(answers)
     return max(answers, key=lambda a: (counts[a], -answers.index(a)))
 
