@@ -16,6 +16,7 @@ from tiny import make_text
 
 SCRIPTS = (
     "alloc_study",
+    "clip_study",
     "cuda_check",
     "estimator_study",
     "hybrid_blip2",
@@ -27,6 +28,7 @@ SCRIPTS = (
     "quality",
     "reconstruction",
     "scoring_cost",
+    "tiny_clip",
 )
 
 
