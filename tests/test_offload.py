@@ -98,7 +98,7 @@ def test_cli_prune_with_disk_offload_matches_whole(tiny_llama, tmp_path, calib_t
         (LoadOptions(device_map='{"": "tpu"}'), "unknown device"),
         (LoadOptions(device_map="everywhere"), "--device-map takes"),
         (LoadOptions(device_map="auto", max_memory={"cpu": "10KiB"}), "less than one block"),
-        (LoadOptions(device_map="auto", max_memory={"cpu": "lots"}), "is not a size"),
+        (LoadOptions(device_map="auto", max_memory={"cpu": "lots"}), "cannot read size"),
         (LoadOptions(offload="disk"), "--offload-folder"),
         (LoadOptions(offload="tape", offload_folder="x"), "cpu or disk"),
         (LoadOptions(offload="disk", offload_folder="x", device_map="auto"), "not both"),

@@ -79,7 +79,8 @@ class LlmcPeer:
                 runner.restore()
                 runner.log(f"exporting the dense model for llm-compressor -> {model_dir}")
                 tmp_dir = model_dir.with_name(f"{model_dir.name}.{os.getpid()}.part")
-                runner.loaded.model.save_pretrained(tmp_dir)
+                model: Any = runner.loaded.model
+                model.save_pretrained(tmp_dir)
                 if runner.loaded.tokenizer is not None:
                     runner.loaded.tokenizer.save_pretrained(tmp_dir)
                 try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
@@ -47,12 +47,22 @@ class OneLineErrors(TyperGroup):
     """The command group, with click's usage errors (a bad number, an unknown option) as one
     ``error:`` line instead of the boxed usage text, and Ctrl-C outside a command as one line too."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        passed = (args, prog_name, complete_var, False, windows_expand_args)
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(*passed, **extra)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
-        except _USAGE_ERRORS as exc:
+            code = super().main(*passed, **extra)
+        except _USAGE_ERRORS as caught:
+            exc: Any = caught  # click's and typer's usage errors share these methods, not a base class
             if type(exc).__name__ == "NoArgsIsHelpError":  # plain `ecoflap`: the help, as before
                 exc.show()
                 sys.exit(exc.exit_code)
@@ -372,4 +382,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

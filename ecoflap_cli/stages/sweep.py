@@ -236,7 +236,10 @@ class SweepConfig(SweepRequest):
     def specs(self) -> list[MethodSpec]:
         return [parse_method(m) for m in self.methods]
 
-    def check(self) -> None:
+    def validate(self) -> None:
+        """The sweep's own rules (``check()``, inherited from the request, checks every field's type
+        and range first): methods and sparsities given, once each, the texts exist."""
+        super().validate()
         if not self.methods:
             raise PlanError("give at least one --method")
         specs = self.specs()
@@ -643,10 +646,10 @@ class SweepRunner:
                     continue
                 if self.cfg.timing_sparsities is not None and sparsity not in self.cfg.timing_sparsities:
                     continue
-                record = self.load_record(spec.name, sparsity)
-                if record is None or "error" in record or len(record["times"]["prune_s"]) > repeat:
+                cached = self.load_record(spec.name, sparsity)
+                if cached is None or "error" in cached or len(cached["times"]["prune_s"]) > repeat:
                     continue
-                self.retime(spec, sparsity, record)
+                self.retime(spec, sparsity, cached)
 
 
 # --- orchestration --------------------------------------------------------------------------
