@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ecoflap_cli.bench import tiny_clip
-from ecoflap_cli.bench.tiny_clip import Log, _log, ecoflap
+from ecoflap_cli.bench.tiny_clip import Log, ecoflap, stderr_log
 from ecoflap_cli.data.assets import cache_dir
 
 SPARSITIES = (0.5, 0.6, 0.7, 0.8)
@@ -81,7 +81,9 @@ def slug(text: str) -> str:
 
 
 class Study:
-    def __init__(self, root: Path, out: Path, log: Log = _log, cached_only: bool = False, cli: bool = False) -> None:
+    def __init__(
+        self, root: Path, out: Path, log: Log = stderr_log, cached_only: bool = False, cli: bool = False
+    ) -> None:
         self.root, self.out, self.log, self.cached_only, self.cli = root, out, log, cached_only, cli
         self.model = root / "model"
         self.data = root / "data"

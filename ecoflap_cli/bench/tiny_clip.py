@@ -70,7 +70,7 @@ AUTHOR_WORDS = frozenset({"ganson", "architetto", "archit", "architett", "andrem
 Log = Callable[[str], None]
 
 
-def _log(message: str) -> None:
+def stderr_log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
@@ -109,7 +109,7 @@ class Recipe:
 # --------------------------------------------------------------------------------------------
 
 
-def fetch_debs(root: Path, log: Log = _log) -> Path:
+def fetch_debs(root: Path, log: Log = stderr_log) -> Path:
     """``apt-get download`` both packages into ``root`` and ``dpkg-deb -x`` them; returns the tree."""
     tree = root / "tree"
     if (tree / ".done").is_file():
@@ -248,7 +248,7 @@ def class_phrase(name: str) -> str:
     return name.replace("_", " ")
 
 
-def write_data(splits: dict[str, dict[str, list[dict[str, Any]]]], data: Path, log: Log = _log) -> dict[str, Any]:
+def write_data(splits: dict[str, dict[str, list[dict[str, Any]]]], data: Path, log: Log = stderr_log) -> dict[str, Any]:
     """Render every item into ``data`` and write the JSONL files; returns the split sizes.
 
     Items Pillow refuses are dropped here (after the split, so the split itself does not depend
@@ -387,7 +387,7 @@ def train(
     processor: Any,
     examples: Sequence[tuple[str, dict[str, Any]]],
     recipe: Recipe,
-    log: Log = _log,
+    log: Log = stderr_log,
     monitor: Callable[[Any, int], dict[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
     """Train in place with AdamW (cosine schedule after a linear warmup); returns the epoch log."""
@@ -474,7 +474,7 @@ def build(
     classed: dict[str, list[dict[str, Any]]] | None = None,
     captioned: list[dict[str, Any]] | None = None,
     evaluate: bool = True,
-    log: Log = _log,
+    log: Log = stderr_log,
 ) -> Path:
     """Build (or find cached) the model and data under ``out``; returns ``out``.
 
@@ -565,7 +565,7 @@ def eval_split(model: str | Path, data: Path, split: str) -> dict[str, Any]:
     return {"tasks": results["tasks"], "summary": results.get("summary"), "blocks": results.get("blocks")}
 
 
-def dense_numbers(out: Path, log: Log = _log) -> dict[str, Any]:
+def dense_numbers(out: Path, log: Log = stderr_log) -> dict[str, Any]:
     """Zero-shot top-1 and retrieval on valid and test, through ``ecoflap eval``."""
     numbers = {}
     for split in ("valid", "test"):

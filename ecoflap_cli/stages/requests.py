@@ -617,9 +617,7 @@ class SweepRequest(Calibration, Request):
     methods: list[str] = option([], _method_help(), flags=("--method",))
     sparsities: list[float] = option([], "Target sparsity (repeat).", flags=("--sparsity", "-s"), low=0.0, high=1.0,
                                      high_open=True)  # fmt: skip
-    output: str = option(
-        "sweep", "Directory for sweep.json and the run cache.", flags=("--output", "-o")
-    )
+    output: str = option("sweep", "Directory for sweep.json and the run cache.", flags=("--output", "-o"))
     score_samples: int = option(_default(PruneRequest, "score_samples"), "Scoring calibration samples.", low=1)
     score_seqlen: int | None = option(None, "Tokens per scoring sample (default: --seqlen).", low=2)
     eval_seqlen: int = option(_default(EvalRequest, "seqlen"), "Tokens per perplexity window.", low=2)
