@@ -301,3 +301,17 @@ def test_the_report_counts_zeros_from_the_weights_not_from_the_loop(monkeypatch,
     weights = dict(result.model.named_parameters())
     for tensor in result.report["tensors"]:
         assert tensor["zeros"] == int((weights[tensor["name"]] == 0).sum())
+
+
+def test_assets_fetch_only_what_is_named(monkeypatch, capsys):
+    """The quick start fetches SmolLM2 and the Wikipedia text, not Qwen's 491 MB."""
+    from ecoflap_cli.data import assets
+
+    fetched: list[str] = []
+    for name in list(assets.FETCHERS):
+        monkeypatch.setitem(assets.FETCHERS, name, lambda name=name: fetched.append(name) or {name: f"/x/{name}"})
+    assets.main(["smollm2", "wiki"])
+    assert fetched == ["smollm2", "wiki"] and "/x/wiki" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        assets.main(["nope"])
+    assert stop.value.code == 2

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from ecoflap_cli.errors import DataError
 
@@ -165,12 +166,26 @@ def shakespeare() -> Path:
     return dest
 
 
-def main() -> None:
-    print(f"smollm2: {smollm2()}")
-    print(f"qwen2.5-coder: {qwen25_coder()}")
-    for name, path in wikipedia_splits().items():
-        print(f"wiki_{name}: {path}")
-    print(f"shakespeare: {shakespeare()}")
+#: what ``python -m ecoflap_cli.data.assets NAME ...`` can fetch, and how
+FETCHERS: dict[str, Any] = {
+    "smollm2": lambda: {"smollm2": smollm2()},
+    "qwen": lambda: {"qwen2.5-coder": qwen25_coder()},
+    "wiki": lambda: {f"wiki_{name}": path for name, path in wikipedia_splits().items()},
+    "shakespeare": lambda: {"shakespeare": shakespeare()},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Fetch the named assets (default: all) and print their paths. The README's quick start
+    fetches only what it uses: ``python -m ecoflap_cli.data.assets smollm2 wiki``."""
+    names = list(sys.argv[1:] if argv is None else argv) or list(FETCHERS)
+    unknown = [n for n in names if n not in FETCHERS]
+    if unknown:
+        print(f"error: unknown asset {unknown[0]!r} (choose from {', '.join(FETCHERS)})", file=sys.stderr)
+        raise SystemExit(2)
+    for name in names:
+        for label, path in FETCHERS[name]().items():
+            print(f"{label}: {path}")
 
 
 if __name__ == "__main__":
