@@ -16,6 +16,7 @@ from tiny import make_text
 
 SCRIPTS = (
     "alloc_study",
+    "calib_sources",
     "clip_study",
     "cuda_check",
     "estimator_study",
@@ -28,6 +29,7 @@ SCRIPTS = (
     "quality",
     "reconstruction",
     "scoring_cost",
+    "sparsegpt_sensitivity",
     "tiny_clip",
 )
 
