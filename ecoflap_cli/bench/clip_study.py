@@ -5,7 +5,8 @@
 
 Rows: uniform Wanda, uniform SparseGPT, ECoFLaP + Wanda with one joint budget across the two
 towers and with per-tower budgets (``allocate --per-tower``), each from first-order and from
-zeroth-order scores, OWL + Wanda and the depth schedule + Wanda. Measures, on the test split:
+zeroth-order scores, ECoFLaP (first-order, joint and per tower) + SparseGPT, OWL + Wanda and the
+depth schedule + Wanda. Measures, on the test split:
 zero-shot top-1 (class-balanced images, ``ecoflap eval --images``), image->text and text->image
 retrieval R@1/R@5 on the captioned images (``--retrieval``), the sparsity each tower received,
 and the prune stage's time (the checkpoint report's ``timings.prune_s``).
@@ -71,6 +72,15 @@ def rows() -> list[Row]:
         Row("ECoFLaP 1st-order, per tower", "ecoflap", "first", per_tower=True, grid=headroom),
         Row("ECoFLaP 0th-order, joint", "ecoflap", "zeroth", grid=headroom),
         Row("ECoFLaP 0th-order, per tower", "ecoflap", "zeroth", per_tower=True, grid=headroom),
+        Row("ECoFLaP 1st-order, joint + SparseGPT", "ecoflap", "first", solver="sparsegpt", grid=headroom),
+        Row(
+            "ECoFLaP 1st-order, per tower + SparseGPT",
+            "ecoflap",
+            "first",
+            solver="sparsegpt",
+            per_tower=True,
+            grid=headroom,
+        ),  # fmt: skip
         Row("OWL", "owl", "owl", grid=(("lam", (0.08, 0.04, 0.16)),)),
         Row("depth", "depth", grid=(("step", (0.01, 0.02, 0.04)),)),
     ]
@@ -279,6 +289,8 @@ PAIRS = (
     ("ECoFLaP 1st-order, joint", "uniform Wanda"),
     ("ECoFLaP 0th-order, joint", "uniform Wanda"),
     ("ECoFLaP 1st-order, per tower", "uniform Wanda"),
+    ("ECoFLaP 1st-order, joint + SparseGPT", "ECoFLaP 1st-order, per tower + SparseGPT"),
+    ("ECoFLaP 1st-order, joint + SparseGPT", "uniform SparseGPT"),
     ("OWL", "uniform Wanda"),
     ("depth", "uniform Wanda"),
 )
