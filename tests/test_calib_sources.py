@@ -32,6 +32,13 @@ def test_self_generation_is_deterministic_and_seeded(tiny):
     assert int(first.max()) < len(tok)
 
 
+def test_window_i_does_not_depend_on_how_many_are_asked_for(tiny):
+    model, tok = tiny
+    few = generate_windows(model, tok, 3, 12, seed=4, recipe=SelfRecipe(batch_size=4))
+    many = generate_windows(model, tok, 8, 12, seed=4, recipe=SelfRecipe(batch_size=4))
+    assert torch.equal(few, many[:3])
+
+
 def test_generation_with_the_kv_cache_matches_full_recompute(tiny):
     """With a nucleus so small only the best token survives, sampling is greedy decoding: the
     cached generation must equal argmax decoding that re-runs the whole prefix at every step."""
@@ -59,7 +66,7 @@ def test_prompt_and_schedule():
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     gen = torch.Generator().manual_seed(0)
-    drawn = {int(sample_next(logits, 1.0, 0.8, gen)) for _ in range(300)}
+    drawn = {int(sample_next(logits, 1.0, 0.8, [gen])) for _ in range(300)}
     assert drawn == {0, 1}  # 0.5 + 0.3 reaches 0.8: the tail is never drawn
 
 

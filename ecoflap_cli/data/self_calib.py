@@ -13,15 +13,18 @@ is recorded in full in every artifact's calibration provenance:
   last: more varied openings, more fluent continuations. Every window is generated to exactly the
   requested length; an end-of-text token does not stop it (the model starts a new document, as in
   the concatenated text of a real corpus);
-- **determinism**: one ``torch.Generator`` seeded with the calibration seed draws every token, on
-  the CPU, from fp32 probabilities; windows are generated ``batch_size`` at a time with a KV cache,
-  in order, so the same model, seed, sizes and recipe give the same tokens.
+- **determinism**: window ``i`` has its own CPU ``torch.Generator`` seeded from (seed, i), which
+  draws its tokens from fp32 probabilities; windows are generated ``batch_size`` at a time with a
+  KV cache. The same model, seed, length and recipe give the same tokens, and window ``i`` does
+  not depend on how many windows are asked for (a scoring pass's 32 windows begin with a prune's
+  first windows).
 
 Everything here is pure tensor code over a causal LM's ``forward``; nothing knows a model family.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -79,15 +82,25 @@ def temperature_at(step: int, steps: int, recipe: SelfRecipe) -> float:
     return recipe.temperature_start + frac * (recipe.temperature_end - recipe.temperature_start)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of ``logits`` (batch, vocab): temperature, then nucleus truncation."""
+def window_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of window ``index``, seeded with 32 bits of sha256("seed:index") (the CPU
+    generator keeps only 32 bits of its seed, so ``(seed << 32) + index`` would ignore the seed)."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:4], "little"))
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generators: list[torch.Generator]
+) -> torch.Tensor:
+    """One token per row of ``logits`` (batch, vocab), row ``r`` drawn with ``generators[r]``:
+    temperature, then nucleus truncation."""
     probs = torch.softmax(logits.to(device="cpu", dtype=SAMPLING_PRECISION) / temperature, dim=-1)
     if top_p < 1:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the better tokens
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the first always stays
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
 
 
 def _cache_keyword(model: Any) -> str:
@@ -130,7 +143,6 @@ def generate_windows(
     if samples < 1 or seqlen <= len(prefix):
         raise DataError(f"self-calibration needs at least 1 sample longer than its prompt (got {samples} x {seqlen})")
     vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     device = _device(model)
     keyword = _cache_keyword(model)
     steps = seqlen - len(prefix)
@@ -142,13 +154,14 @@ def generate_windows(
             for first in range(0, samples, recipe.batch_size):
                 rows = min(recipe.batch_size, samples - first)
                 ids = torch.tensor([prefix] * rows, dtype=torch.long)
+                generators = [window_generator(seed, first + r) for r in range(rows)]
                 out = model(input_ids=ids.to(device), use_cache=True)
                 produced = [ids]
                 for step in range(steps):
                     logits = out.logits[:, -1, :]
                     if vocab is not None and logits.shape[-1] > vocab:  # padded embedding rows
                         logits = logits[:, :vocab]
-                    token = sample_next(logits, temperature_at(step, steps, recipe), recipe.top_p, generator)
+                    token = sample_next(logits, temperature_at(step, steps, recipe), recipe.top_p, generators)
                     produced.append(token.unsqueeze(1))
                     if step + 1 < steps:
                         cache = {keyword: _returned_cache(out)}
