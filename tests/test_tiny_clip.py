@@ -163,3 +163,19 @@ def test_two_epoch_miniature_of_the_bench_reproduces_its_dense_pipeline(tmp_path
                                  [r["label"] for r in records], folders)  # fmt: skip
     assert names == [tc.class_phrase(f) for f in folders]
     assert ours * 100 == pytest.approx(top1, abs=0.3)
+
+
+def test_build_is_seeded(tmp_path):
+    """Same recipe, same images: the same weights (one torch thread, as the bench trains)."""
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    classed, captioned = _fixture_items(tmp_path)
+    quiet = dict(classed=classed, captioned=captioned, evaluate=False, log=lambda m: None)
+    a = tc.build(tmp_path / "a", _recipe(), **quiet)
+    b = tc.build(tmp_path / "b", _recipe(), **quiet)
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = tc.build(tmp_path / "c", _recipe(seed=1), **quiet)
+    wc = load_file(c / "model" / "model.safetensors")
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
