@@ -150,7 +150,7 @@ def generate_windows(
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: buffers a forward touches stay usable by backprop
             for first in range(0, samples, recipe.batch_size):
                 rows = min(recipe.batch_size, samples - first)
                 ids = torch.tensor([prefix] * rows, dtype=torch.long)
