@@ -315,3 +315,14 @@ def test_assets_fetch_only_what_is_named(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         assets.main(["nope"])
     assert stop.value.code == 2
+
+
+def test_two_tower_models_default_to_one_joint_budget_and_the_plan_says_why():
+    """The CLIP experiment (docs/clip.md) decided the two-tower default: the plan records it."""
+    from ecoflap_cli.stages.driver import auto_allocator
+
+    groups = [{"tower": "vision", "name": "v0"}, {"tower": "text", "name": "t0"}]
+    name, reason = auto_allocator({"method": {"name": "first"}, "groups": groups})
+    assert name == "ecoflap" and "joint budget" in reason and "docs/clip.md" in reason
+    name, reason = auto_allocator({"method": {"name": "first"}, "groups": groups[:1]})
+    assert name == "ecoflap" and "joint budget" not in reason

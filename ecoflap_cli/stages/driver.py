@@ -138,7 +138,13 @@ def auto_allocator(scores_doc: dict[str, Any]) -> tuple[str, str]:
         "the paper's rule (cap target + 0.1) on the scores: with exact gradient norms it tied mix "
         "for the best mean over SmolLM2 and Qwen2.5-Coder validation splits at 0.6 and 0.7, with no "
         "setting tuned on either model (docs/allocation.md)"
-        + (f"; it balances the {len(towers)} towers by score" if len(towers) > 1 else "")
+        + (
+            f"; one joint budget balances the {len(towers)} towers by score: on a CLIP trained from "
+            "clip art it beat per-tower budgets and uniform Wanda on zero-shot top-1 at 0.5-0.8 "
+            "(docs/clip.md)"
+            if len(towers) > 1
+            else ""
+        )
     )
 
 
