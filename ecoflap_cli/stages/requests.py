@@ -280,7 +280,11 @@ class Calibration:
 
     # the file's content counts in the fingerprint (through the batches), not its path
     calib: str | None = option(
-        None, "Calibration data: .txt/.jsonl text, image-text .jsonl, or hub:NAME.", identity=False
+        None,
+        "Calibration data: .txt/.jsonl text, image-text .jsonl, hub:NAME, self (the model writes its own "
+        "text), or a mix SOURCE:WEIGHT,... (e.g. wiki.txt:0.5,self:0.5). Default: C4 for language models, "
+        "CC3M pairs for vision-language models (from the hub).",
+        identity=False,
     )
     samples: int = option(128, "Calibration samples for the layer-wise solver.", low=1)
     seqlen: int | None = option(None, "Tokens per calibration sample (default: context length, at most 2048).", low=2)
