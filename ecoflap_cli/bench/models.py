@@ -24,8 +24,9 @@ MODELS: dict[str, tuple[str, Callable[[], Path]]] = {
     "smollm2": ("SmolLM2-135M", lambda: assets.smollm2()),
     "qwen": ("Qwen2.5-Coder-0.5B", lambda: assets.qwen25_coder()),
 }
-#: evaluation texts: Wikipedia splits and the other-domain text
-TEXTS = ("test", "valid", "shakespeare")
+#: evaluation texts: Wikipedia splits, the other-domain texts (Shakespeare; Python code, the
+#: standard library's test split) and the code's validation split
+TEXTS = ("test", "valid", "shakespeare", "code", "code_valid")
 #: per model: pruning calibration samples (x 512 tokens), evaluation windows (x 512 tokens) per
 #: text on the validation and on the test texts, and the test sparsities (Qwen's sizes are smaller:
 #: it costs about four times as much per token on the same CPU); every two-model benchmark uses them
@@ -45,6 +46,8 @@ def text_path(text: str) -> str:
         return str(assets.shakespeare())
     if text in ("test", "valid"):
         return str(assets.wikipedia_splits()[text])
+    if text in ("code", "code_valid"):
+        return str(assets.python_code()["valid" if text == "code_valid" else "test"])
     raise ValueError(f"text is one of {', '.join(TEXTS)}, got {text!r}")
 
 

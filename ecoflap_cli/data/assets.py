@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import zipfile
 from pathlib import Path
@@ -163,12 +164,55 @@ def shakespeare() -> Path:
     return dest
 
 
+#: standard-library folders left out of the code text: test suites, the pydoc topics (prose in a
+#: string literal), the codecs (generated tables), the IDE, and installed third-party packages
+CODE_EXCLUDED = ("test", "tests", "idlelib", "pydoc_data", "encodings", "site-packages", "dist-packages", "__pycache__", "lib2to3")
+
+
+def python_code() -> dict[str, Path]:
+    """Python source code as a third text domain: disjoint validation and test splits of the
+    standard library's own ``.py`` files (PSF licence; on every machine, nothing to download).
+
+    A file goes to ``test`` when the first byte of the sha256 of its path relative to the stdlib
+    folder is 0 mod 10, to ``valid`` when it is 5 mod 10 (the rest is not used); within a split
+    the files are ordered by that hash, so the first evaluation windows mix packages. One JSON
+    record per file (``{"path", "text"}``), so files are separate documents. The stdlib differs a
+    little between Python releases: the file names carry the version it was read from.
+    """
+    version = ".".join(map(str, sys.version_info[:3]))
+    root = cache_dir()
+    paths = {name: root / f"code_{name}-py{version}.jsonl" for name in ("valid", "test")}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    splits: dict[str, list[tuple[str, str, str]]] = {"valid": [], "test": []}
+    for file in stdlib.rglob("*.py"):
+        rel = file.relative_to(stdlib).as_posix()
+        if any(part in CODE_EXCLUDED for part in rel.split("/")[:-1]) or file.is_symlink():
+            continue
+        digest = hashlib.sha256(rel.encode("utf-8")).hexdigest()
+        bucket = {0: "test", 5: "valid"}.get(int(digest[:2], 16) % 10)
+        if bucket is None:
+            continue
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            splits[bucket].append((digest, rel, text))
+    for name, files in splits.items():
+        lines = [json.dumps({"path": rel, "text": text}) for _, rel, text in sorted(files)]
+        write_atomic(paths[name], ("\n".join(lines) + "\n").encode("utf-8"))
+    return paths
+
+
 #: what ``python -m ecoflap_cli.data.assets NAME ...`` can fetch, and how
 FETCHERS: dict[str, Any] = {
     "smollm2": lambda: {"smollm2": smollm2()},
     "qwen": lambda: {"qwen2.5-coder": qwen25_coder()},
     "wiki": lambda: {f"wiki_{name}": path for name, path in wikipedia_splits().items()},
     "shakespeare": lambda: {"shakespeare": shakespeare()},
+    "code": lambda: {f"code_{name}": path for name, path in python_code().items()},
 }
 
 
