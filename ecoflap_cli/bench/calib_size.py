@@ -74,7 +74,7 @@ def tables(model: str) -> str:
     from ecoflap_cli.data import assets
 
     lines = [
-        f"| size | method | sparsity | Wikipedia test | Shakespeare | code | prune s | / uniform SparseGPT |",
+        "| size | method | sparsity | Wikipedia test | Shakespeare | code | prune s | / uniform SparseGPT |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for size in ("small", "large"):

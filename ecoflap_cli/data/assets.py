@@ -166,7 +166,17 @@ def shakespeare() -> Path:
 
 #: standard-library folders left out of the code text: test suites, the pydoc topics (prose in a
 #: string literal), the codecs (generated tables), the IDE, and installed third-party packages
-CODE_EXCLUDED = ("test", "tests", "idlelib", "pydoc_data", "encodings", "site-packages", "dist-packages", "__pycache__", "lib2to3")
+CODE_EXCLUDED = (
+    "test",
+    "tests",
+    "idlelib",
+    "pydoc_data",
+    "encodings",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "lib2to3",
+)
 
 
 def python_code() -> dict[str, Path]:
