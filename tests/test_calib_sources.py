@@ -121,3 +121,39 @@ def test_self_needs_the_model_and_enough_samples(tiny, calib_text):
     model, _ = tiny
     with pytest.raises(DataError, match="raise --samples"):
         calibration_windows(tok, f"{calib_text}:0.9,self:0.1", 2, 8, 0, model=model)
+
+
+def test_no_calib_default_for_language_models_is_c4_from_the_hub(tiny, calib_text, monkeypatch):
+    """With no --calib a language model calibrates on C4's first English shard (the paper's and
+    Wanda's choice) through ``datasets``; a local dataset in the same format gives the windows the
+    same documents give from a file, and the provenance names the hub dataset."""
+    datasets = pytest.importorskip("datasets")
+    from ecoflap_cli.data.text import DEFAULT_TEXT_DATASET
+
+    _, tok = tiny
+    docs = [f"document {i}: " + calib_text.read_text()[i * 40 : i * 40 + 400] for i in range(30)]
+    calls = []
+
+    def local(name, split, **kwargs):
+        calls.append((name, split, kwargs))
+        return datasets.Dataset.from_dict({"text": docs, "timestamp": ["t"] * len(docs)})
+
+    monkeypatch.setattr(datasets, "load_dataset", local)
+    windows, prov = calibration_windows(tok, None, 3, 16, 0)
+    assert calls == [(DEFAULT_TEXT_DATASET[0], "train", {"data_files": {"train": DEFAULT_TEXT_DATASET[1]}})]
+    assert prov.source == f"hub:{DEFAULT_TEXT_DATASET[0]}" and windows.shape == (3, 16)
+    again, _ = calibration_windows(tok, None, 3, 16, 0)
+    assert torch.equal(windows, again)  # seeded: the same documents and the same windows
+
+
+def test_no_calib_offline_is_one_line_naming_c4_and_calib(tiny, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub (OfflineModeIsEnabled)\ntraceback lines")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    _, tok = tiny
+    with pytest.raises(DataError) as err:
+        calibration_windows(tok, None, 2, 16, 0)
+    assert "\n" not in str(err.value) and "allenai/c4" in str(err.value) and "--calib" in str(err.value)
