@@ -16,6 +16,7 @@ from tiny import make_text
 
 SCRIPTS = (
     "alloc_study",
+    "calib_size",
     "calib_sources",
     "clip_study",
     "cuda_check",
@@ -65,6 +66,9 @@ def fake_assets(
     monkeypatch.setattr(assets, "smollm2", lambda: tiny_llama)
     monkeypatch.setattr(assets, "wikipedia_splits", lambda: dict(splits))
     monkeypatch.setattr(assets, "shakespeare", lambda: other)
+    code = cache.parent / "code.txt"
+    code.write_text(make_text(100, seed=9))
+    monkeypatch.setattr(assets, "python_code", lambda: {"valid": code, "test": code})
     return {"model": tiny_llama, **splits, "other": other}
 
 
@@ -686,3 +690,26 @@ def test_journal_cost_on_a_tiny_model(tiny_llama: Path, calib_text: Path, cache:
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "median" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["off", "default", "every-block"], proc.stdout
+
+
+# --- calibration size -------------------------------------------------------------------------
+
+
+def test_calib_size_on_a_tiny_model(fake_assets: dict[str, Path], capsys) -> None:
+    """The cells run at the asked size into that size's own folder and the table gives each one
+    its three texts and its prune time against uniform SparseGPT's."""
+    from ecoflap_cli.bench import calib_size
+    from ecoflap_cli.data import assets
+
+    args = ["--model", "smollm2", "-s", "0.5", "--method", "uniform:wanda", "--method", "uniform:sparsegpt",
+            "--samples", "3", "--seqlen", "32", "--eval-seqlen", "32", "--score-samples", "2",
+            "--score-seqlen", "16"]  # fmt: skip
+    assert calib_size.main(args) == 0
+    out = capsys.readouterr().out
+    assert (assets.cache_dir() / "bench" / "smollm2-calib-3x32" / "runs").is_dir()
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in out.splitlines() if line.startswith("| 3 x 32 |")}
+    assert set(rows) == {"dense", "uniform:wanda", "uniform:sparsegpt"}
+    for row in rows.values():
+        assert all(float(cell) > 1 for cell in row[3:6])  # Wikipedia test, Shakespeare, code
+    assert rows["uniform:sparsegpt"][7].strip(" |") == "1.00"
+    assert float(rows["uniform:wanda"][7].strip(" |")) > 0

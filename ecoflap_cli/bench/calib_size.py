@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ecoflap_cli.bench.models import DEFAULT_SPARSEGPT, DEFAULT_WANDA, MODELS, SIZES, model_config
+from ecoflap_cli.bench.smollm import add_size_options, size_overrides
 
 #: the cells the issue names: today's default beside uniform Wanda and uniform SparseGPT
 METHODS = ["uniform:wanda", "uniform:sparsegpt", DEFAULT_WANDA, DEFAULT_SPARSEGPT]
@@ -41,10 +42,20 @@ def size_of(model: str, size: str) -> tuple[int, int]:
     return LARGE[model] if size == "large" else (int(SIZES[model]["samples"]), 512)
 
 
-def config(model: str, size: str, methods: list[str], sparsities: list[float], llmc_python: str | None = None) -> Any:
-    samples, seqlen = size_of(model, size)
+def config(
+    model: str,
+    size: str,
+    methods: list[str],
+    sparsities: list[float],
+    llmc_python: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Any:
+    """The sweep configuration of one size; ``overrides`` (``--samples`` ...) replace its sizes."""
     from ecoflap_cli.data import assets
 
+    sizes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    preset_samples, preset_seqlen = size_of(model, size)
+    samples, seqlen = sizes.pop("samples", preset_samples), sizes.pop("seqlen", preset_seqlen)
     return model_config(
         model,
         methods,
@@ -57,6 +68,7 @@ def config(model: str, size: str, methods: list[str], sparsities: list[float], l
         seqlen=seqlen,
         threads=1,
         llmc_python=llmc_python,
+        **sizes,
     )
 
 
@@ -68,7 +80,7 @@ def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) and math.isfinite(value) else "-"
 
 
-def tables(model: str) -> str:
+def tables(model: str, sizes: list[tuple[int, int]] | None = None) -> str:
     """One markdown table per model: every cached cell at both sizes, perplexity on the three
     texts and the prune time (median) as a ratio to uniform SparseGPT at the same size."""
     from ecoflap_cli.data import assets
@@ -77,8 +89,7 @@ def tables(model: str) -> str:
         "| size | method | sparsity | Wikipedia test | Shakespeare | code | prune s | / uniform SparseGPT |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for size in ("small", "large"):
-        samples, seqlen = size_of(model, size)
+    for samples, seqlen in sizes or [size_of(model, "small"), size_of(model, "large")]:
         records = _records(assets.cache_dir() / "bench" / f"{model}-calib-{samples}x{seqlen}")
         by = {(r["method"], r["sparsity"]): r for r in records if "error" not in r}
         for (method, sparsity), record in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -98,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", action="append", help="a sweep method (repeat; default: the issue's cells)")
     parser.add_argument("-s", "--sparsity", type=float, action="append", help="repeat (default 0.6 and 0.7)")
     parser.add_argument("--tables", action="store_true", help="print the cached cells and stop")
+    add_size_options(parser.add_argument_group("data sizes (default: the --size preset)"))
     args = parser.parse_args(argv)
     if args.tables:
         print(tables(args.model))
@@ -112,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         from ecoflap_cli.bench.llmc_env import default_root, ensure_llmc_venv
 
         python = str(ensure_llmc_venv(default_root(), log))
-    cfg = config(args.model, args.size, methods, args.sparsity or [0.6, 0.7], python)
+    cfg = config(args.model, args.size, methods, args.sparsity or [0.6, 0.7], python, size_overrides(args))
     from ecoflap_cli.bench.sweep_report import runner
 
     runner(cfg, log).run_pass(cfg.specs(), 0)
-    print(tables(args.model))
+    own = (cfg.samples, cfg.seqlen)
+    sizes = None if own in (size_of(args.model, "small"), size_of(args.model, "large")) else [own]
+    print(tables(args.model, sizes))
     return 0
 
 

@@ -158,6 +158,8 @@ class LlmcPeer:
         start = time.perf_counter()
         ppl = perplexity(runner.loaded.model, windows, runner.cfg.eval_batch_size)
         eval_s = time.perf_counter() - start
+        if runner.cfg.extra_texts:  # the other-domain texts, as for ecoflap's runs
+            record["ppl_extra"] = runner.extra_perplexities()
         rows = sparsity_report(runner.adapter)
         zeros, total = sum(r.zeros for r in rows), sum(r.numel for r in rows)
         block_of = {t: b.name for b in runner.adapter.blocks() for t in b.tensor_names()}
