@@ -4,7 +4,8 @@
     OMP_NUM_THREADS=1 python -m ecoflap_cli.bench.sparsegpt_sensitivity analyse DIR [--llmc-python PY]
 
 ``capture`` prunes the model with ecoflap's uniform SparseGPT on the benchmark's calibration
-windows (``bench.models.SIZES``: 8 x 512 tokens for Qwen, seed 0) and saves, for every linear
+windows (``bench.models.SIZES``: 8 x 512 tokens for Qwen, seed 0; ``--samples N --seqlen T`` for
+another size) and saves, for every linear
 of the last block, its dense weight, its Hessian (as the sequential pass accumulated it) and its
 planned count to ``DIR/<linear>.pt``. ``analyse`` reads them and prints, per linear: the damped
 Hessian's condition number, the update's size (||W' - W|| / ||W||), how far the updated weights
@@ -40,7 +41,7 @@ def relative_error(dense: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor
     return float(torch.einsum("ij,jk,ik->", d, h, d) / torch.einsum("ij,jk,ik->", w, h, w))
 
 
-def capture(model_name: str, sparsity: float, out: Path) -> None:
+def capture(model_name: str, sparsity: float, out: Path, samples: int | None = None, seqlen: int = 512) -> None:
     from ecoflap_cli.bench.models import MODELS, SIZES
     from ecoflap_cli.core import solvers
     from ecoflap_cli.data import assets
@@ -52,7 +53,7 @@ def capture(model_name: str, sparsity: float, out: Path) -> None:
     loaded = load_model(str(MODELS[model_name][1]()))
     adapter = get_adapter(loaded.model.float().eval())
     calib = str(assets.wikipedia_splits()["calib"])
-    windows, _ = calibration_windows(loaded.tokenizer, calib, SIZES[model_name]["samples"], 512, 0)
+    windows, _ = calibration_windows(loaded.tokenizer, calib, samples or SIZES[model_name]["samples"], seqlen, 0)
     blocks = [b for t in adapter.towers() for b in adapter.blocks(t)]
     names = [p for b in blocks for p in b.linears]
     last = set(blocks[-1].linears)
@@ -118,13 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--model", default="qwen")
     cap.add_argument("--sparsity", type=float, default=0.6)
     cap.add_argument("--out", type=Path, required=True)
+    cap.add_argument("--samples", type=int, default=None, help="calibration windows (default: bench.models.SIZES)")
+    cap.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     ana = sub.add_parser("analyse")
     ana.add_argument("directory", type=Path)
     ana.add_argument("--llmc-python", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.step == "capture":
-        capture(args.model, args.sparsity, args.out)
+        capture(args.model, args.sparsity, args.out, args.samples, args.seqlen)
     else:
         analyse(args.directory, args.llmc_python)
     return 0
