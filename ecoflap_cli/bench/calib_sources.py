@@ -6,9 +6,10 @@
 One model load; for each ``--calib`` spec (default: the Wikipedia calib split, ``self`` and
 ``WIKI:0.5,self:0.5``) the dense weights are restored, the model is pruned uniformly with the
 solver at the sparsity from that calibration (the model's benchmark sizes, ``bench.models.SIZES``,
-512-token windows, seed 0), and perplexity is measured on the Wikipedia *validation* split and on
-Shakespeare (the models' benchmark windows). Prints one markdown table; the calibration
-provenance (recipe included) and the timings go to a JSON file beside the bench cache.
+512-token windows, seed 0), and perplexity is measured on the Wikipedia *validation* split, on
+Shakespeare and on the code text's validation split (the models' benchmark windows). Prints one
+markdown table; the calibration provenance (recipe included) and the timings go to a JSON file
+beside the bench cache.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         name: windows_for_eval(
             tokenize_documents(loaded.tokenizer, read_text(text_path(name))), 512, size["valid_windows"]
         )
-        for name in ("valid", "shakespeare")
+        for name in ("valid", "shakespeare", "code_valid")
     }
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
     counts = {
@@ -83,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps([dict(zip(("calib", "provenance", "ppl", "times"), r)) for r in rows], indent=2))
     print(
         f"| calibration ({MODELS[args.model][0]}, uniform {args.solver} {args.sparsity:g}) | Wikipedia valid | "
-        "Shakespeare | calibration s | prune s |"
+        "Shakespeare | code (valid) | calibration s | prune s |"
     )
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, _prov, ppl, times in rows:
         t = times or {}
-        cells = [f"{ppl['valid']:.2f}", f"{ppl['shakespeare']:.2f}"]
+        cells = [f"{ppl['valid']:.2f}", f"{ppl['shakespeare']:.2f}", f"{ppl['code_valid']:.2f}"]
         cells += [f"{t['calib_s']:.0f}" if t else "-", f"{t['prune_s']:.0f}" if t else "-"]
         print(f"| {name} | " + " | ".join(cells) + " |")
     log(f"written {out}")
