@@ -763,6 +763,29 @@ def test_an_error_after_ctrl_c_is_reported_as_the_interrupt(base, tmp_path, monk
     assert code == 130 and tree(tmp_path) == set()
 
 
+def test_a_library_error_after_ctrl_c_is_reported_as_the_interrupt(base, tmp_path, monkeypatch):
+    """transformers turns a Ctrl-C during its lazy import of a config class into "Could not import
+    module 'LlamaConfig'", which the loader reports as a ModelError: after Ctrl-C that is the
+    interrupt (exit 130), without Ctrl-C the model error as it is (exit 2)."""
+    from ecoflap_cli.errors import ModelError
+    from ecoflap_cli.stages import orchestrator
+
+    module = sys.modules["ecoflap_cli.cli.app"]
+
+    def interrupted_import(*args: Any, **kwargs: Any) -> None:
+        raise ModelError("cannot load model 'm': Could not import module 'LlamaConfig'.")
+
+    monkeypatch.setattr(orchestrator, "allocate", interrupted_import)
+    command = ["allocate", str(base["scores"]), "-s", "0.5", "-o", "p.json"]
+    code, out, err, exception = run_cli(command, tmp_path, monkeypatch)
+    assert_one_error_line(code, out, err, exception, "cannot load model")
+    assert code == 2
+    monkeypatch.setattr(module, "_SIGINT", {"seen": True})
+    code, out, err, exception = run_cli(command, tmp_path, monkeypatch)
+    assert_one_error_line(code, out, err, exception, "interrupted")
+    assert code == 130 and tree(tmp_path) == set()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_read_only_output_directory_is_refused(base, tmp_path, monkeypatch):
     locked = tmp_path / "locked"

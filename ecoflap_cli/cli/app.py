@@ -120,6 +120,9 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except EcoflapError as exc:
+            if _SIGINT["seen"]:  # a library that turned the interrupt into an error we then wrapped
+                print_error("interrupted: nothing half-written was left behind")  # (transformers' lazy imports)
+                raise typer.Exit(INTERRUPTED) from None
             print_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except MemoryError:
