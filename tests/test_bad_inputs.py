@@ -742,44 +742,46 @@ def test_ctrl_c_after_finished_blocks_keeps_them_and_says_so(base, tmp_path, mon
     assert left_behind(tmp_path) == set() and (tmp_path / ".out.ecoflap-resume").is_dir()
 
 
-def test_an_error_after_ctrl_c_is_reported_as_the_interrupt(base, tmp_path, monkeypatch):
+def _recursion_error() -> Exception:
+    return RecursionError("maximum recursion depth exceeded")
+
+
+def _interrupted_import() -> Exception:
+    from ecoflap_cli.errors import ModelError
+
+    return ModelError("cannot load model 'm': Could not import module 'LlamaConfig'.")
+
+
+def _shown_as_it_is(code: int, out: str, err: str, exception: BaseException | None) -> None:
+    assert isinstance(exception, RecursionError)  # a bug, not an interrupt: shown as it is
+
+
+def _the_model_error(code: int, out: str, err: str, exception: BaseException | None) -> None:
+    assert_one_error_line(code, out, err, exception, "cannot load model")
+    assert code == 2
+
+
+@pytest.mark.parametrize(
+    ("error", "without_ctrl_c"),
+    [(_recursion_error, _shown_as_it_is), (_interrupted_import, _the_model_error)],
+    ids=["library-broken-by-the-interrupt", "library-turned-it-into-a-model-error"],
+)
+def test_an_error_after_ctrl_c_is_reported_as_the_interrupt(base, tmp_path, monkeypatch, error, without_ctrl_c):
     """A library interrupted halfway through an import fails on its next use with another error (a
-    real SIGINT during accelerate's import left numpy recursing in its __getattr__): after Ctrl-C
-    that is still one `interrupted` line and exit code 130; without Ctrl-C the error is not hidden."""
+    real SIGINT during accelerate's import left numpy recursing in its __getattr__), or turns the
+    Ctrl-C into an error of its own (transformers' lazy import of a config class: "Could not import
+    module 'LlamaConfig'", which the loader reports as a ModelError). After Ctrl-C either is one
+    `interrupted` line and exit code 130; without Ctrl-C the error is not hidden."""
+    from ecoflap_cli.stages import orchestrator
+
     module = sys.modules["ecoflap_cli.cli.app"]
 
     def broken(*args: Any, **kwargs: Any) -> None:
-        raise RecursionError("maximum recursion depth exceeded")
-
-    from ecoflap_cli.stages import orchestrator
+        raise error()
 
     monkeypatch.setattr(orchestrator, "allocate", broken)
     command = ["allocate", str(base["scores"]), "-s", "0.5", "-o", "p.json"]
-    code, out, err, exception = run_cli(command, tmp_path, monkeypatch)
-    assert isinstance(exception, RecursionError)  # a bug, not an interrupt: shown as it is
-    monkeypatch.setattr(module, "_SIGINT", {"seen": True})
-    code, out, err, exception = run_cli(command, tmp_path, monkeypatch)
-    assert_one_error_line(code, out, err, exception, "interrupted")
-    assert code == 130 and tree(tmp_path) == set()
-
-
-def test_a_library_error_after_ctrl_c_is_reported_as_the_interrupt(base, tmp_path, monkeypatch):
-    """transformers turns a Ctrl-C during its lazy import of a config class into "Could not import
-    module 'LlamaConfig'", which the loader reports as a ModelError: after Ctrl-C that is the
-    interrupt (exit 130), without Ctrl-C the model error as it is (exit 2)."""
-    from ecoflap_cli.errors import ModelError
-    from ecoflap_cli.stages import orchestrator
-
-    module = sys.modules["ecoflap_cli.cli.app"]
-
-    def interrupted_import(*args: Any, **kwargs: Any) -> None:
-        raise ModelError("cannot load model 'm': Could not import module 'LlamaConfig'.")
-
-    monkeypatch.setattr(orchestrator, "allocate", interrupted_import)
-    command = ["allocate", str(base["scores"]), "-s", "0.5", "-o", "p.json"]
-    code, out, err, exception = run_cli(command, tmp_path, monkeypatch)
-    assert_one_error_line(code, out, err, exception, "cannot load model")
-    assert code == 2
+    without_ctrl_c(*run_cli(command, tmp_path, monkeypatch))
     monkeypatch.setattr(module, "_SIGINT", {"seen": True})
     code, out, err, exception = run_cli(command, tmp_path, monkeypatch)
     assert_one_error_line(code, out, err, exception, "interrupted")

@@ -42,17 +42,23 @@ def size_of(model: str, size: str) -> tuple[int, int]:
     return LARGE[model] if size == "large" else (int(SIZES[model]["samples"]), 512)
 
 
+def folder(model: str, samples: int, seqlen: int) -> Path:
+    """The cache folder of one model and calibration size."""
+    from ecoflap_cli.data import assets
+
+    return assets.cache_dir() / "bench" / f"{model}-calib-{samples}x{seqlen}"
+
+
 def config(
     model: str,
     size: str,
     methods: list[str],
     sparsities: list[float],
-    llmc_python: str | None = None,
     overrides: dict[str, Any] | None = None,
+    log: Any = None,
 ) -> Any:
-    """The sweep configuration of one size; ``overrides`` (``--samples`` ...) replace its sizes."""
-    from ecoflap_cli.data import assets
-
+    """The sweep configuration of one size; ``overrides`` (``--samples`` ...) replace its sizes.
+    With ``llmc*`` methods llm-compressor's venv is created once (``smollm2_config``)."""
     sizes = {k: v for k, v in (overrides or {}).items() if v is not None}
     preset_samples, preset_seqlen = size_of(model, size)
     samples, seqlen = sizes.pop("samples", preset_samples), sizes.pop("seqlen", preset_seqlen)
@@ -62,12 +68,12 @@ def config(
         sparsities,
         "test",
         extra_texts=EXTRA_TEXTS,
-        output=str(assets.cache_dir() / "bench" / f"{model}-calib-{samples}x{seqlen}"),
+        output=str(folder(model, samples, seqlen)),
         eval_windows=SIZES[model]["test_windows"],
         samples=samples,
         seqlen=seqlen,
         threads=1,
-        llmc_python=llmc_python,
+        log=log,
         **sizes,
     )
 
@@ -83,14 +89,12 @@ def _fmt(value: Any) -> str:
 def tables(model: str, sizes: list[tuple[int, int]] | None = None) -> str:
     """One markdown table per model: every cached cell at both sizes, perplexity on the three
     texts and the prune time (median) as a ratio to uniform SparseGPT at the same size."""
-    from ecoflap_cli.data import assets
-
     lines = [
         "| size | method | sparsity | Wikipedia test | Shakespeare | code | prune s | / uniform SparseGPT |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for samples, seqlen in sizes or [size_of(model, "small"), size_of(model, "large")]:
-        records = _records(assets.cache_dir() / "bench" / f"{model}-calib-{samples}x{seqlen}")
+        records = _records(folder(model, samples, seqlen))
         by = {(r["method"], r["sparsity"]): r for r in records if "error" not in r}
         for (method, sparsity), record in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             extra = list((record.get("ppl_extra") or {}).values())
@@ -119,12 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     methods = args.method or METHODS
-    python = None
-    if any(m.startswith("llmc") for m in methods):
-        from ecoflap_cli.bench.llmc_env import default_root, ensure_llmc_venv
-
-        python = str(ensure_llmc_venv(default_root(), log))
-    cfg = config(args.model, args.size, methods, args.sparsity or [0.6, 0.7], python, size_overrides(args))
+    cfg = config(args.model, args.size, methods, args.sparsity or [0.6, 0.7], size_overrides(args), log)
     from ecoflap_cli.bench.sweep_report import runner
 
     runner(cfg, log).run_pass(cfg.specs(), 0)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, NoReturn, Optional, TypeVar
 
 import click
 import typer
@@ -120,23 +120,18 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except EcoflapError as exc:
-            if _SIGINT["seen"]:  # a library that turned the interrupt into an error we then wrapped
-                print_error("interrupted: nothing half-written was left behind")  # (transformers' lazy imports)
-                raise typer.Exit(INTERRUPTED) from None
+            if _SIGINT["seen"]:  # a library turned the interrupt into an error we wrapped (transformers' imports)
+                _interrupted()
             print_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except MemoryError:
             print_error("out of memory: lower --samples, --seqlen or --batch-size")
             raise typer.Exit(3) from None
         except KeyboardInterrupt:
-            # not "nothing was written": a prune keeps its finished blocks to --resume from (and a
-            # sweep its finished runs), said in a note line before this one
-            print_error("interrupted: nothing half-written was left behind")
-            raise typer.Exit(INTERRUPTED) from None
+            _interrupted()
         except OSError as exc:
             if _SIGINT["seen"]:
-                print_error("interrupted: nothing half-written was left behind")
-                raise typer.Exit(INTERRUPTED) from None
+                _interrupted()
             if exc.errno == errno.EPIPE:  # stdout closed by the reader (`| head`): typer exits quietly
                 raise
             print_error(os_error_message(exc))
@@ -146,10 +141,16 @@ def user_errors(func: F) -> F:
                 raise
             # an error that follows Ctrl-C is its doing: e.g. a library interrupted halfway through
             # an import (numpy then recurses in its __getattr__) fails on its next use
-            print_error("interrupted: nothing half-written was left behind")
-            raise typer.Exit(INTERRUPTED) from None
+            _interrupted()
 
     return wrapper  # type: ignore[return-value]
+
+
+def _interrupted() -> NoReturn:
+    """Ctrl-C as one line and exit code 130. Not "nothing was written": a prune keeps its finished
+    blocks to --resume from (and a sweep its finished runs), said in a note line before this one."""
+    print_error("interrupted: nothing half-written was left behind")
+    raise typer.Exit(INTERRUPTED) from None
 
 
 @contextmanager
