@@ -32,6 +32,7 @@ SCRIPTS = (
     "scoring_cost",
     "sparsegpt_sensitivity",
     "tiny_clip",
+    "travel",
 )
 
 
@@ -66,6 +67,7 @@ def fake_assets(
     monkeypatch.setattr(assets, "smollm2", lambda: tiny_llama)
     monkeypatch.setattr(assets, "wikipedia_splits", lambda: dict(splits))
     monkeypatch.setattr(assets, "shakespeare", lambda: other)
+    monkeypatch.setattr(assets, "shakespeare_splits", lambda: {"valid": other, "test": other})
     code = cache.parent / "code.txt"
     code.write_text(make_text(100, seed=9))
     monkeypatch.setattr(assets, "python_code", lambda: {"valid": code, "test": code})
@@ -713,3 +715,44 @@ def test_calib_size_on_a_tiny_model(fake_assets: dict[str, Path], capsys) -> Non
         assert all(float(cell) > 1 for cell in row[3:6])  # Wikipedia test, Shakespeare, code
     assert rows["uniform:sparsegpt"][7].strip(" |") == "1.00"
     assert float(rows["uniform:wanda"][7].strip(" |")) > 0
+
+
+# --- choosing a default that travels ---------------------------------------------------------
+
+
+def _travel_run(model: str, calib: str, method: str, sparsity: float, ppl: list[float], prune_s: float, **times):
+    """One cached run of bench.travel: six perplexities (three validation, three test texts)."""
+    from ecoflap_cli.bench import travel
+
+    runs = travel.folder(model, calib) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    names = ["shakespeare_valid", "code_valid", "test", "shakespeare", "code"]
+    record = {"method": method, "sparsity": sparsity, "ppl": ppl[0], "ppl_extra": dict(zip(names, ppl[1:])),
+              "times": {"prune_s": [prune_s], "score_s": 0.0, **times}}  # fmt: skip
+    (runs / f"{method.replace(':', '_')}-{sparsity:g}.json").write_text(json.dumps(record))
+
+
+def test_travel_report_chooses_on_validation_within_the_budget(cache: Path) -> None:
+    """Gap ratios are against today's default; the choice uses validation texts only and drops a
+    candidate over the cost budget (self-generation counted), however good; leave-one-out lines."""
+    from ecoflap_cli.bench import travel
+    from ecoflap_cli.bench.models import DEFAULT_SPARSEGPT, DEFAULT_WANDA
+
+    for model in ("smollm2", "qwen"):
+        _travel_run(model, "wiki", "dense", 0.0, [10.0] * 6, 0.0)
+        for p in travel.SPARSITIES:
+            _travel_run(model, "wiki", DEFAULT_WANDA, p, [30.0] * 6, 40.0)  # gap 20 everywhere
+            _travel_run(model, "wiki", "uniform:sparsegpt", p, [25.0] * 6, 100.0)
+            # better on validation than the default, worse on test: the choice must not see test
+            _travel_run(model, "wiki", DEFAULT_SPARSEGPT, p, [20.0, 20.0, 20.0, 90.0, 90.0, 90.0], 90.0)
+            # the best of all, but its self-generation puts it over budget
+            _travel_run(model, "mix", DEFAULT_WANDA, p, [12.0] * 6, 40.0, calib_s=70.0)
+    out = travel.report(["smollm2", "qwen"])
+    row = next(line for line in out.splitlines() if line.startswith(f"| wiki | {DEFAULT_WANDA} | 0.6 |"))
+    assert row.count("(1.00)") == 6
+    mix = next(line for line in out.splitlines() if line.startswith(f"| mix | {DEFAULT_WANDA} | 0.6 |"))
+    assert "12.00 (0.10)" in mix and mix.rstrip(" |").endswith("1.10")  # (40 + 70) / 100
+    assert f"- all validation cells: {DEFAULT_SPARSEGPT} with wiki calibration" in out
+    assert "geometric mean 0.50" in out  # (20 - 10) / (30 - 10) on every validation cell
+    assert out.count("- without ") == 5  # three domains and two models left out in turn
+    assert "on code_valid: 0.50" in out and "on qwen: 0.50" in out

