@@ -86,6 +86,38 @@ def test_mix_gives_each_source_its_share(tiny, calib_text):
     assert torch.equal(windows[2:], generate_windows(model, tok, 6, 16, 0))
 
 
+def test_the_generation_batch_changes_the_cost_not_the_tokens(tiny):
+    model, tok = tiny
+    one_by_one = generate_windows(model, tok, 5, 12, seed=3, recipe=SelfRecipe(batch_size=1))
+    for batch in (2, 5, 32):
+        assert torch.equal(generate_windows(model, tok, 5, 12, seed=3, recipe=SelfRecipe(batch_size=batch)), one_by_one)
+
+
+def test_the_generation_batch_is_fitted_to_the_windows_and_the_free_memory(tiny, monkeypatch):
+    from ecoflap_cli.data import self_calib
+    from ecoflap_cli.engine import memory
+
+    model, tok = tiny
+    cfg = model.config
+    per_window = self_calib.kv_cache_bytes(model, 100)
+    assert (
+        per_window
+        == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 100 * 4
+    )
+    monkeypatch.setattr(memory, "free_memory", lambda device="cpu": 1 << 40)
+    assert self_calib.fitted_recipe(model, SelfRecipe(), 64, 100).batch_size == 32
+    assert self_calib.fitted_recipe(model, SelfRecipe(), 5, 100).batch_size == 5  # no larger than asked
+    # room for the KV cache of 3 windows in a quarter of the free memory
+    monkeypatch.setattr(memory, "free_memory", lambda device="cpu": 4 * 3 * per_window + 1)
+    assert self_calib.fitted_recipe(model, SelfRecipe(), 64, 100).batch_size == 3
+    monkeypatch.setattr(memory, "free_memory", lambda device="cpu": 10)
+    assert self_calib.fitted_recipe(model, SelfRecipe(), 64, 100).batch_size == 1
+    _, prov = calibration_windows(tok, "self", 4, 12, 7, model=model)
+    assert prov.to_dict()["sources"][0]["recipe"]["batch_size"] == 1  # the batch used is recorded
+    monkeypatch.setattr(memory, "free_memory", lambda device="cpu": None)  # unknown: only the windows cap it
+    assert self_calib.fitted_recipe(model, SelfRecipe(), 64, 100).batch_size == 32
+
+
 def test_self_alone_records_its_recipe(tiny):
     model, tok = tiny
     windows, prov = calibration_windows(tok, "self", 4, 12, 7, model=model)

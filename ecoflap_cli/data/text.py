@@ -285,11 +285,11 @@ def _source_windows(
 ) -> tuple[torch.Tensor, str, int, dict[str, Any] | None]:
     """Windows of one source: (windows, its recorded name, its stream's tokens, its recipe)."""
     if calib == SELF_SOURCE:
-        from ecoflap_cli.data.self_calib import DEFAULT_RECIPE, generate_windows
+        from ecoflap_cli.data.self_calib import DEFAULT_RECIPE, fitted_recipe, generate_windows
 
         if model is None:
             raise DataError("--calib self needs the model to write its calibration text (none was given)")
-        recipe = self_recipe or DEFAULT_RECIPE
+        recipe = fitted_recipe(model, self_recipe or DEFAULT_RECIPE, samples, seqlen)
         windows = generate_windows(model, tokenizer, samples, seqlen, seed, recipe)
         return windows, SELF_SOURCE, int(windows.numel()), recipe.to_dict()
     if calib is None or calib.startswith("hub:"):
