@@ -94,7 +94,7 @@ def cells(model: str) -> dict[tuple[str, str, float], dict[str, Any]]:
         records = [r for r in records if "error" not in r and "ppl" in r]
         # building the calibration data (self-generation) is timed only in the process that built
         # it; every run of the folder uses the same data, so each is charged the folder's time
-        data_s = {k: max((r.get("times") or {}).get(k, 0.0) for r in records) for k in DATA_TIMES}
+        data_s = {k: max(((r.get("times") or {}).get(k, 0.0) for r in records), default=0.0) for k in DATA_TIMES}
         for record in records:
             ppl = [record["ppl"], *(record.get("ppl_extra") or {}).values()]
             cell: dict[str, Any] = dict(zip(names, ppl))
