@@ -141,14 +141,15 @@ def choose(
     ratios: dict[str, dict[Any, dict[str, float]]], models: list[str], texts: tuple[str, ...], budget: float = BUDGET
 ) -> tuple[Any, float] | None:
     """The candidate with the lowest mean log gap ratio over ``models`` x 0.6/0.7 x ``texts``, among
-    those measured in every such cell and within the cost budget everywhere."""
+    those measured in every such cell and within the cost budget on every model (today's default
+    is always eligible: the budget is for a new default, and it is the status quo)."""
     candidates = set.intersection(*(set((c, m) for c, m, _ in ratios[x]) for x in models)) if models else set()
     best = None
     for cand in sorted(candidates):
         rows = [ratios[x].get((*cand, p)) for x in models for p in SPARSITIES]
         if any(r is None or any(t not in r for t in texts) for r in rows):
             continue
-        if any(not (model_cost(ratios[x], cand) <= budget) for x in models):
+        if cand != BASELINE and any(not (model_cost(ratios[x], cand) <= budget) for x in models):
             continue
         score = _mean_log([r[t] for r in rows if r is not None for t in texts])
         if best is None or score < best[1]:
@@ -187,6 +188,8 @@ def report(models: list[str]) -> str:
         picked = choose(ratios, models, VALID)
         lines.append(f"- all validation cells: {_describe(picked)}")
         lines.append(f"- all validation cells, at any cost: {_describe(choose(ratios, models, VALID, math.inf))}")
+        for model in models if len(models) > 1 else []:
+            lines.append(f"- {model} alone, at any cost: {_describe(choose(ratios, [model], VALID, math.inf))}")
         for left in VALID:
             kept = tuple(t for t in VALID if t != left)
             pick = choose(ratios, models, kept)
