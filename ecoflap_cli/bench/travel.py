@@ -92,8 +92,9 @@ def cells(model: str) -> dict[tuple[str, str, float], dict[str, Any]]:
         runs = folder(model, calib) / "runs"
         records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))] if runs.is_dir() else []
         records = [r for r in records if "error" not in r and "ppl" in r]
-        # building the calibration data (self-generation) is timed only in the process that built
-        # it; every run of the folder uses the same data, so each is charged the folder's time
+        # building the calibration data (self-generation) is timed in the process that built it; a
+        # run whose process reused cached scores did not build the scoring data, and is charged
+        # the folder's time for it (every run of a folder uses the same data)
         data_s = {k: max(((r.get("times") or {}).get(k, 0.0) for r in records), default=0.0) for k in DATA_TIMES}
         for record in records:
             ppl = [record["ppl"], *(record.get("ppl_extra") or {}).values()]
@@ -103,7 +104,8 @@ def cells(model: str) -> dict[tuple[str, str, float], dict[str, Any]]:
                 prune = statistics.median(times.get("prune_s") or [math.nan])
                 cell["prune_s"] = prune
                 scored = record.get("scoring") is not None  # uniform allocations need no scores
-                data = data_s["calib_s"] + (data_s["score_calib_s"] if scored else 0.0)
+                data = times.get("calib_s", data_s["calib_s"])
+                data += times.get("score_calib_s", data_s["score_calib_s"]) if scored else 0.0
                 cell["cost_s"] = prune + data + (times.get("score_s") or 0.0)
             out[(calib, record["method"], record["sparsity"])] = cell
     return out
