@@ -202,6 +202,16 @@ def report(models: list[str]) -> str:
             pick = choose(ratios, kept_models, VALID)
             held = _held_out(ratios, [left], pick, VALID)
             lines.append(f"- without {left}: {_describe(pick)}; on {left}: {_fmt(held)}")
+    lines += ["", "The target on the test texts: the lowest gap ratio any candidate reached (at any cost):", ""]
+    for model in models:
+        for p in SPARSITIES:
+            best = []
+            for t in TEST:
+                found = [(r[t], m, c) for (c, m, q), r in ratios[model].items() if q == p and t in r]
+                if found:
+                    value, method, calib = min(found)
+                    best.append(f"{t} {value:.2f} ({method}, {calib})")
+            lines.append(f"- {model} {p:g}: " + "; ".join(best))
     return "\n".join(lines)
 
 
