@@ -756,3 +756,5 @@ def test_travel_report_chooses_on_validation_within_the_budget(cache: Path) -> N
     assert "geometric mean 0.50" in out  # (20 - 10) / (30 - 10) on every validation cell
     assert out.count("- without ") == 5  # three domains and two models left out in turn
     assert "on code_valid: 0.50" in out and "on qwen: 0.50" in out
+    # the target's line: the best test-text ratio at any cost, whatever chose it
+    assert f"- qwen 0.7: test 0.10 ({DEFAULT_WANDA}, mix)" in out
