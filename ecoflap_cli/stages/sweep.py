@@ -423,35 +423,26 @@ class SweepRunner:
 
     def prune_data(self) -> tuple[list[Any], dict[str, Any]]:
         if self._prune_data is None:
-            opts = CalibrationOptions(
-                self.cfg.calib,
-                self.cfg.samples,
-                self.cfg.seqlen,
-                self.cfg.batch_size,
-                self.cfg.seed,
-                self.cfg.text_field,
-            )
-            start = time.perf_counter()
-            self._prune_data = calibration_batches(self.loaded, self.adapter, opts)
-            self.data_s["calib_s"] = round(time.perf_counter() - start, 3)
+            self._prune_data = self._calibration(self.cfg.samples, self.cfg.seqlen, "calib_s")
             self.counters["calibration"] += 1
         return self._prune_data
 
     def score_data(self) -> tuple[list[Any], dict[str, Any]]:
         if self._score_data is None:
-            opts = CalibrationOptions(
-                self.cfg.calib,
-                self.cfg.score_samples,
-                self.cfg.score_seqlen or self.cfg.seqlen,
-                self.cfg.batch_size,
-                self.cfg.seed,
-                self.cfg.text_field,
-            )
-            start = time.perf_counter()
-            self._score_data = calibration_batches(self.loaded, self.adapter, opts)
-            self.data_s["score_calib_s"] = round(time.perf_counter() - start, 3)
+            seqlen = self.cfg.score_seqlen or self.cfg.seqlen
+            self._score_data = self._calibration(self.cfg.score_samples, seqlen, "score_calib_s")
             self.counters["score_calibration"] += 1
         return self._score_data
+
+    def _calibration(self, samples: int, seqlen: int | None, timing: str) -> tuple[list[Any], dict[str, Any]]:
+        """Calibration batches from ``--calib`` (built once a process by the callers), timed into
+        ``data_s[timing]``: self-generation's cost is charged to the runs that use the data."""
+        cfg = self.cfg
+        opts = CalibrationOptions(cfg.calib, samples, seqlen, cfg.batch_size, cfg.seed, cfg.text_field)
+        start = time.perf_counter()
+        data = calibration_batches(self.loaded, self.adapter, opts)
+        self.data_s[timing] = round(time.perf_counter() - start, 3)
+        return data
 
     def eval_windows(self, path: str | None = None) -> torch.Tensor:
         """Evaluation windows of a text (default: the main one), tokenised once per text."""
