@@ -51,12 +51,12 @@ def tiny(tiny_llama, calib_text):
     return loaded, adapter, batches, prov
 
 
-def _run(tiny, **overrides):
+def _run(tiny, progress=None, **overrides):
     _loaded, adapter, batches, _prov = tiny
     # a deliberately poor start (a steep depth schedule) so that the tiny model has room to improve
     options = dict(target=0.7, step=0.1, generations=5, offspring=6, survivors=2, seed=0, start="depth", depth_step=0.1)
     options.update(overrides)
-    return search_levels(adapter, batches, SearchSettings(**options))
+    return search_levels(adapter, batches, SearchSettings(**options), progress)
 
 
 def test_search_improves_monotonically_and_restores_the_model(tiny):
@@ -197,3 +197,76 @@ def test_best_start_is_the_start_with_the_lower_fitness(tiny):
     assert record["start_fitness"] == min(fits.values()) == record["final_fitness"]
     # the steep depth start is the worse one on the tiny model: the search starts from uniform
     assert record["started_from"] == "uniform"
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 3), st.floats(0.2, 0.8)), min_size=2, max_size=12),
+    st.sampled_from([0.01, 0.05, 0.1]),
+    st.integers(0, 10_000),
+)
+@settings(max_examples=150, deadline=None)
+def test_mutations_around_a_per_block_base_keep_its_budget_and_bounds(blocks, step, seed):
+    """The ecoflap start: levels base_b + k_b step, each block within its own bounds, and the
+    parameter-weighted mean of every class stays that of the base."""
+    from ecoflap_cli.engine.search import block_bounds
+
+    sizes = [s * 1000 for s, _ in blocks]
+    base = [b for _, b in blocks]
+    classes: dict[int, list[int]] = {}
+    for i, size in enumerate(sizes):
+        classes.setdefault(size, []).append(i)
+    groups = list(classes.values())
+    lows, highs = block_bounds(base, step, 0.2)
+    rng = random.Random(seed)
+    levels = [0] * len(base)
+    for _ in range(30):
+        levels = mutate(levels, groups, lows, highs, rng, moves=3)
+        assert all(lo <= k <= hi for lo, k, hi in zip(lows, levels, highs))
+        assert all(0.0 <= b + k * step <= 0.99 + 1e-9 and abs(k * step) <= 0.2 + 1e-9 for b, k in zip(base, levels))
+        for members in groups:
+            assert sum(levels[i] for i in members) == 0
+
+
+def test_ecoflap_start_is_the_coarse_plan_and_the_search_refines_it(tiny, tmp_path):
+    """start=ecoflap: with no generation the levels are the plan `--allocator ecoflap` makes from
+    the default scores; with generations the fitness only falls, and a resumed search keeps the
+    base it started from."""
+    loaded, adapter, batches, prov = tiny
+    from ecoflap_cli.core.methods import SCORING
+    from ecoflap_cli.engine.score_methods import auto
+    from ecoflap_cli.io import artifacts
+
+    scores, record = auto(adapter, batches, SCORING.get("auto").settings({"seed": 0}), None)
+    document = artifacts.scores_document(driver.model_info(loaded, adapter), adapter.blocks(), scores, record, prov)
+    plan = driver.allocate(document, 0.7, "ecoflap")
+    expected = {g["name"]: g["sparsity"] for g in plan["groups"]}
+    assert len(set(expected.values())) > 1  # a non-uniform plan, or the test shows nothing
+
+    levels, start = _run(tiny, start="ecoflap", generations=0)
+    assert start["started_from"] == "ecoflap" and start["start_scoring"]["name"] == "first"
+    assert levels.keys() == expected.keys()
+    for name, level in levels.items():
+        assert level == pytest.approx(expected[name], abs=1e-9), name
+
+    options = dict(start="ecoflap", generations=4, offspring=6, max_offset=0.1)
+    refined, searched = _run(tiny, **options)
+    history = searched["history"]
+    assert history[0] == pytest.approx(start["start_fitness"]) and all(b <= a for a, b in zip(history, history[1:]))
+    sizes = {b.name: b.num_params for b in adapter.blocks()}
+    mean = sum(refined[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    assert mean == pytest.approx(sum(expected[n] * sizes[n] for n in sizes) / sum(sizes.values()), abs=1e-9)
+    assert all(abs(refined[n] - expected[n]) <= 0.1 + 1e-9 for n in sizes)
+
+    state = tmp_path / "search.json"
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(message: str) -> None:
+        if message.startswith("search generation 2/"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        _run(tiny, **options, state=str(state), progress=interrupt)
+    resumed, again = _run(tiny, **options, state=str(state))
+    assert resumed == refined and again["history"] == history

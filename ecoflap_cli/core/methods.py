@@ -374,7 +374,14 @@ SCORING.add(
                 high_open=True,
             ),
             Param("step", 0.05, "Grid of levels: sparsity between neighbouring levels.", low=1e-3, high=0.5),
-            Param("max_offset", 0.2, "Levels within target +/- this.", low=0.0, high=0.5, key="offset"),
+            Param(
+                "max_offset",
+                0.2,
+                "Levels within the base (the target; the ecoflap start's own level) +/- this.",
+                low=0.0,
+                high=0.5,
+                key="offset",
+            ),
             Param(
                 "generations",
                 8,
@@ -392,9 +399,10 @@ SCORING.add(
             Param(
                 "start",
                 "best",
-                "Starting levels: uniform, the depth schedule, or best (whichever has the lower fitness).",
+                "Starting levels: uniform, the depth schedule, best (whichever has the lower fitness), "
+                "or ecoflap (the coarse stage's plan from gradient-norm scores, refined by the search).",
                 kind="str",
-                choices=("best", "depth", "uniform"),
+                choices=("best", "depth", "uniform", "ecoflap"),
             ),
             Param("depth_step", 0.01, "Depth start: sparsity added per block.", low=0.0, high=0.1),
             Param(

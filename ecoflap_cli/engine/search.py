@@ -5,14 +5,16 @@ blocks' errors, so a rule mapping block scores to sparsities is a heuristic; sea
 levels directly, with the model's own output as the judge, does better. This is a small
 (1 + lambda) version of that search, sized for a CPU:
 
-- **start**: uniform, the depth schedule (snapped to the grid), or ``best``: both measured, the
-  search starts from the one with the lower fitness (depth wins on some models, uniform on
-  others);
-- **levels**: block b gets ``target + k_b * step`` with an integer ``k_b`` in ``[-K, K]``
-  (``K = max_offset / step``, clipped so every level stays in [0, 0.99]);
+- **start**: uniform, the depth schedule (snapped to the grid), ``best`` (both measured, the
+  search starts from the one with the lower fitness: depth wins on some models, uniform on
+  others), or ``ecoflap``: the coarse stage's own plan (the paper's rule on exact gradient-norm
+  scores, as ``--allocator ecoflap`` makes it), which the search then refines;
+- **levels**: block b gets ``base_b + k_b * step`` with an integer ``k_b`` in ``[-K, K]``
+  (``K = max_offset / step``, clipped so every level stays in [0, 0.99]); the base is the target
+  for every block, except from the ``ecoflap`` start, where it is that plan's sparsity;
 - **budget**: blocks of equal size form a class; a mutation moves one step of sparsity from one
   block of a class to another of the same class (``k_i += 1, k_j -= 1``), so the sum of ``k`` in
-  every class stays 0 and the parameter-weighted mean sparsity is exactly the target;
+  every class stays 0 and the parameter-weighted mean sparsity stays the base's (the target);
 - **candidates**: each block's weights at each level come from one database built once: the
   Wanda score ``|W| * ||X||`` of every weight on the dense model's calibration activations,
   stored as its rank within its row, so level ``s`` keeps the ``round(cols (1 - s))``
@@ -116,11 +118,18 @@ def snap(offsets: Sequence[float], classes: Sequence[Sequence[int]], step: float
     return levels
 
 
+def block_bounds(base: Sequence[float], step: float, max_offset: float) -> tuple[list[int], list[int]]:
+    """Each block's lowest and highest k around its own base level (``level_bounds`` per block)."""
+    bounds = [level_bounds(b, step, max_offset) for b in base]
+    return [lo for lo, _ in bounds], [hi for _, hi in bounds]
+
+
 def start_levels(
     settings: SearchSettings, blocks: Sequence[Block], classes: Sequence[Sequence[int]]
 ) -> dict[str, list[int]]:
-    """The starting candidates: ``uniform``, the ``depth`` schedule, or both (``best``: the search
-    starts from whichever the fitness prefers; neither is best on every model)."""
+    """The grid starts around the target: ``uniform``, the ``depth`` schedule, or both (``best``:
+    the search starts from whichever the fitness prefers; neither is best on every model). The
+    ``ecoflap`` start has its own base (``ecoflap_base``) and starts at k = 0 on it."""
     low, high = level_bounds(settings.target, settings.step, settings.max_offset)
     starts = {
         "uniform": [0] * len(blocks),
@@ -130,21 +139,49 @@ def start_levels(
         return starts
     if settings.start in starts:
         return {settings.start: starts[settings.start]}
-    raise PlanError(f"unknown search start {settings.start!r} (best, uniform or depth)")
+    raise PlanError(f"unknown search start {settings.start!r} (best, uniform, depth or ecoflap)")
+
+
+def ecoflap_base(
+    adapter: Adapter,
+    batches: Sequence[Batch],
+    blocks: Sequence[Block],
+    target: float,
+    seed: int,
+    progress: Progress | None,
+) -> tuple[list[float], dict[str, Any]]:
+    """The coarse stage's plan as the search's base: the default scoring (``auto``: exact gradient
+    norms where backprop fits) and the paper's allocation rule with its default cap, as
+    ``--allocator ecoflap`` gives it. Returns the block sparsities and the scoring's record."""
+    from ecoflap_cli.core import allocation
+    from ecoflap_cli.core.methods import SCORING
+    from ecoflap_cli.engine.score_methods import auto
+
+    scores, record = auto(adapter, batches, SCORING.get("auto").settings({"seed": seed}), progress)
+    plan = allocation.ecoflap([b.num_params for b in blocks], [scores[b.name] for b in blocks], target)
+    return list(plan.sparsities), record
 
 
 def mutate(
-    parent: Sequence[int], classes: Sequence[Sequence[int]], low: int, high: int, rng: random.Random, moves: int
+    parent: Sequence[int],
+    classes: Sequence[Sequence[int]],
+    low: int | Sequence[int],
+    high: int | Sequence[int],
+    rng: random.Random,
+    moves: int,
 ) -> list[int]:
-    """Move one step of sparsity between two blocks of one size class, 1..``moves`` times."""
+    """Move one step of sparsity between two blocks of one size class, 1..``moves`` times, each
+    block within its bounds (one pair for all blocks, or one bound per block)."""
     child = list(parent)
+    lows = [low] * len(child) if isinstance(low, int) else list(low)
+    highs = [high] * len(child) if isinstance(high, int) else list(high)
     candidates = [c for c in classes if len(c) > 1]
     if not candidates:
         return child
     for _ in range(rng.randint(1, moves)):
         members = rng.choice(candidates)
-        up = [i for i in members if child[i] < high]
-        down = [i for i in members if child[i] > low]
+        up = [i for i in members if child[i] < highs[i]]
+        down = [i for i in members if child[i] > lows[i]]
         if not up or not down:
             continue
         i = rng.choice(up)
@@ -308,7 +345,6 @@ def search_levels(
         raise PlanError(f"search target must be in [0, 1), got {settings.target}")
     blocks = adapter.blocks()
     classes = _size_classes(blocks)
-    low, high = level_bounds(settings.target, settings.step, settings.max_offset)
     started = time.perf_counter()
     fingerprint = _fingerprint(settings, blocks, batches)
     state_path = Path(settings.state) if settings.state else None
@@ -316,6 +352,15 @@ def search_levels(
 
     if progress:
         progress("search: dense statistics and log-probabilities")
+    base = [settings.target] * len(blocks)
+    base_record: dict[str, Any] | None = None
+    if state is not None:
+        base = [float(b) for b in state.get("base", base)]
+    elif settings.start == "ecoflap":
+        if progress:
+            progress("search: the coarse stage's plan (ECoFLaP's rule) as the start")
+        base, base_record = ecoflap_base(adapter, batches, blocks, settings.target, settings.seed, progress)
+    lows, highs = block_bounds(base, settings.step, settings.max_offset)
     samples = split_samples(batches)
     fitness = _Fitness(adapter, samples, settings.fitness)
     database = _Database(adapter, blocks, batches)
@@ -323,17 +368,23 @@ def search_levels(
     first = every[: max(1, min(settings.quick, len(every)))]
 
     def measure(levels: Sequence[int], indices: Sequence[int]) -> float:
-        database.install([settings.target + k * settings.step for k in levels])
+        database.install([b + k * settings.step for b, k in zip(base, levels)])
         return fitness(indices)
 
     try:
         if state is None:
-            starts = start_levels(settings, blocks, classes)
+            starts = (
+                {"ecoflap": [0] * len(blocks)}
+                if settings.start == "ecoflap"
+                else start_levels(settings, blocks, classes)
+            )
             measured = {name: measure(levels, every) for name, levels in starts.items()}
             started_from = min(measured, key=lambda name: measured[name])
             parent, parent_fit = starts[started_from], measured[started_from]
             state = {
                 "fingerprint": fingerprint,
+                "base": base,
+                "base_scoring": base_record,
                 "generation": 0,
                 "parent": parent,
                 "fitness": parent_fit,
@@ -349,7 +400,7 @@ def search_levels(
         for generation in range(int(state["generation"]), settings.generations):
             rng = random.Random(f"{settings.seed}:{generation}")
             parent = list(state["parent"])
-            children = [mutate(parent, classes, low, high, rng, settings.moves) for _ in range(settings.offspring)]
+            children = [mutate(parent, classes, lows, highs, rng, settings.moves) for _ in range(settings.offspring)]
             children = [c for c in children if c != parent]
             quick = sorted(((measure(c, first), n) for n, c in enumerate(children)), key=lambda t: t[0])
             best_fit, best = float(state["fitness"]), None
@@ -371,7 +422,7 @@ def search_levels(
                 )
     finally:
         database.restore()
-    levels = {b.name: round(settings.target + k * settings.step, 10) for b, k in zip(blocks, state["parent"])}
+    levels = {b.name: round(lv + k * settings.step, 10) for b, lv, k in zip(blocks, base, state["parent"])}
     record = {
         "name": "search",
         **{k: v for k, v in asdict(settings).items() if k != "state"},
@@ -379,6 +430,7 @@ def search_levels(
         "start_fitness": state["start_fitness"],
         "started_from": state["started_from"],
         "start_fitnesses": state["start_fitnesses"],
+        "start_scoring": state.get("base_scoring"),
         "final_fitness": state["fitness"],
         "history": state["history"],
         "evaluations": state["evaluations"],
