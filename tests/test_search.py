@@ -55,6 +55,7 @@ def _run(tiny, progress=None, **overrides):
     _loaded, adapter, batches, _prov = tiny
     # a deliberately poor start (a steep depth schedule) so that the tiny model has room to improve
     options = dict(target=0.7, step=0.1, generations=5, offspring=6, survivors=2, seed=0, start="depth", depth_step=0.1)
+    options.update(quick=4, full=8)  # the tests' own selection, whatever the defaults
     options.update(overrides)
     return search_levels(adapter, batches, SearchSettings(**options), progress)
 
@@ -173,6 +174,8 @@ def test_one_shot_prune_with_the_search_allocator(tiny_llama, calib_text, tmp_pa
     scores = json.loads((out / "scores.json").read_text())
     assert scores["method"]["name"] == "search" and scores["method"]["target"] == 0.5
     assert len(scores["method"]["history"]) == 3
+    # by default the search refines the coarse stage's plan, from its gradient-norm scores
+    assert scores["method"]["started_from"] == "ecoflap" and scores["method"]["start_scoring"]["name"] == "first"
 
 
 def test_search_needs_a_target_and_checks_its_settings(tiny_llama, calib_text, tmp_path):

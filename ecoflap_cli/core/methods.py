@@ -391,14 +391,14 @@ SCORING.add(
                 high=100000,
                 key="gens",
             ),
-            Param("offspring", 6, "Mutated candidates per generation.", kind="int", low=1, high=10000),
+            Param("offspring", 4, "Mutated candidates per generation.", kind="int", low=1, high=10000),
             Param(
                 "survivors", 2, "Candidates measured on the full samples per generation.", kind="int", low=1, high=10000
             ),
             Param("moves", 2, "Most level swaps in one mutation.", kind="int", low=1, high=1000),
             Param(
                 "start",
-                "best",
+                "ecoflap",
                 "Starting levels: uniform, the depth schedule, best (whichever has the lower fitness), "
                 "or ecoflap (the coarse stage's plan from gradient-norm scores, refined by the search).",
                 kind="str",
@@ -412,10 +412,10 @@ SCORING.add(
                 kind="str",
                 choices=("auto", "kl", "loss"),
             ),
-            Param("quick", 4, "Samples every offspring is measured on (stage 1).", kind="int", low=1, high=100000),
+            Param("quick", 1, "Samples every offspring is measured on (stage 1).", kind="int", low=1, high=100000),
             Param(
                 "full",
-                8,
+                2,
                 "Samples the survivors and the parent are measured on (0: all).",
                 kind="int",
                 low=0,

@@ -61,22 +61,31 @@ Progress = Callable[[str], None]
 MAX_LEVEL = 0.99
 
 
+def _default(name: str) -> Any:
+    """A setting's default, declared once: in the scoring registry's ``search`` entry."""
+    from ecoflap_cli.core.methods import SCORING
+
+    return SCORING.get("search").defaults()[name]
+
+
 @dataclass(frozen=True)
 class SearchSettings:
+    """The search's settings; the defaults are the registry's (``core.methods``, ``search``)."""
+
     target: float
-    step: float = 0.05
-    max_offset: float = 0.2
-    generations: int = 8
-    offspring: int = 6
-    survivors: int = 2
-    moves: int = 2
-    start: str = "best"
-    depth_step: float = 0.01
-    fitness: str = "auto"
-    quick: int = 4
-    full: int = 8
+    step: float = _default("step")
+    max_offset: float = _default("max_offset")
+    generations: int = _default("generations")
+    offspring: int = _default("offspring")
+    survivors: int = _default("survivors")
+    moves: int = _default("moves")
+    start: str = _default("start")
+    depth_step: float = _default("depth_step")
+    fitness: str = _default("fitness")
+    quick: int = _default("quick")
+    full: int = _default("full")
     seed: int = 0
-    state: str = ""
+    state: str = _default("state")
 
 
 def _size_classes(blocks: Sequence[Block]) -> list[list[int]]:
