@@ -31,6 +31,7 @@ SCRIPTS = (
     "reconstruction",
     "scoring_cost",
     "sparsegpt_sensitivity",
+    "stage_cost",
     "tiny_clip",
     "travel",
 )
@@ -758,3 +759,35 @@ def test_travel_report_chooses_on_validation_within_the_budget(cache: Path) -> N
     assert "on code_valid: 0.50" in out and "on qwen: 0.50" in out
     # the target's line: the best test-text ratio at any cost, whatever chose it
     assert f"- qwen 0.7: test 0.10 ({DEFAULT_WANDA}, mix)" in out
+
+
+# --- a candidate's cost, side by side ----------------------------------------------------------
+
+
+def test_stage_cost_times_each_method_and_gives_per_repeat_ratios(fake_assets: dict[str, Path]) -> None:
+    """Every method's scoring (the search included) and prune are timed on one runner; the
+    summary divides each repeat by uniform SparseGPT's seconds in the same repeat."""
+    from ecoflap_cli.bench import stage_cost
+    from ecoflap_cli.bench.models import DEFAULT_WANDA, model_config
+    from ecoflap_cli.stages.sweep import SweepRunner
+
+    methods = [stage_cost.REFERENCE, DEFAULT_WANDA, "search:wanda@gens=1"]
+    cfg = model_config("smollm2", methods, [0.5], "valid", samples=3, seqlen=32, score_samples=4, score_seqlen=16)
+    runner = SweepRunner(cfg)
+    before = {k: v.clone() for k, v in runner.loaded.model.state_dict().items()}
+    timed = {m: stage_cost.time_method(runner, m, 0.5) for m in methods}
+    assert timed[stage_cost.REFERENCE]["score_s"] == 0.0  # a uniform plan needs no scores
+    for seconds in timed.values():
+        assert seconds["prune_s"] > 0 and seconds["total_s"] >= seconds["prune_s"]
+    assert timed[DEFAULT_WANDA]["score_s"] > 0 and timed["search:wanda@gens=1"]["score_s"] > 0
+    runner.restore()
+    for name, value in runner.loaded.model.state_dict().items():
+        assert value.equal(before[name]), name
+
+    entries = [
+        {"model": "m", "repeat": r, "sparsity": 0.6, "method": m, "score_s": 0.0, "prune_s": t, "total_s": t}
+        for r, times in enumerate([(100.0, 50.0), (200.0, 50.0), (100.0, 90.0)])
+        for m, t in zip((stage_cost.REFERENCE, DEFAULT_WANDA), times)
+    ]
+    row = next(line for line in stage_cost.summary(entries).splitlines() if f"| {DEFAULT_WANDA} |" in line)
+    assert "0.50, 0.25, 0.90" in row and row.rstrip(" |").endswith("0.50")  # the median of the ratios
