@@ -273,3 +273,12 @@ def test_ecoflap_start_is_the_coarse_plan_and_the_search_refines_it(tiny, tmp_pa
         _run(tiny, **options, state=str(state), progress=interrupt)
     resumed, again = _run(tiny, **options, state=str(state))
     assert resumed == refined and again["history"] == history
+
+
+def test_dense_log_probabilities_are_kept_only_for_the_measured_samples(tiny):
+    """With full=2 of 8 samples the search holds the dense model's log-probabilities of 2 samples:
+    the others are never measured, so they would only cost a forward pass and memory each."""
+    loaded, _adapter, batches, _prov = tiny
+    _levels, record = _run(tiny, generations=1, quick=1, full=2)
+    seqlen = batches[0]["input_ids"].shape[1]
+    assert record["memory_bytes"]["dense_logprobs"] == 2 * 2 * seqlen * loaded.model.config.vocab_size

@@ -34,8 +34,7 @@ REFERENCE = "uniform:sparsegpt"
 METHODS = [
     REFERENCE,
     DEFAULT_WANDA,
-    "search:wanda@start=ecoflap,gens=8,offspring=4,quick=1,full=2",
-    "search:wanda@start=ecoflap,gens=4,offspring=4,quick=1,full=2",
+    "search:wanda@start=ecoflap,gens=8,offspring=4,quick=1,full=2",  # the search's defaults, spelled out
 ]
 
 

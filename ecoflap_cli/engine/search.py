@@ -21,7 +21,8 @@ levels directly, with the model's own output as the judge, does better. This is 
   best-ranked weights of each row. A candidate is installed by re-masking only the blocks whose
   level changed since the last one;
 - **fitness**: KL divergence of the candidate's next-token distribution from the dense model's
-  (dense log-probabilities computed once) on held-back calibration samples, or the model's own
+  (dense log-probabilities computed once, for the ``full`` samples the selection measures and no
+  others) on held-back calibration samples, or the model's own
   loss for models without token logits;
 - **selection in stages**: every offspring is measured on the first ``quick`` calibration samples
   only; the best ``survivors`` on the first ``full`` samples (0: all), and the parent is
@@ -371,10 +372,12 @@ def search_levels(
         base, base_record = ecoflap_base(adapter, batches, blocks, settings.target, settings.seed, progress)
     lows, highs = block_bounds(base, settings.step, settings.max_offset)
     samples = split_samples(batches)
-    fitness = _Fitness(adapter, samples, settings.fitness)
-    database = _Database(adapter, blocks, batches)
     every = list(range(len(samples) if settings.full <= 0 else min(settings.full, len(samples))))
     first = every[: max(1, min(settings.quick, len(every)))]
+    # the dense log-probabilities only of the samples the selection measures (the first ``full``):
+    # the rest would cost a forward pass each and their share of memory for nothing
+    fitness = _Fitness(adapter, samples[: len(every)], settings.fitness)
+    database = _Database(adapter, blocks, batches)
 
     def measure(levels: Sequence[int], indices: Sequence[int]) -> float:
         database.install([b + k * settings.step for b, k in zip(base, levels)])
