@@ -18,6 +18,14 @@ from ecoflap_cli.models import get_adapter
 from ecoflap_cli.stages import driver
 
 
+def size_classes(sizes):
+    """Indices of blocks of equal size, grouped (the budget's classes)."""
+    classes: dict[int, list[int]] = {}
+    for i, size in enumerate(sizes):
+        classes.setdefault(size, []).append(i)
+    return list(classes.values())
+
+
 @given(
     st.lists(st.integers(1, 4), min_size=2, max_size=12),
     st.floats(0.05, 0.9),
@@ -26,10 +34,7 @@ from ecoflap_cli.stages import driver
 )
 @settings(max_examples=150, deadline=None)
 def test_snap_and_mutations_keep_every_class_at_the_target(size_ids, target, step, seed):
-    classes: dict[int, list[int]] = {}
-    for i, size in enumerate(size_ids):
-        classes.setdefault(size, []).append(i)
-    groups = list(classes.values())
+    groups = size_classes(size_ids)
     low, high = level_bounds(target, step, 0.2)
     rng = random.Random(seed)
     offsets = [rng.uniform(-0.3, 0.3) for _ in size_ids]
@@ -49,6 +54,20 @@ def tiny(tiny_llama, calib_text):
     opts = driver.CalibrationOptions(str(calib_text), samples=8, seqlen=32, batch_size=4, seed=0)
     batches, prov = driver.calibration_batches(loaded, adapter, opts)
     return loaded, adapter, batches, prov
+
+
+class Stop(Exception):
+    """An interruption of the search (a kill, as far as its state file can tell)."""
+
+
+def interrupt_at(generation: int):
+    """A progress callback that stops the search as generation ``generation`` is reported."""
+
+    def interrupt(message: str) -> None:
+        if message.startswith(f"search generation {generation}/"):
+            raise Stop
+
+    return interrupt
 
 
 def _run(tiny, progress=None, **overrides):
@@ -97,15 +116,8 @@ def test_search_resumes_after_an_interruption_to_the_same_result(tiny, tmp_path)
     options = dict(target=0.7, step=0.1, generations=5, offspring=6, survivors=2, seed=0, start="depth", depth_step=0.1)
     full = search_levels(adapter, batches, SearchSettings(**options))
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(message: str) -> None:
-        if message.startswith("search generation 3/"):
-            raise Stop
-
     with pytest.raises(Stop):
-        search_levels(adapter, batches, SearchSettings(**options, state=str(state)), interrupt)
+        search_levels(adapter, batches, SearchSettings(**options, state=str(state)), interrupt_at(3))
     saved = json.loads(state.read_text())
     assert saved["generation"] == 3
     resumed = search_levels(adapter, batches, SearchSettings(**options, state=str(state)))
@@ -215,10 +227,7 @@ def test_mutations_around_a_per_block_base_keep_its_budget_and_bounds(blocks, st
 
     sizes = [s * 1000 for s, _ in blocks]
     base = [b for _, b in blocks]
-    classes: dict[int, list[int]] = {}
-    for i, size in enumerate(sizes):
-        classes.setdefault(size, []).append(i)
-    groups = list(classes.values())
+    groups = size_classes(sizes)
     lows, highs = block_bounds(base, step, 0.2)
     rng = random.Random(seed)
     levels = [0] * len(base)
@@ -262,15 +271,8 @@ def test_ecoflap_start_is_the_coarse_plan_and_the_search_refines_it(tiny, tmp_pa
 
     state = tmp_path / "search.json"
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(message: str) -> None:
-        if message.startswith("search generation 2/"):
-            raise Stop
-
     with pytest.raises(Stop):
-        _run(tiny, **options, state=str(state), progress=interrupt)
+        _run(tiny, **options, state=str(state), progress=interrupt_at(2))
     resumed, again = _run(tiny, **options, state=str(state))
     assert resumed == refined and again["history"] == history
 
