@@ -165,9 +165,9 @@ def ecoflap_base(
     ``--allocator ecoflap`` gives it. Returns the block sparsities and the scoring's record."""
     from ecoflap_cli.core import allocation
     from ecoflap_cli.core.methods import SCORING
-    from ecoflap_cli.engine.score_methods import auto
 
-    scores, record = auto(adapter, batches, SCORING.get("auto").settings({"seed": seed}), progress)
+    entry = SCORING.get("auto")  # the default scoring, as the registry runs it
+    scores, record = entry.resolve()(adapter, batches, entry.settings({"seed": seed}), progress)
     plan = allocation.ecoflap([b.num_params for b in blocks], [scores[b.name] for b in blocks], target)
     return list(plan.sparsities), record
 
@@ -413,17 +413,7 @@ def search_levels(
             rng = random.Random(f"{settings.seed}:{generation}")
             parent = list(state["parent"])
             children = [mutate(parent, classes, lows, highs, rng, settings.moves) for _ in range(settings.offspring)]
-            children = [c for c in children if c != parent]
-            quick = sorted(((measure(c, first), n) for n, c in enumerate(children)), key=lambda t: t[0])
-            best_fit, best = float(state["fitness"]), None
-            for _quick_fit, n in quick[: settings.survivors]:
-                full = measure(children[n], every)
-                if full < best_fit:
-                    best_fit, best = full, children[n]
-            state["evaluations"] += len(children) + min(settings.survivors, len(children))
-            if best is not None:
-                state["parent"], state["fitness"] = best, best_fit
-                state["accepted"] += 1
+            _select(state, [c for c in children if c != parent], settings.survivors, measure, first, every)
             state["generation"] = generation + 1
             state["history"].append(float(state["fitness"]))
             if state_path:
@@ -435,7 +425,36 @@ def search_levels(
     finally:
         database.restore()
     levels = {b.name: round(lv + k * settings.step, 10) for b, lv, k in zip(blocks, base, state["parent"])}
-    record = {
+    return levels, _record(settings, state, fitness, database, time.perf_counter() - started)
+
+
+def _select(
+    state: dict[str, Any],
+    children: Sequence[list[int]],
+    survivors: int,
+    measure: Callable[[Sequence[int], Sequence[int]], float],
+    first: Sequence[int],
+    every: Sequence[int],
+) -> None:
+    """One generation's selection, in ``state``: every child on the ``first`` samples, the best
+    ``survivors`` on ``every`` sample, and the parent replaced only by a child better there."""
+    quick = sorted(((measure(c, first), n) for n, c in enumerate(children)), key=lambda t: t[0])
+    best_fit, best = float(state["fitness"]), None
+    for _quick_fit, n in quick[:survivors]:
+        full = measure(children[n], every)
+        if full < best_fit:
+            best_fit, best = full, children[n]
+    state["evaluations"] += len(children) + min(survivors, len(children))
+    if best is not None:
+        state["parent"], state["fitness"] = best, best_fit
+        state["accepted"] += 1
+
+
+def _record(
+    settings: SearchSettings, state: dict[str, Any], fitness: _Fitness, database: _Database, seconds: float
+) -> dict[str, Any]:
+    """What the scores file records of a search."""
+    return {
         "name": "search",
         **{k: v for k, v in asdict(settings).items() if k != "state"},
         "fitness_kind": fitness.kind,
@@ -447,14 +466,13 @@ def search_levels(
         "history": state["history"],
         "evaluations": state["evaluations"],
         "accepted": state["accepted"],
-        "search_s": round(time.perf_counter() - started, 3),
+        "search_s": round(seconds, 3),
         "memory_bytes": {  # what the search holds beyond the model itself
             "dense_weights": _nbytes(database.dense.values()),
             "ranks": _nbytes(database.ranks.values()),
             "dense_logprobs": _nbytes(fitness.dense),
         },
     }
-    return levels, record
 
 
 def _nbytes(tensors: Any) -> int:
