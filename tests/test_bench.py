@@ -791,3 +791,17 @@ def test_stage_cost_times_each_method_and_gives_per_repeat_ratios(fake_assets: d
     ]
     row = next(line for line in stage_cost.summary(entries).splitlines() if f"| {DEFAULT_WANDA} |" in line)
     assert "0.50, 0.25, 0.90" in row and row.rstrip(" |").endswith("0.50")  # the median of the ratios
+
+
+def test_stage_cost_at_another_calibration_size_keeps_its_own_file(fake_assets: dict[str, Path], capsys) -> None:
+    """``--samples`` / ``--seqlen`` time the prune on that much calibration text, into a file of
+    that size, beside (not over) the benchmark size's results."""
+    from ecoflap_cli.bench import stage_cost
+    from ecoflap_cli.data import assets
+
+    args = ["--model", "smollm2", "--samples", "3", "--seqlen", "32", "--repeats", "1", "--method", "uniform:wanda"]
+    assert stage_cost.main(args) == 0
+    saved = json.loads((assets.cache_dir() / "bench" / "smollm2-stage-cost-3x32.json").read_text())
+    assert {e["method"] for e in saved} == {stage_cost.REFERENCE, "uniform:wanda"}  # the reference is always run
+    assert not (assets.cache_dir() / "bench" / "smollm2-stage-cost.json").exists()
+    assert "| 0.6 | uniform:wanda | 1 |" in capsys.readouterr().out

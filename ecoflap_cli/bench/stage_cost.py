@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m ecoflap_cli.bench.stage_cost --model smollm2 --repeats 3
     OMP_NUM_THREADS=1 python -m ecoflap_cli.bench.stage_cost --model qwen --repeats 2 -s 0.6
+    OMP_NUM_THREADS=1 python -m ecoflap_cli.bench.stage_cost --model smollm2 --samples 64 --seqlen 1024
 
 ``bench.travel``'s cost column is one run per cell, and a run whose process reused cached scores is
 charged its folder's data-building time, so single timings move by tens of percent. This bench
@@ -12,7 +13,10 @@ the prune, on the same calibration data (built once, Wikipedia, the benchmark si
 them alike; each repeat's seconds are divided by uniform SparseGPT's in the same repeat, and the
 report gives the median of those ratios beside the median seconds.
 
-Results go to ``CACHE/bench/MODEL-stage-cost.json`` (one entry per repeat, method and sparsity).
+``--samples`` / ``--seqlen`` replace the pruning calibration's size (the scores keep theirs: 32 x
+128 tokens), for the cost at ``prune``'s size, where the prune grows with the tokens and the
+scoring does not. Results go to ``CACHE/bench/MODEL-stage-cost.json`` (``MODEL-stage-cost-SxL.json``
+at another size; one entry per repeat, method and sparsity).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import statistics
 import time
 from typing import Any
 
-from ecoflap_cli.bench.models import DEFAULT_WANDA, MODELS
+from ecoflap_cli.bench.models import DEFAULT_WANDA, MODELS, SIZES
 from ecoflap_cli.bench.travel import config, folder
 from ecoflap_cli.files import write_atomic
 from ecoflap_cli.stages import driver
@@ -85,9 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", action="append", help=f"repeat (default: {', '.join(METHODS)})")
     parser.add_argument("-s", "--sparsity", type=float, action="append", help="repeat (default 0.6)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--samples", type=int, help="pruning calibration windows (default: the benchmark size)")
+    parser.add_argument("--seqlen", type=int, help="their length in tokens (default 512)")
     parser.add_argument("--report", action="store_true", help="print the saved entries and stop")
     args = parser.parse_args(argv)
-    out = folder(args.model, "wiki").parent / f"{args.model}-stage-cost.json"
+    resized = args.samples or args.seqlen
+    size = f"-{args.samples or SIZES[args.model]['samples']}x{args.seqlen or 512}" if resized else ""
+    out = folder(args.model, "wiki").parent / f"{args.model}-stage-cost{size}.json"
     entries: list[dict[str, Any]] = json.loads(out.read_text()) if out.is_file() else []
     if args.report:
         print(summary(entries))
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    runner = SweepRunner(config(args.model, "wiki", methods, sparsities), log)
+    runner = SweepRunner(config(args.model, "wiki", methods, sparsities, log, samples=args.samples, seqlen=args.seqlen))
     runner.prune_data()
     runner.score_data()
     start = max((e["repeat"] for e in entries if e["model"] == args.model), default=-1) + 1

@@ -63,10 +63,13 @@ def folder(model: str, calib: str) -> Path:
     return assets.cache_dir() / "bench" / f"{model}-travel-{calib}"
 
 
-def config(model: str, calib: str, methods: list[str], sparsities: list[float], log: Any = None) -> Any:
+def config(model: str, calib: str, methods: list[str], sparsities: list[float], log: Any = None, **sizes: Any) -> Any:
+    """The study's sweep configuration; ``sizes`` (``samples``, ``seqlen``) replace the benchmark
+    sizes of the pruning calibration (``bench.stage_cost`` at ``prune``'s size)."""
     from ecoflap_cli.data import assets
 
     spec = CALIBS[calib].replace("WIKI", str(assets.wikipedia_splits()["calib"]))
+    data = {"samples": SIZES[model]["samples"], "seqlen": 512, **{k: v for k, v in sizes.items() if v is not None}}
     return model_config(
         model,
         methods,
@@ -75,11 +78,10 @@ def config(model: str, calib: str, methods: list[str], sparsities: list[float], 
         extra_texts=EXTRA,
         output=str(folder(model, calib)),
         eval_windows=SIZES[model]["valid_windows"],
-        samples=SIZES[model]["samples"],
-        seqlen=512,
         threads=1,
         calib=spec,
         log=log,
+        **data,
     )
 
 
