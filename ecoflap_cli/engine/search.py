@@ -128,6 +128,12 @@ def snap(offsets: Sequence[float], classes: Sequence[Sequence[int]], step: float
     return levels
 
 
+def level(base: float, k: int, step: float) -> float:
+    """Block sparsity ``base + k step``, clamped to [0, MAX_LEVEL]: the bounds keep it there up to
+    round-off (0.15 - 3 x 0.05 is -2.8e-17 in floating point)."""
+    return min(max(base + k * step, 0.0), MAX_LEVEL)
+
+
 def block_bounds(base: Sequence[float], step: float, max_offset: float) -> tuple[list[int], list[int]]:
     """Each block's lowest and highest k around its own base level (``level_bounds`` per block)."""
     bounds = [level_bounds(b, step, max_offset) for b in base]
@@ -380,7 +386,7 @@ def search_levels(
     database = _Database(adapter, blocks, batches)
 
     def measure(levels: Sequence[int], indices: Sequence[int]) -> float:
-        database.install([b + k * settings.step for b, k in zip(base, levels)])
+        database.install([level(b, k, settings.step) for b, k in zip(base, levels)])
         return fitness(indices)
 
     try:
@@ -424,7 +430,7 @@ def search_levels(
                 )
     finally:
         database.restore()
-    levels = {b.name: round(lv + k * settings.step, 10) for b, lv, k in zip(blocks, base, state["parent"])}
+    levels = {b.name: round(level(lv, k, settings.step), 10) for b, lv, k in zip(blocks, base, state["parent"])}
     return levels, _record(settings, state, fitness, database, time.perf_counter() - started)
 
 
