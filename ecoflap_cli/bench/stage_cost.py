@@ -51,11 +51,9 @@ def time_method(runner: SweepRunner, method: str, sparsity: float) -> dict[str, 
         scores = driver.structure_document(runner.loaded, runner.adapter)
     else:
         batches, prov = runner.score_data()
-        settings = spec.scoring_settings()
-        if spec.scoring == "search":
-            settings["target"] = sparsity
         start = time.perf_counter()
         assert spec.scoring is not None
+        settings = spec.scoring_settings_at(sparsity)
         scores = driver.score(runner.loaded, runner.adapter, batches, prov, spec.scoring, settings, seed=0)
         score_s = time.perf_counter() - start
     start = time.perf_counter()

@@ -144,13 +144,15 @@ def start_levels(
     settings: SearchSettings, blocks: Sequence[Block], classes: Sequence[Sequence[int]]
 ) -> dict[str, list[int]]:
     """The grid starts around the target: ``uniform``, the ``depth`` schedule, or both (``best``:
-    the search starts from whichever the fitness prefers; neither is best on every model). The
-    ``ecoflap`` start has its own base (``ecoflap_base``) and starts at k = 0 on it."""
+    the search starts from whichever the fitness prefers; neither is best on every model); the
+    ``ecoflap`` start is k = 0 on its own base (``ecoflap_base``)."""
     low, high = level_bounds(settings.target, settings.step, settings.max_offset)
     starts = {
         "uniform": [0] * len(blocks),
         "depth": snap([settings.depth_step * b.index for b in blocks], classes, settings.step, low, high),
     }
+    if settings.start == "ecoflap":  # k = 0 on its own base (``ecoflap_base``)
+        return {"ecoflap": [0] * len(blocks)}
     if settings.start == "best":
         return starts
     if settings.start in starts:
@@ -391,11 +393,7 @@ def search_levels(
 
     try:
         if state is None:
-            starts = (
-                {"ecoflap": [0] * len(blocks)}
-                if settings.start == "ecoflap"
-                else start_levels(settings, blocks, classes)
-            )
+            starts = start_levels(settings, blocks, classes)
             measured = {name: measure(levels, every) for name, levels in starts.items()}
             started_from = min(measured, key=lambda name: measured[name])
             parent, parent_fit = starts[started_from], measured[started_from]

@@ -129,6 +129,15 @@ class MethodSpec:
     def reconstruct_settings(self) -> dict[str, Any]:
         return self.settings_of(RECONSTRUCTION.get(self.reconstruct)) if self.reconstruct else {}
 
+    def scoring_settings_at(self, sparsity: float) -> dict[str, Any]:
+        """The scoring settings for one target: a method that scores for one sparsity (the search)
+        gets ``target`` unless the spec gave one."""
+        settings = self.scoring_settings()
+        per_target = self.scoring is not None and SCORING.get(self.scoring).param("target") is not None
+        if per_target and settings.get("target") is None:
+            settings["target"] = sparsity
+        return settings
+
     def score_key(self) -> str | None:
         """What identifies this method's scores: methods with equal keys share one scores doc."""
         if self.scoring is None or self.peer:
@@ -468,10 +477,8 @@ class SweepRunner:
         search) is run, and cached, per sparsity.
         """
         key = spec.score_key()
-        settings = spec.scoring_settings()
-        per_target = spec.scoring is not None and SCORING.get(spec.scoring).param("target") is not None
-        if key is not None and per_target and settings.get("target") is None:
-            settings["target"] = sparsity
+        settings = spec.scoring_settings_at(sparsity)
+        if key is not None and settings != spec.scoring_settings():
             key = f"{key}{'@' if '@' not in key else ','}target={sparsity:g}"
         if key is None:
             if self._structure is None:
