@@ -347,7 +347,8 @@ _METHODS = "docs/methods.md describes each method and its settings."
 def _allocator_option() -> Any:
     return option(
         "auto",
-        "Allocator; auto: ecoflap (the paper's rule), owl for OWL scores, search for search levels "
+        "Allocator; auto: ecoflap (the paper's rule), owl for OWL scores, search for search levels; "
+        "a one-shot prune of a language model in memory: search, refining the paper's plan "
         "(the plan records which and why). " + _METHODS,
         registry=ALLOCATORS,
         extra=("auto",),
