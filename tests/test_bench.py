@@ -805,3 +805,10 @@ def test_stage_cost_at_another_calibration_size_keeps_its_own_file(fake_assets: 
     assert {e["method"] for e in saved} == {stage_cost.REFERENCE, "uniform:wanda"}  # the reference is always run
     assert not (assets.cache_dir() / "bench" / "smollm2-stage-cost.json").exists()
     assert "| 0.6 | uniform:wanda | 1 |" in capsys.readouterr().out
+    # --score-seqlen: the scoring samples' length too (prune's defaults), in a file of its own
+    args = ["--model", "smollm2", "--samples", "3", "--seqlen", "32", "--score-seqlen", "24", "--repeats", "1"]
+    assert stage_cost.main([*args, "--method", stage_cost.REFERENCE]) == 0
+    assert (assets.cache_dir() / "bench" / "smollm2-stage-cost-3x32-score24.json").is_file()
+    from ecoflap_cli.bench.travel import config
+
+    assert config("smollm2", "wiki", [stage_cost.REFERENCE], [0.6], score_seqlen=24).score_seqlen == 24

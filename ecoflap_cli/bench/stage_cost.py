@@ -3,6 +3,8 @@
     OMP_NUM_THREADS=1 python -m ecoflap_cli.bench.stage_cost --model smollm2 --repeats 3
     OMP_NUM_THREADS=1 python -m ecoflap_cli.bench.stage_cost --model qwen --repeats 2 -s 0.6
     OMP_NUM_THREADS=1 python -m ecoflap_cli.bench.stage_cost --model smollm2 --samples 64 --seqlen 1024
+    OMP_NUM_THREADS=1 python -m ecoflap_cli.bench.stage_cost --model smollm2 --samples 128 --seqlen 2048 \
+        --score-seqlen 2048
 
 ``bench.travel``'s cost column is one run per cell, and a run whose process reused cached scores is
 charged its folder's data-building time, so single timings move by tens of percent. This bench
@@ -15,8 +17,10 @@ report gives the median of those ratios beside the median seconds.
 
 ``--samples`` / ``--seqlen`` replace the pruning calibration's size (the scores keep theirs: 32 x
 128 tokens), for the cost at ``prune``'s size, where the prune grows with the tokens and the
-scoring does not. Results go to ``CACHE/bench/MODEL-stage-cost.json`` (``MODEL-stage-cost-SxL.json``
-at another size; one entry per repeat, method and sparsity).
+scoring does not; ``--score-seqlen`` replaces the scoring samples' 128 tokens (``prune``'s own
+default is ``--seqlen``'s: 2,048 tokens for both models). Results go to
+``CACHE/bench/MODEL-stage-cost.json`` (``MODEL-stage-cost-SxL[-scoreT].json`` at another size; one
+entry per repeat, method and sparsity).
 """
 
 from __future__ import annotations
@@ -89,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples", type=int, help="pruning calibration windows (default: the benchmark size)")
     parser.add_argument("--seqlen", type=int, help="their length in tokens (default 512)")
+    parser.add_argument("--score-seqlen", type=int, help="tokens per scoring sample (default 128)")
     parser.add_argument("--report", action="store_true", help="print the saved entries and stop")
     args = parser.parse_args(argv)
     resized = args.samples or args.seqlen
     size = f"-{args.samples or SIZES[args.model]['samples']}x{args.seqlen or 512}" if resized else ""
+    size += f"-score{args.score_seqlen}" if args.score_seqlen else ""
     out = folder(args.model, "wiki").parent / f"{args.model}-stage-cost{size}.json"
     entries: list[dict[str, Any]] = json.loads(out.read_text()) if out.is_file() else []
     if args.report:
@@ -106,7 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    runner = SweepRunner(config(args.model, "wiki", methods, sparsities, log, samples=args.samples, seqlen=args.seqlen))
+    runner = SweepRunner(
+        config(
+            args.model,
+            "wiki",
+            methods,
+            sparsities,
+            log,
+            samples=args.samples,
+            seqlen=args.seqlen,
+            score_seqlen=args.score_seqlen,
+        )
+    )
     runner.prune_data()
     runner.score_data()
     start = max((e["repeat"] for e in entries if e["model"] == args.model), default=-1) + 1
