@@ -761,6 +761,39 @@ def test_travel_report_chooses_on_validation_within_the_budget(cache: Path) -> N
     assert f"- qwen 0.7: test 0.10 ({DEFAULT_WANDA}, mix)" in out
 
 
+def test_travel_budget_judged_side_by_side_near_prune_size(cache: Path) -> None:
+    """A candidate over the budget in its single benchmark-size timing is eligible where the
+    side-by-side cost at the largest measured calibration size (bench.stage_cost) is within it;
+    settings in any order name the same method."""
+    from ecoflap_cli.bench import travel
+    from ecoflap_cli.bench.models import DEFAULT_WANDA
+
+    search = "search:wanda@start=ecoflap,gens=8"
+    for model in ("smollm2", "qwen"):
+        _travel_run(model, "wiki", "dense", 0.0, [10.0] * 6, 0.0)
+        for p in travel.SPARSITIES:
+            _travel_run(model, "wiki", DEFAULT_WANDA, p, [30.0] * 6, 40.0)
+            _travel_run(model, "wiki", "uniform:sparsegpt", p, [40.0] * 6, 100.0)
+            _travel_run(model, "wiki", travel.canonical(search), p, [28.0] * 6, 150.0)  # 1.5x at this size
+        bench = travel.folder(model, "wiki").parent
+        small = [{"model": model, "repeat": 0, "sparsity": 0.6, "method": "uniform:sparsegpt", "total_s": 10.0},
+                 {"model": model, "repeat": 0, "sparsity": 0.6, "method": search, "total_s": 20.0}]  # fmt: skip
+        (bench / f"{model}-stage-cost-4x64.json").write_text(json.dumps(small))
+        big = [{"model": model, "repeat": r, "sparsity": 0.6, "method": m, "total_s": t}
+               for r, scale in enumerate((1.0, 1.2, 0.9))
+               for m, t in (("uniform:sparsegpt", 100.0 * scale), (search, 80.0 * scale))]  # fmt: skip
+        (bench / f"{model}-stage-cost-8x64-score64.json").write_text(json.dumps(big))
+    assert travel.prune_size_costs("qwen") == (
+        "8x64-score64",
+        {"uniform:sparsegpt": 1.0, travel.canonical(search): 0.8},
+    )
+    out = travel.report(["smollm2", "qwen"])
+    before, _, after = out.partition("judged side by side near prune's size")
+    assert f"- all validation cells: {DEFAULT_WANDA} with wiki calibration" in before  # 1.5x: over budget
+    assert f"- all validation cells: {travel.canonical(search)} with wiki calibration" in after
+    assert after.count("- without ") == 5
+
+
 # --- a candidate's cost, side by side ----------------------------------------------------------
 
 

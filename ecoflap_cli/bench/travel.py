@@ -23,7 +23,10 @@ text) and ``mix`` (half and half). Each has its own cache folder
   candidate's median ratio over the sparsities on each model;
 - the choice made on validation text alone: the candidate with the lowest mean log gap ratio
   among those within the cost budget, and the same choice with one domain or one model left
-  out, scored on what was left out.
+  out, scored on what was left out;
+- the same choices with the budget judged by the side-by-side costs of ``bench.stage_cost`` at
+  the largest calibration size measured for each model (``prune`` itself calibrates on far more
+  than these cells, and the scoring's share of the time shrinks as the prune grows).
 """
 
 from __future__ import annotations
@@ -132,9 +135,47 @@ def gap_ratios(model: str, table: dict[tuple[str, str, float], dict[str, Any]]) 
     return out
 
 
-def model_cost(ratios: dict[Any, dict[str, float]], cand: tuple[str, str]) -> float:
-    """A candidate's cost on one model: the median over the sparsities of its cost ratio (single
-    timings on a shared machine move by tens of percent; the budget judges the typical run)."""
+def canonical(method: str) -> str:
+    """A sweep method with its settings in sorted order (as the runs record them)."""
+    head, _, settings = method.partition("@")
+    return f"{head}@{','.join(sorted(settings.split(',')))}" if settings else head
+
+
+def prune_size_costs(model: str) -> tuple[str, dict[str, float]] | None:
+    """The side-by-side costs (``bench.stage_cost``) at the largest pruning calibration measured
+    for ``model``: (its size, method -> median per-repeat ratio to uniform SparseGPT), Wikipedia
+    calibration; None when nothing was measured beyond the benchmark size."""
+    import re
+
+    pattern = re.compile(rf"{re.escape(model)}-stage-cost-(\d+)x(\d+)(?:-score(\d+))?\.json$")
+    found = []
+    for path in folder(model, "wiki").parent.glob(f"{model}-stage-cost-*.json"):
+        match = pattern.match(path.name)
+        if match:
+            samples, seqlen, score = (int(g) if g else 128 for g in match.groups())
+            found.append((samples * seqlen, score, path))
+    if not found:
+        return None
+    _, _, path = max(found)
+    entries = [e for e in json.loads(path.read_text()) if e.get("model") == model]
+    ref = {(e["repeat"], e["sparsity"]): e["total_s"] for e in entries if e["method"] == COST_REFERENCE[1]}
+    ratios: dict[str, list[float]] = {}
+    for e in entries:
+        if (e["repeat"], e["sparsity"]) in ref:
+            ratios.setdefault(canonical(e["method"]), []).append(e["total_s"] / ref[(e["repeat"], e["sparsity"])])
+    size = path.name.removeprefix(f"{model}-stage-cost-").removesuffix(".json")
+    return size, {m: statistics.median(v) for m, v in ratios.items()}
+
+
+def model_cost(
+    ratios: dict[Any, dict[str, float]], cand: tuple[str, str], measured: dict[str, float] | None = None
+) -> float:
+    """A candidate's cost on one model: its side-by-side ratio near ``prune``'s size where
+    ``measured`` has it (Wikipedia calibration), else the median over the sparsities of its cost
+    ratio (single timings on a shared machine move by tens of percent; the budget judges the
+    typical run)."""
+    if measured and cand[0] == "wiki" and canonical(cand[1]) in measured:
+        return measured[canonical(cand[1])]
     values = [ratios[(*cand, p)]["cost"] for p in SPARSITIES if (*cand, p) in ratios]
     return statistics.median(values) if values else math.nan
 
@@ -144,18 +185,25 @@ def _mean_log(values: list[float]) -> float:
 
 
 def choose(
-    ratios: dict[str, dict[Any, dict[str, float]]], models: list[str], texts: tuple[str, ...], budget: float = BUDGET
+    ratios: dict[str, dict[Any, dict[str, float]]],
+    models: list[str],
+    texts: tuple[str, ...],
+    budget: float = BUDGET,
+    measured: dict[str, dict[str, float]] | None = None,
 ) -> tuple[Any, float] | None:
     """The candidate with the lowest mean log gap ratio over ``models`` x 0.6/0.7 x ``texts``, among
     those measured in every such cell and within the cost budget on every model (today's default
-    is always eligible: the budget is for a new default, and it is the status quo)."""
+    is always eligible: the budget is for a new default, and it is the status quo). ``measured``
+    (model -> method -> ratio) judges the budget by side-by-side costs where it has them."""
     candidates = set.intersection(*(set((c, m) for c, m, _ in ratios[x]) for x in models)) if models else set()
     best = None
     for cand in sorted(candidates):
         rows = [ratios[x].get((*cand, p)) for x in models for p in SPARSITIES]
         if any(r is None or any(t not in r for t in texts) for r in rows):
             continue
-        if cand != BASELINE and any(not (model_cost(ratios[x], cand) <= budget) for x in models):
+        if cand != BASELINE and any(
+            not (model_cost(ratios[x], cand, (measured or {}).get(x)) <= budget) for x in models
+        ):
             continue
         score = _mean_log([r[t] for r in rows if r is not None for t in texts])
         if best is None or score < best[1]:
@@ -191,21 +239,22 @@ def report(models: list[str]) -> str:
         lines.append("")
     lines += ["Choice on validation text (mean log gap ratio; below 0 beats today's default):", ""]
     if all(ratios[m] for m in models):
-        picked = choose(ratios, models, VALID)
-        lines.append(f"- all validation cells: {_describe(picked)}")
+        lines += _choices(ratios, models, None)
         lines.append(f"- all validation cells, at any cost: {_describe(choose(ratios, models, VALID, math.inf))}")
         for model in models if len(models) > 1 else []:
             lines.append(f"- {model} alone, at any cost: {_describe(choose(ratios, [model], VALID, math.inf))}")
-        for left in VALID:
-            kept = tuple(t for t in VALID if t != left)
-            pick = choose(ratios, models, kept)
-            held = _held_out(ratios, models, pick, (left,))
-            lines.append(f"- without {left}: {_describe(pick)}; on {left}: {_fmt(held)}")
-        for left in models if len(models) > 1 else []:
-            kept_models = [m for m in models if m != left]
-            pick = choose(ratios, kept_models, VALID)
-            held = _held_out(ratios, [left], pick, VALID)
-            lines.append(f"- without {left}: {_describe(pick)}; on {left}: {_fmt(held)}")
+        sizes = {m: prune_size_costs(m) for m in models}
+        measured = {m: found[1] for m, found in sizes.items() if found is not None}
+        if measured:
+            where = ", ".join(f"{m} {found[0]}" for m, found in sizes.items() if found is not None)
+            lines += [
+                "",
+                f"The same choice with the budget judged side by side near prune's size (bench.stage_cost: {where}; "
+                "Wikipedia calibration; the other cells keep their own cost):",
+                "",
+                *(f"  - {m}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(c.items())) for m, c in measured.items()),
+                *_choices(ratios, models, measured),
+            ]
     lines += ["", "The target on the test texts: the lowest gap ratio any candidate reached (at any cost):", ""]
     for model in models:
         for p in SPARSITIES:
@@ -217,6 +266,22 @@ def report(models: list[str]) -> str:
                     best.append(f"{t} {value:.2f} ({method}, {calib})")
             lines.append(f"- {model} {p:g}: " + "; ".join(best))
     return "\n".join(lines)
+
+
+def _choices(ratios: dict[str, Any], models: list[str], measured: dict[str, dict[str, float]] | None) -> list[str]:
+    """The choice within the budget over every validation cell, then with each domain and each
+    model left out in turn (scored on what was left out)."""
+    lines = [f"- all validation cells: {_describe(choose(ratios, models, VALID, measured=measured))}"]
+    for left in VALID:
+        kept = tuple(t for t in VALID if t != left)
+        pick = choose(ratios, models, kept, measured=measured)
+        lines.append(
+            f"- without {left}: {_describe(pick)}; on {left}: {_fmt(_held_out(ratios, models, pick, (left,)))}"
+        )
+    for left in models if len(models) > 1 else []:
+        pick = choose(ratios, [m for m in models if m != left], VALID, measured=measured)
+        lines.append(f"- without {left}: {_describe(pick)}; on {left}: {_fmt(_held_out(ratios, [left], pick, VALID))}")
+    return lines
 
 
 def _describe(picked: tuple[Any, float] | None) -> str:
