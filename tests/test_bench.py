@@ -782,9 +782,10 @@ def test_travel_budget_judged_side_by_side_near_prune_size(cache: Path) -> None:
         big = [{"model": model, "repeat": r, "sparsity": 0.6, "method": m, "total_s": t}
                for r, scale in enumerate((1.0, 1.2, 0.9))
                for m, t in (("uniform:sparsegpt", 100.0 * scale), (search, 80.0 * scale))]  # fmt: skip
-        (bench / f"{model}-stage-cost-8x64-score64.json").write_text(json.dumps(big))
+        (bench / f"{model}-stage-cost-8x64.json").write_text(json.dumps(big))
+        (bench / f"{model}-stage-cost-16x64-score64.json").write_text(json.dumps(small))  # scored otherwise
     assert travel.prune_size_costs("qwen") == (
-        "8x64-score64",
+        "8x64",
         {"uniform:sparsegpt": 1.0, travel.canonical(search): 0.8},
     )
     out = travel.report(["smollm2", "qwen"])

@@ -1,6 +1,6 @@
-"""The one-shot default allocation: the search refining the paper's plan for language models in
+"""One-shot defaults: the allocation (the search refining the paper's plan for language models in
 memory, the paper's rule where the search cannot run or the user configured the rule, and for
-vision-language models; the plan records which and why."""
+vision-language models; the plan records which and why) and the scoring samples' length."""
 
 from __future__ import annotations
 
@@ -84,3 +84,26 @@ def test_vision_language_models_keep_the_paper_rule(case):
     model = make_model(case)
     loaded = LoadedModel(model, None, case)
     assert _resolved(loaded) == ("ecoflap", None)
+
+
+# --- the scoring samples' length -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("extra", "expected"), [("--seqlen 32", 16), ("--seqlen 8", 8), ("--score-seqlen 24", 24)])
+def test_one_shot_scores_short_samples_of_text_by_default(
+    extra, expected, tiny_llama, calib_text, tmp_path, monkeypatch
+):
+    """A language model's one-shot scores read ``ONE_SHOT_SCORE_SEQLEN`` tokens per sample (the
+    length the benchmarks measured quality at), never more than the pruning calibration's, unless
+    ``--score-seqlen`` says otherwise."""
+    monkeypatch.setattr(driver, "ONE_SHOT_SCORE_SEQLEN", 16)  # below the tiny model's context of 128
+    args = f"-m {tiny_llama} -s 0.5 --allocator ecoflap --calib {calib_text} --samples 4 --score-samples 4 {extra}"
+    _, scores = prune(args, tmp_path, monkeypatch)
+    assert scores["calibration"]["seqlen"] == expected
+
+
+def test_vision_language_scoring_length_is_the_calibration_s(tmp_path):
+    model = make_model("blip2-opt")
+    loaded = LoadedModel(model, None, "blip2-opt")
+    calib = driver.CalibrationOptions("captions.jsonl", 8, None, 4, 0, "text")
+    assert driver.one_shot_score_seqlen(loaded, driver.load_adapter(loaded), calib) is None

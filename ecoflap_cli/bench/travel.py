@@ -143,8 +143,9 @@ def canonical(method: str) -> str:
 
 def prune_size_costs(model: str) -> tuple[str, dict[str, float]] | None:
     """The side-by-side costs (``bench.stage_cost``) at the largest pruning calibration measured
-    for ``model``: (its size, method -> median per-repeat ratio to uniform SparseGPT), Wikipedia
-    calibration; None when nothing was measured beyond the benchmark size."""
+    for ``model`` with 128-token scoring samples (the cells' and ``prune``'s one-shot default):
+    (its size, method -> median per-repeat ratio to uniform SparseGPT), Wikipedia calibration;
+    None when nothing was measured beyond the benchmark size."""
     import re
 
     pattern = re.compile(rf"{re.escape(model)}-stage-cost-(\d+)x(\d+)(?:-score(\d+))?\.json$")
@@ -153,10 +154,11 @@ def prune_size_costs(model: str) -> tuple[str, dict[str, float]] | None:
         match = pattern.match(path.name)
         if match:
             samples, seqlen, score = (int(g) if g else 128 for g in match.groups())
-            found.append((samples * seqlen, score, path))
+            if score == 128:  # the cells' scoring length (and prune's one-shot default)
+                found.append((samples * seqlen, path))
     if not found:
         return None
-    _, _, path = max(found)
+    _, path = max(found)
     entries = [e for e in json.loads(path.read_text()) if e.get("model") == model]
     ref = {(e["repeat"], e["sparsity"]): e["total_s"] for e in entries if e["method"] == COST_REFERENCE[1]}
     ratios: dict[str, list[float]] = {}

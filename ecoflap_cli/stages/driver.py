@@ -367,7 +367,23 @@ class OneShot:
     scoring: str | None = None  # None: the allocator's default scoring method
     scoring_settings: dict[str, Any] | None = None
     samples: int = 32
-    seqlen: int | None = None  # None: the pruning calibration's
+    seqlen: int | None = None  # None: ``one_shot_score_seqlen``
+
+
+#: tokens per one-shot scoring sample of a text model when none is asked for (at most the pruning
+#: calibration's length): every quality figure in docs/benchmarks.md was scored at this length,
+#: and on SmolLM2 on a CPU 2,048-token scoring samples took 0.42x a uniform SparseGPT prune's time
+#: on its own (docs/benchmarks.md, "What the candidates cost, side by side")
+ONE_SHOT_SCORE_SEQLEN = 128
+
+
+def one_shot_score_seqlen(loaded: LoadedModel, adapter: Adapter, calib: CalibrationOptions) -> int | None:
+    """The scoring samples' length when ``--score-seqlen`` is not given: ``ONE_SHOT_SCORE_SEQLEN``
+    (at most the pruning calibration's) for text models; the pruning calibration's for the others,
+    whose records (a caption, an image's tokens) set their own length."""
+    if adapter.data_kind != "text":
+        return calib.seqlen
+    return min(ONE_SHOT_SCORE_SEQLEN, calib.seqlen or default_seqlen(loaded.model))
 
 
 def one_shot_plan(
@@ -399,7 +415,7 @@ def one_shot_plan(
             opts = CalibrationOptions(
                 calib.calib,
                 one_shot.samples,
-                one_shot.seqlen or calib.seqlen,
+                one_shot.seqlen or one_shot_score_seqlen(loaded, adapter, calib),
                 calib.batch_size,
                 calib.seed,
                 calib.text_field,

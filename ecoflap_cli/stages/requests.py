@@ -456,7 +456,12 @@ class PruneRequest(Calibration, Offload, Placement, Request):
         assign="NAME=VALUE",
     )
     score_samples: int = option(32, "One-shot: calibration samples for scoring.", low=1)
-    score_seqlen: int | None = option(None, "One-shot: tokens per scoring sample (default: --seqlen).", low=2)
+    score_seqlen: int | None = option(
+        None,
+        "One-shot: tokens per scoring sample (default: 128 for language models, at most --seqlen; "
+        "--seqlen for the others).",
+        low=2,
+    )
     solver: str = option("wanda", "Layer-wise solver. " + _METHODS, registry=SOLVERS)
     solver_settings: dict[str, Any] = option(
         {},
