@@ -439,6 +439,14 @@ PRODUCES = {
 }
 
 
+def with_target(scoring: str, settings: dict[str, Any], sparsity: float) -> dict[str, Any]:
+    """A scoring method's settings for one target: a method that scores for one sparsity (the
+    search) gets ``target`` unless the settings give one."""
+    if SCORING.get(scoring).param("target") is not None and settings.get("target") is None:
+        return {**settings, "target": sparsity}
+    return settings
+
+
 def scoring_for(allocator: Entry, scoring: str | None) -> str | None:
     """The scoring method an allocator runs with (its default when ``scoring`` is None or auto
     and the allocator needs a particular kind); a mismatch is a PlanError."""

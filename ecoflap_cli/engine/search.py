@@ -223,10 +223,25 @@ def database_bytes(blocks: Sequence[Block]) -> dict[str, int]:
     for block in blocks:
         for lin in block.linears.values():
             weight = lin.weight
-            rank = torch.tensor([], dtype=_rank_dtype(weight.shape[1])).element_size()
+            rank = torch.iinfo(_rank_dtype(weight.shape[1])).bits // 8
             key = str(weight.device)
             need[key] = need.get(key, 0) + weight.numel() * (weight.element_size() + rank)
     return need
+
+
+def unavailable(adapter: Adapter) -> str | None:
+    """Why the search cannot run on this model, or None: it needs the weights in memory, and room
+    for its database beside them, with a fifth of the free memory to spare for forward passes."""
+    from ecoflap_cli.engine.memory import free_memory
+
+    if any_offloaded(adapter.model):
+        return "the weights are offloaded, and it needs them in memory"
+    for device, need in database_bytes(adapter.blocks()).items():
+        free = free_memory(device)
+        if free is not None and need > 0.8 * free:
+            gib = f"{need / 2**30:.1f} GiB beside the weights on {device}"
+            return f"it needs {gib}, which has {free / 2**30:.1f} GiB free"
+    return None
 
 
 class _Database:

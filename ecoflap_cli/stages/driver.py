@@ -18,7 +18,15 @@ from typing import Any
 import torch
 
 from ecoflap_cli import __version__
-from ecoflap_cli.core.methods import ALLOCATORS, AUTO_ALLOCATOR, SCORING, Groups, allocator_settings, scoring_for
+from ecoflap_cli.core.methods import (
+    ALLOCATORS,
+    AUTO_ALLOCATOR,
+    SCORING,
+    Groups,
+    allocator_settings,
+    scoring_for,
+    with_target,
+)
 from ecoflap_cli.data.text import Provenance, calibration_windows, check_seqlen, context_length, to_batches
 from ecoflap_cli.engine.estimates import check_activation_memory
 from ecoflap_cli.engine.pruning import (  # noqa: F401 - PruneSettings is part of the stage API
@@ -407,9 +415,7 @@ def one_shot_plan(
     if method is None:
         scores_doc = structure_document(loaded, adapter)
     else:
-        settings = dict(one_shot.scoring_settings or {})
-        if SCORING.get(method).param("target") is not None and settings.get("target") is None:
-            settings["target"] = sparsity  # the search looks for levels of this very target
+        settings = with_target(method, dict(one_shot.scoring_settings or {}), sparsity)
 
         def compute() -> dict[str, Any]:
             opts = CalibrationOptions(
@@ -453,28 +459,12 @@ def _resolved_allocator(
     )
     if adapter.one_shot_allocator != "search" or configured:
         return auto_allocator(probe)[0], None
-    why_not = _search_cannot_run(loaded, adapter)
+    from ecoflap_cli.engine.search import unavailable
+
+    why_not = unavailable(adapter)
     if why_not is None:
         return "search", None
     return auto_allocator(probe)[0], f"the search, this family's one-shot default, did not run: {why_not}"
-
-
-def _search_cannot_run(loaded: LoadedModel, adapter: Adapter) -> str | None:
-    """Why the search cannot run on this loaded model, or None: it needs the weights in memory,
-    and room for its database (a dense copy and per-row ranks of every prunable weight) beside
-    them, with a fifth of the free memory to spare for the forward passes."""
-    from ecoflap_cli.engine.memory import free_memory
-    from ecoflap_cli.engine.offload import any_offloaded
-    from ecoflap_cli.engine.search import database_bytes
-
-    if any_offloaded(loaded.model):
-        return "the weights are offloaded, and it needs them in memory"
-    for device, need in database_bytes(adapter.blocks()).items():
-        free = free_memory(device)
-        if free is not None and need > 0.8 * free:
-            gib = f"{need / 2**30:.1f} GiB beside the weights on {device}"
-            return f"it needs {gib}, which has {free / 2**30:.1f} GiB free"
-    return None
 
 
 def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:

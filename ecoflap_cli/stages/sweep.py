@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from ecoflap_cli import __version__
-from ecoflap_cli.core.methods import ALLOCATORS, RECONSTRUCTION, SCORING, SOLVERS, scoring_for
+from ecoflap_cli.core.methods import ALLOCATORS, RECONSTRUCTION, SCORING, SOLVERS, scoring_for, with_target
 from ecoflap_cli.core.registry import Entry
 from ecoflap_cli.data.text import SELF_SOURCE, parse_calib_spec, read_text, tokenize_documents
 from ecoflap_cli.engine.memory import total_memory
@@ -133,10 +133,7 @@ class MethodSpec:
         """The scoring settings for one target: a method that scores for one sparsity (the search)
         gets ``target`` unless the spec gave one."""
         settings = self.scoring_settings()
-        per_target = self.scoring is not None and SCORING.get(self.scoring).param("target") is not None
-        if per_target and settings.get("target") is None:
-            settings["target"] = sparsity
-        return settings
+        return with_target(self.scoring, settings, sparsity) if self.scoring is not None else settings
 
     def score_key(self) -> str | None:
         """What identifies this method's scores: methods with equal keys share one scores doc."""
